@@ -1,0 +1,1 @@
+"""muxtune.runtime.models"""
