@@ -1,0 +1,65 @@
+"""Loading a job's backbone and tokenizer, and greedy generation with a task's adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .model_sources import resolve_model_dir
+from .models import BackboneConfig, load_backbone
+from .peft import Segment, SegmentTable
+from .tokenizer import TextTokenizer, load_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedBackbone:
+    """A frozen backbone ready for PEFT attachment, with its tokenizer and segment table."""
+
+    model: nn.Module
+    config: BackboneConfig
+    tokenizer: TextTokenizer
+    model_dir: Path
+    segment_table: SegmentTable
+
+
+def load_model(model: str, dtype: str = "fp32") -> LoadedBackbone:
+    """Resolve a spec's `model` value, load the weights in `dtype` and the local tokenizer."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    model_dir = resolve_model_dir(model)
+    tokenizer = load_tokenizer(model_dir)
+    backbone, config = load_backbone(model_dir, DTYPES[dtype])
+    backbone.eval()
+    for param in backbone.parameters():
+        param.requires_grad_(False)
+    return LoadedBackbone(backbone, config, tokenizer, model_dir, SegmentTable())
+
+
+@torch.no_grad()
+def greedy_generate(
+    loaded: LoadedBackbone, prompt: str, *, task: str | None = None, max_new_tokens: int = 32
+) -> str:
+    """Greedy continuation of `prompt`, through `task`'s adapter when given (stops at EOS)."""
+    ids = loaded.tokenizer.encode(prompt, add_special_tokens=True)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        seq = ids + new
+        length = len(seq)
+        if task is not None:
+            loaded.segment_table.set((Segment(task, 0, length),))
+        logits = loaded.model(
+            torch.tensor(seq, dtype=torch.long),
+            torch.arange(length, dtype=torch.long),
+            torch.tensor([0, length], dtype=torch.long),
+        )
+        loaded.segment_table.set(())
+        token = int(logits[-1].argmax())
+        if token == loaded.tokenizer.eos_token_id:
+            break
+        new.append(token)
+    return loaded.tokenizer.decode(new)

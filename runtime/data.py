@@ -1,0 +1,127 @@
+"""Task datasets: JSONL reading, tokenization exactly as the spec defines it, batch streams.
+
+Tokenization (DESIGN section 8): `text`: ids = encode(text, specials) + [eos], loss on every
+predicted position. `prompt_completion`: p = encode(prompt, specials), c = encode(completion,
+no specials) + [eos], ids = (p + c)[:max_seq_len], loss only on positions predicting a token of c.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .tokenizer import TextTokenizer
+
+FORMAT_FIELDS = {"text": ("text",), "prompt_completion": ("prompt", "completion")}
+
+
+class DataError(ValueError):
+    """A dataset file that cannot be used, with the file (and line) named."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized sequence: `input_ids` and which of them are targets of the loss."""
+
+    index: int  # 0-based line number in the dataset file
+    input_ids: tuple[int, ...]
+    is_target: tuple[bool, ...]  # is_target[i]: token i is predicted by position i-1 and scored
+
+    @property
+    def num_targets(self) -> int:
+        return sum(self.is_target)
+
+
+@dataclass(frozen=True)
+class TokenizedDataset:
+    """All examples of one task's file; `usable` are those keeping at least one target token."""
+
+    path: Path
+    examples: tuple[Example, ...]
+
+    @property
+    def usable(self) -> tuple[Example, ...]:
+        return tuple(e for e in self.examples if e.num_targets > 0)
+
+    @property
+    def num_targetless(self) -> int:
+        return len(self.examples) - len(self.usable)
+
+
+def tokenize_record(
+    record: dict, data_format: str, tokenizer: TextTokenizer, max_seq_len: int, index: int
+) -> Example:
+    """Tokenize one parsed JSONL record."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if data_format == "text":
+        ids = tokenizer.encode(record["text"], add_special_tokens=True) + eos
+        ids = ids[:max_seq_len]
+        is_target = [False] + [True] * (len(ids) - 1)
+    else:
+        prompt = tokenizer.encode(record["prompt"], add_special_tokens=True)
+        completion = tokenizer.encode(record["completion"], add_special_tokens=False) + eos
+        ids = (prompt + completion)[:max_seq_len]
+        is_target = [i >= len(prompt) and i > 0 for i in range(len(ids))]
+    return Example(index=index, input_ids=tuple(ids), is_target=tuple(is_target))
+
+
+def read_jsonl(path: Path, data_format: str) -> list[dict]:
+    """Parse a JSONL file, checking every line has the format's string fields."""
+    if data_format not in FORMAT_FIELDS:
+        raise DataError(f"{path}: unknown data format {data_format!r}; expected one of {sorted(FORMAT_FIELDS)}")
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    records: list[dict] = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                raise DataError(f"{path}:{line_number}: empty line (every line must be one JSON object)")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{line_number}: invalid JSON: {exc.msg}") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            for name in FORMAT_FIELDS[data_format]:
+                if not isinstance(record.get(name), str):
+                    problem = "missing" if name not in record else f"must be a string, got {type(record[name]).__name__}"
+                    raise DataError(f"{path}:{line_number}: field {name!r} {problem} (format {data_format})")
+            records.append(record)
+    if not records:
+        raise DataError(f"{path}: the dataset is empty")
+    return records
+
+
+def load_dataset(path: str | Path, data_format: str, tokenizer: TextTokenizer, max_seq_len: int) -> TokenizedDataset:
+    """Read and tokenize a task's dataset; an error when no example keeps a target token."""
+    path = Path(path)
+    records = read_jsonl(path, data_format)
+    examples = tuple(tokenize_record(r, data_format, tokenizer, max_seq_len, i) for i, r in enumerate(records))
+    dataset = TokenizedDataset(path=path, examples=examples)
+    if not dataset.usable:
+        raise DataError(
+            f"{path}: no example keeps a target token within max_seq_len={max_seq_len} "
+            "(prompts fill the whole sequence); raise max_seq_len or shorten the prompts"
+        )
+    return dataset
+
+
+def batch_indices(num_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless stream of global batches (positions into the usable examples).
+
+    Each epoch is a fresh permutation drawn from the task seed and the epoch number; batches
+    run across epoch boundaries, so every batch has exactly `batch_size` examples.
+    """
+    epoch = 0
+    pending: list[int] = []
+    while True:
+        while len(pending) < batch_size:
+            order = list(range(num_examples))
+            random.Random(f"muxtune:{seed}:{epoch}").shuffle(order)
+            pending.extend(order)
+            epoch += 1
+        yield pending[:batch_size]
+        pending = pending[batch_size:]

@@ -1,0 +1,223 @@
+"""The fused multi-task training engine.
+
+A frozen backbone runs once over packed micro-batches holding several tasks' sequences; each
+task's PEFT modules adapt only their own segment. Each task has its own loss normalizer, AdamW
+optimizer, LR schedule and gradient clipping (DESIGN section 4), so a task's result does not
+depend on which other tasks share its micro-batches. Single-task training is this engine with
+one task.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Example
+from .packing import IGNORE_INDEX, MicroBatch, pack_microbatches
+from .peft import OperatorPeftModule, Segment, SegmentTable, TaskPeftConfig, attach_task, detach_task
+from .schedules import lr_multiplier
+
+ADAMW_BETAS = (0.9, 0.999)
+ADAMW_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class TaskTraining:
+    """A task's trainable configuration as the engine needs it."""
+
+    name: str
+    peft: TaskPeftConfig
+    lr: float
+    steps: int
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    seed: int = 0
+
+
+class TaskStatus(str, enum.Enum):
+    ACTIVE = "active"
+    FINISHED = "finished"
+    DIVERGED = "diverged"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step of one task did."""
+
+    task: str
+    step: int  # 1-based number of the step just taken (or attempted, when diverged)
+    loss: float
+    lr: float
+    grad_norm: float
+    num_target_tokens: int
+    num_tokens: int
+    diverged: bool
+
+
+@dataclass
+class TaskState:
+    """A task inside the engine: its modules, optimizer and progress."""
+
+    config: TaskTraining
+    modules: dict[str, OperatorPeftModule]
+    optimizer: torch.optim.AdamW
+    step: int = 0
+    status: TaskStatus = TaskStatus.ACTIVE
+    pending_loss: float = 0.0
+    pending_target_tokens: int = 0
+    pending_tokens: int = 0
+    normalizer: int = 0
+    example_indices: list[int] = field(default_factory=list)
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for module in self.modules.values() for p in module.parameters()]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors keyed `<anchor>.<param>` (e.g. `model.layers.0.self_attn.q_proj.lora_A.weight`)."""
+        return {
+            f"{anchor}.{name}": p.detach().clone()
+            for anchor, module in self.modules.items()
+            for name, p in module.named_parameters()
+        }
+
+
+class MultiTaskEngine:
+    """Trains any number of tasks' PEFT modules on one frozen backbone."""
+
+    def __init__(self, model: nn.Module, segment_table: SegmentTable, *, param_dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.segment_table = segment_table
+        self.param_dtype = param_dtype
+        self.tasks: dict[str, TaskState] = {}
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    def add_task(self, config: TaskTraining, init_state: dict[str, torch.Tensor] | None = None) -> TaskState:
+        """Attach a task's modules (seeded init, or `init_state` from an adapter) and its optimizer."""
+        if config.name in self.tasks:
+            raise ValueError(f"task {config.name} is already in the engine")
+        modules = attach_task(
+            self.model, config.name, config.peft, self.segment_table, seed=config.seed, dtype=self.param_dtype
+        )
+        if init_state is not None:
+            load_task_state(config.name, modules, init_state)
+        params = [p for module in modules.values() for p in module.parameters()]
+        optimizer = torch.optim.AdamW(
+            params, lr=config.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=config.weight_decay
+        )
+        state = TaskState(config=config, modules=modules, optimizer=optimizer)
+        self.tasks[config.name] = state
+        return state
+
+    def remove_task(self, name: str) -> None:
+        """Detach a task; the others are untouched."""
+        detach_task(self.model, name)
+        del self.tasks[name]
+
+    def forward_backward(self, task_batches: dict[str, list[Example]], max_tokens: int) -> list[MicroBatch]:
+        """Accumulate gradients of each task's loss over its global batch, packed under `max_tokens`.
+
+        Each task's loss is the sum of its target-token NLL divided by the number of target
+        tokens in its whole global batch, so splitting into micro-batches changes nothing.
+        """
+        for task, batch in task_batches.items():
+            state = self.tasks[task]
+            assert state.status is TaskStatus.ACTIVE, f"task {task} is {state.status.value}"
+            state.normalizer = sum(e.num_targets for e in batch)
+            assert state.normalizer > 0, f"task {task}: a global batch without target tokens"
+        microbatches = pack_microbatches(task_batches, max_tokens)
+        for microbatch in microbatches:
+            self._run_microbatch(microbatch)
+        return microbatches
+
+    def _run_microbatch(self, mb: MicroBatch) -> None:
+        self.segment_table.set(mb.segments)
+        hidden_TD = self.model.hidden_states(mb.input_ids_T, mb.position_ids_T, mb.cu_seqlens_S1)
+        scored = mb.targets_T != IGNORE_INDEX
+        # Only scored rows need logits; they stay grouped by task, so segments shrink in place.
+        scored_segments, start = [], 0
+        for seg in mb.segments:
+            count = int(scored[seg.start : seg.end].sum())
+            scored_segments.append(Segment(seg.task, start, start + count))
+            start += count
+        self.segment_table.set(tuple(s for s in scored_segments if s.end > s.start))
+        logits_NV = self.model.lm_head(hidden_TD[scored])
+        nll_N = F.cross_entropy(logits_NV.float(), mb.targets_T[scored], reduction="none")
+        total = None
+        for seg, scored_seg in zip(mb.segments, scored_segments):
+            state = self.tasks[seg.task]
+            task_nll = nll_N[scored_seg.start : scored_seg.end].sum()
+            state.pending_loss += float(task_nll.detach())
+            state.pending_target_tokens += scored_seg.end - scored_seg.start
+            state.pending_tokens += seg.end - seg.start
+            state.example_indices.extend(mb.example_indices[seg.task])
+            term = task_nll / state.normalizer
+            total = term if total is None else total + term
+        self.segment_table.set(())
+        if total is not None and total.requires_grad:
+            total.backward()
+
+    def optimizer_step(self, task: str) -> StepResult:
+        """Clip, schedule and step one task after its global batch; detects divergence."""
+        state = self.tasks[task]
+        cfg = state.config
+        params = state.parameters
+        loss = state.pending_loss / max(1, state.normalizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        lr = cfg.lr * lr_multiplier(cfg.schedule, state.step, cfg.warmup_steps, cfg.steps)
+        diverged = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if diverged:
+            state.status = TaskStatus.DIVERGED
+        else:
+            for group in state.optimizer.param_groups:
+                group["lr"] = lr
+            state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        result = StepResult(
+            task=task,
+            step=state.step,
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            num_target_tokens=state.pending_target_tokens,
+            num_tokens=state.pending_tokens,
+            diverged=diverged,
+        )
+        state.pending_loss, state.pending_target_tokens, state.pending_tokens, state.normalizer = 0.0, 0, 0, 0
+        state.example_indices = []
+        if not diverged and state.step >= cfg.steps:
+            state.status = TaskStatus.FINISHED
+        return result
+
+    def train_round(self, task_batches: dict[str, list[Example]], max_tokens: int) -> list[StepResult]:
+        """One fused round: every given task does one optimizer step on its global batch."""
+        self.forward_backward(task_batches, max_tokens)
+        return [self.optimizer_step(task) for task in task_batches]
+
+
+def load_task_state(task: str, modules: dict[str, OperatorPeftModule], state: dict[str, torch.Tensor]) -> None:
+    """Copy `<anchor>.<param>` tensors into a task's modules; every parameter must be given."""
+    expected = {f"{anchor}.{name}": p for anchor, module in modules.items() for name, p in module.named_parameters()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"task {task}: initial adapter does not fit the task's modules; "
+            f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+            f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}"
+        )
+    with torch.no_grad():
+        for key, param in expected.items():
+            value = state[key]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"task {task}: {key} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+            param.copy_(value.to(param.dtype))
