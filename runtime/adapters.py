@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .peft import TaskPeftConfig
@@ -104,7 +104,7 @@ def load_adapter(adapter_dir: str | Path) -> tuple[TaskPeftConfig, dict[str, tor
     config = _lora_config_from_peft(raw, config_path)
     try:
         tensors = load_file(str(weights_path))
-    except (SafetensorsError, OSError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise AdapterError(f"{weights_path}: not a readable safetensors file: {exc}") from None
     state = {}
     for key, value in tensors.items():

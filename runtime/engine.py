@@ -122,8 +122,13 @@ class MultiTaskEngine:
         detach_task(self.model, name)
         del self.tasks[name]
 
-    def forward_backward(self, task_batches: dict[str, list[Example]], max_tokens: int) -> list[MicroBatch]:
-        """Accumulate gradients of each task's loss over its global batch, packed under `max_tokens`.
+    def forward_backward(
+        self, task_batches: dict[str, list[Example]], token_budgets: dict[str, int]
+    ) -> list[MicroBatch]:
+        """Accumulate gradients of each task's loss over its global batch.
+
+        Each task's batch is split into pieces of at most `token_budgets[task]` tokens and the
+        i-th pieces of all tasks form micro-batch i (see `pack_microbatches`).
 
         Each task's loss is the sum of its target-token NLL divided by the number of target
         tokens in its whole global batch, so splitting into micro-batches changes nothing.
@@ -133,7 +138,7 @@ class MultiTaskEngine:
             assert state.status is TaskStatus.ACTIVE, f"task {task} is {state.status.value}"
             state.normalizer = sum(e.num_targets for e in batch)
             assert state.normalizer > 0, f"task {task}: a global batch without target tokens"
-        microbatches = pack_microbatches(task_batches, max_tokens)
+        microbatches = pack_microbatches(task_batches, token_budgets)
         for microbatch in microbatches:
             self._run_microbatch(microbatch)
         return microbatches
@@ -198,9 +203,9 @@ class MultiTaskEngine:
             state.status = TaskStatus.FINISHED
         return result
 
-    def train_round(self, task_batches: dict[str, list[Example]], max_tokens: int) -> list[StepResult]:
+    def train_round(self, task_batches: dict[str, list[Example]], token_budgets: dict[str, int]) -> list[StepResult]:
         """One fused round: every given task does one optimizer step on its global batch."""
-        self.forward_backward(task_batches, max_tokens)
+        self.forward_backward(task_batches, token_budgets)
         return [self.optimizer_step(task) for task in task_batches]
 
 

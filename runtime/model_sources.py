@@ -91,7 +91,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tensors = {name: value.detach().contiguous() for name, value in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
     tokenizer.save_pretrained(str(out_dir))
     if not (out_dir / "tokenizer.json").is_file():
         raise ModelSourceError(f"{gguf_path}: transformers did not produce a tokenizer.json for this GGUF file")

@@ -62,24 +62,32 @@ def build_microbatch(batch: list[tuple[str, Example]]) -> MicroBatch:
     )
 
 
-def pack_microbatches(task_batches: dict[str, list[Example]], max_tokens: int) -> list[MicroBatch]:
-    """Greedy, order-preserving packing under a token budget.
-
-    Tasks are taken in the mapping's order and each task's examples in batch order; a
-    micro-batch is closed when the next sequence would exceed `max_tokens` (a sequence longer
-    than the budget travels alone).
-    """
-    microbatches: list[MicroBatch] = []
-    current: list[tuple[str, Example]] = []
+def split_task_batch(examples: list[Example], token_budget: int) -> list[list[Example]]:
+    """Greedy, order-preserving split of one task's global batch into pieces of at most
+    `token_budget` tokens (a sequence longer than the budget forms a piece alone)."""
+    pieces: list[list[Example]] = []
     used = 0
-    for task, examples in task_batches.items():
-        for example in examples:
-            length = len(example.input_ids)
-            if current and used + length > max_tokens:
-                microbatches.append(build_microbatch(current))
-                current, used = [], 0
-            current.append((task, example))
-            used += length
-    if current:
-        microbatches.append(build_microbatch(current))
-    return microbatches
+    for example in examples:
+        length = len(example.input_ids)
+        if not pieces or used + length > token_budget:
+            pieces.append([])
+            used = 0
+        pieces[-1].append(example)
+        used += length
+    return pieces
+
+
+def pack_microbatches(task_batches: dict[str, list[Example]], token_budgets: dict[str, int]) -> list[MicroBatch]:
+    """Co-pack several tasks' global batches: micro-batch i holds piece i of every task.
+
+    Each task's split depends on its own batch and budget only, so which tokens of a task
+    share a micro-batch (and the order its gradients accumulate in) never depends on the
+    other tasks: this is what keeps tasks bitwise isolated from each other.
+    """
+    pieces = {task: split_task_batch(batch, token_budgets[task]) for task, batch in task_batches.items()}
+    num_microbatches = max((len(p) for p in pieces.values()), default=0)
+    return [
+        build_microbatch([(task, e) for task, task_pieces in pieces.items() if i < len(task_pieces)
+                          for e in task_pieces[i]])
+        for i in range(num_microbatches)
+    ]

@@ -1,1 +1,26 @@
-"""muxtune.runtime.models"""
+"""muxtune.runtime.models: the backbone families (our own fx-traceable torch modules whose
+parameter names match Hugging Face checkpoints) and their loader."""
+
+from .attention import packed_causal_attention
+from .build import MODEL_CLASSES, build_model
+from .config import BackboneConfig
+from .gpt2 import GPT2LMHeadModel
+from .layers import BackboneForCausalLM, Conv1D, RMSNorm, RotaryEmbedding
+from .llama import LlamaForCausalLM
+from .loading import load_backbone
+from .opt import OPTForCausalLM
+
+__all__ = [
+    "BackboneConfig",
+    "BackboneForCausalLM",
+    "Conv1D",
+    "GPT2LMHeadModel",
+    "LlamaForCausalLM",
+    "MODEL_CLASSES",
+    "OPTForCausalLM",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "build_model",
+    "load_backbone",
+    "packed_causal_attention",
+]

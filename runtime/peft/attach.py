@@ -95,12 +95,14 @@ def attach_task(
             f"task {task}: target_modules {list(config.target_modules)} match no linear operator of the model"
         )
     generator = torch.Generator().manual_seed(seed)
+    dropout_generator = torch.Generator().manual_seed(seed + 1_000_003)
     modules: dict[str, OperatorPeftModule] = {}
     for name in anchors:
         host = _anchor_host(model, name, segment_table)
         device = host.base.weight.device
         module = build_peft_module(config, host.base, dtype, device if device.type != "meta" else torch.device("cpu"))
         module.reset_parameters(generator)
+        module.set_dropout_generator(dropout_generator)
         host.add_adapter(task, module)
         modules[name] = module
     return modules

@@ -77,6 +77,10 @@ class OperatorPeftModule(nn.Module, abc.ABC):
     def reset_parameters(self, generator: torch.Generator) -> None:
         """Initialize the trainable parameters, drawing randomness from `generator` only."""
 
+    def set_dropout_generator(self, generator: torch.Generator) -> None:
+        """Give the module its task's random stream (used by methods with dropout)."""
+        self.dropout_generator = generator
+
     @abc.abstractmethod
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Return the adapted output for one task's segment."""

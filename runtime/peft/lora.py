@@ -45,7 +45,7 @@ class LoraModule(OperatorPeftModule):
         self.scaling = config.scaling
         self.lora_A = nn.Linear(in_features, config.r, bias=False, dtype=dtype, device=device)
         self.lora_B = nn.Linear(config.r, out_features, bias=False, dtype=dtype, device=device)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout_generator: torch.Generator | None = None
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         """peft's default init: A ~ kaiming_uniform(a=sqrt(5)), B = 0, drawn from `generator`."""
@@ -55,6 +55,16 @@ class LoraModule(OperatorPeftModule):
             values = torch.rand(self.lora_A.weight.shape, generator=generator, dtype=torch.float32)
             self.lora_A.weight.copy_(values.mul_(2 * bound).sub_(bound))
             self.lora_B.weight.zero_()
+
+    def dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverted dropout drawing its mask from the task's own generator, so a task's masks
+        never depend on other tasks (and are restored with the task's checkpoint)."""
+        p = self.config.dropout
+        if p == 0.0 or not self.training:
+            return x
+        assert self.dropout_generator is not None, "attach_task sets the task's dropout generator"
+        keep = torch.rand(x.shape, generator=self.dropout_generator, device=self.dropout_generator.device) >= p
+        return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - p)
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         delta = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))

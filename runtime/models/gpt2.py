@@ -1,0 +1,105 @@
+"""GPT-2 backbone with Hugging Face module names (fused c_attn, Conv1D projections).
+
+Legend: T tokens of the packed buffer, C hidden size, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from . import attention
+from .config import BackboneConfig
+from .layers import BackboneForCausalLM, Conv1D, activation
+
+
+class GPT2Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection."""
+
+    def __init__(self, config: BackboneConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        scaling = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scaling /= float(layer_idx + 1)
+        self.scaling = scaling
+        self.c_attn = Conv1D(config.hidden_size, 3 * config.hidden_size)
+        self.c_proj = Conv1D(config.hidden_size, config.hidden_size)
+
+    def forward(self, x_TC: Tensor, cu_seqlens: Tensor) -> Tensor:
+        q_TC, k_TC, v_TC = self.c_attn(x_TC).split(self.hidden_size, dim=1)
+        out_THD = attention.packed_causal_attention(
+            q_TC.view(-1, self.num_heads, self.head_dim),
+            k_TC.view(-1, self.num_heads, self.head_dim),
+            v_TC.view(-1, self.num_heads, self.head_dim),
+            cu_seqlens,
+            scale=self.scaling,
+        )
+        return self.c_proj(out_THD.reshape(-1, self.hidden_size))
+
+
+class GPT2MLP(nn.Module):
+    """c_proj(act(c_fc(x)))."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.c_fc = Conv1D(config.hidden_size, config.intermediate_size)
+        self.c_proj = Conv1D(config.intermediate_size, config.hidden_size)
+        self.act = activation(config.activation)
+
+    def forward(self, x_TC: Tensor) -> Tensor:
+        return self.c_proj(self.act(self.c_fc(x_TC)))
+
+
+class GPT2Block(nn.Module):
+    """Pre-LayerNorm block."""
+
+    def __init__(self, config: BackboneConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = GPT2Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = GPT2MLP(config)
+
+    def forward(self, x_TC: Tensor, cu_seqlens: Tensor) -> Tensor:
+        x_TC = x_TC + self.attn(self.ln_1(x_TC), cu_seqlens)
+        return x_TC + self.mlp(self.ln_2(x_TC))
+
+
+class GPT2Model(nn.Module):
+    """Token and learned position embeddings, blocks, final LayerNorm."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
+        x_TC = self.wte(input_ids) + self.wpe(position_ids)
+        for block in self.h:
+            x_TC = block(x_TC, cu_seqlens)
+        return self.ln_f(x_TC)
+
+
+class GPT2LMHeadModel(BackboneForCausalLM):
+    """GPT-2 causal LM over packed buffers; lm_head is tied to wte by default."""
+
+    base_model_prefix = "transformer"
+
+    def __init__(self, config: BackboneConfig) -> None:
+        if config.family != "gpt2":
+            raise ValueError(f"GPT2LMHeadModel needs family 'gpt2', got {config.family!r}")
+        super().__init__(config)
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def hidden_states(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
+        return self.transformer(input_ids, position_ids, cu_seqlens)

@@ -1,0 +1,204 @@
+"""Building blocks shared by the backbone families.
+
+Legend: T tokens of a packed buffer, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import BackboneConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with Hugging Face numerics (statistics in fp32)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class Conv1D(nn.Module):
+    """GPT-2's transposed linear layer: `y = x @ weight + bias`, weight shape [in, out].
+
+    Arguments are ordered like nn.Linear (in, out), unlike transformers' Conv1D(nf, nx).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+
+    @property
+    def nf(self) -> int:
+        """Output features (transformers' name)."""
+        return self.out_features
+
+    @property
+    def nx(self) -> int:
+        """Input features (transformers' name)."""
+        return self.in_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.t(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _gelu_new(x: Tensor) -> Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": _gelu_new,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "relu": F.relu,
+}
+
+
+def activation(name: str) -> Callable[[Tensor], Tensor]:
+    """The activation function transformers' ACT2FN[name] computes."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"activation {name!r} is not supported (supported: {sorted(_ACTIVATIONS)})") from None
+
+
+def rope_inv_freq(
+    head_dim: int,
+    theta: float,
+    scaling: dict[str, Any] | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Rotary inverse frequencies [head_dim // 2] in fp32, as transformers computes them
+    (default, linear and llama3 rope types)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"])
+    if rope_type != "llama3":
+        raise ValueError(f"rope_type {rope_type!r} is not supported")
+    factor = float(scaling["factor"])
+    low_freq_factor = float(scaling["low_freq_factor"])
+    high_freq_factor = float(scaling["high_freq_factor"])
+    old_context_len = float(scaling["original_max_position_embeddings"])
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, inv_freq_llama)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables [T, D] for given position ids; `inv_freq` is a non-persistent fp32 buffer."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.scaling = dict(scaling) if scaling else None
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, self.scaling), persistent=False)
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute `inv_freq` in fp32 (after meta construction or a dtype cast)."""
+        device = self.inv_freq.device if device is None else device
+        self.inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling, device=device)
+
+    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = position_ids[:, None].float() * self.inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """Rotate the two halves of the last dim: (x1, x2) -> (-x2, x1)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(q_THD: Tensor, k_THD: Tensor, cos_TD: Tensor, sin_TD: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate queries and keys by their positions' angles."""
+    cos = cos_TD.unsqueeze(1)
+    sin = sin_TD.unsqueeze(1)
+    return q_THD * cos + rotate_half(q_THD) * sin, k_THD * cos + rotate_half(k_THD) * sin
+
+
+class BackboneForCausalLM(nn.Module):
+    """Common interface of the backbone families.
+
+    Subclasses define `hidden_states(input_ids, position_ids, cu_seqlens)`,
+    `input_embeddings()` and an `lm_head` linear; `base_model_prefix` is the name of the
+    body module in Hugging Face checkpoints ("model" or "transformer").
+    """
+
+    base_model_prefix: str = "model"
+    lm_head: nn.Linear
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def input_embeddings(self) -> nn.Embedding:
+        """The token embedding module."""
+        raise NotImplementedError
+
+    def hidden_states(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """Final hidden states [T, hidden] (before lm_head) of a packed buffer."""
+        raise NotImplementedError
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """Logits [T, vocab] of a packed buffer of sequences.
+
+        input_ids, position_ids: [T] int64, positions restarting at 0 for each sequence;
+        cu_seqlens: [S+1] int64 CPU tensor of sequence boundaries.
+        """
+        return self.lm_head(self.hidden_states(input_ids, position_ids, cu_seqlens))
+
+    def tied_weight_keys(self) -> tuple[str, ...]:
+        """state_dict keys that alias another parameter (absent from checkpoints)."""
+        return ("lm_head.weight",) if self.config.tie_word_embeddings else ()
+
+    def tie_weights(self) -> None:
+        """Make lm_head share the embedding Parameter when the config ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.input_embeddings().weight
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute derived non-persistent buffers (rotary tables) on `device`."""
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.reset_buffers(device)

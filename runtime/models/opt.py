@@ -1,0 +1,132 @@
+"""OPT backbone with Hugging Face module names.
+
+Legend: T tokens of the packed buffer, C hidden size, E word embedding size, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from . import attention
+from .config import BackboneConfig
+from .layers import BackboneForCausalLM, activation
+
+
+class OPTLearnedPositionalEmbedding(nn.Embedding):
+    """Learned positions stored with an offset of 2 rows (position p reads row p + 2)."""
+
+    offset = 2
+
+    def __init__(self, num_positions: int, embedding_dim: int) -> None:
+        super().__init__(num_positions + self.offset, embedding_dim)
+
+    def forward(self, position_ids: Tensor) -> Tensor:
+        return super().forward(position_ids + self.offset)
+
+
+class OPTAttention(nn.Module):
+    """Multi-head self-attention; queries are scaled right after q_proj, as in OPT."""
+
+    def __init__(self, config: BackboneConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.scaling = config.head_dim**-0.5
+        c = config.hidden_size
+        self.k_proj = nn.Linear(c, c, bias=config.attention_bias)
+        self.v_proj = nn.Linear(c, c, bias=config.attention_bias)
+        self.q_proj = nn.Linear(c, c, bias=config.attention_bias)
+        self.out_proj = nn.Linear(c, c, bias=config.attention_out_bias)
+
+    def forward(self, x_TC: Tensor, cu_seqlens: Tensor) -> Tensor:
+        q_THD = (self.q_proj(x_TC) * self.scaling).view(-1, self.num_heads, self.head_dim)
+        k_THD = self.k_proj(x_TC).view(-1, self.num_heads, self.head_dim)
+        v_THD = self.v_proj(x_TC).view(-1, self.num_heads, self.head_dim)
+        out_THD = attention.packed_causal_attention(q_THD, k_THD, v_THD, cu_seqlens, scale=1.0)
+        return self.out_proj(out_THD.reshape(-1, self.hidden_size))
+
+
+class OPTDecoderLayer(nn.Module):
+    """Attention and ReLU MLP, each with a LayerNorm before (do_layer_norm_before) or after."""
+
+    def __init__(self, config: BackboneConfig, layer_idx: int) -> None:
+        super().__init__()
+        affine = config.layer_norm_elementwise_affine
+        self.do_layer_norm_before = config.do_layer_norm_before
+        self.self_attn = OPTAttention(config, layer_idx)
+        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=affine)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=affine)
+        self.activation_fn = activation(config.activation)
+
+    def forward(self, x_TC: Tensor, cu_seqlens: Tensor) -> Tensor:
+        if self.do_layer_norm_before:
+            x_TC = x_TC + self.self_attn(self.self_attn_layer_norm(x_TC), cu_seqlens)
+            return x_TC + self.fc2(self.activation_fn(self.fc1(self.final_layer_norm(x_TC))))
+        x_TC = self.self_attn_layer_norm(x_TC + self.self_attn(x_TC, cu_seqlens))
+        return self.final_layer_norm(x_TC + self.fc2(self.activation_fn(self.fc1(x_TC))))
+
+
+class OPTDecoder(nn.Module):
+    """Embeddings (with optional projections in and out), layers and optional final norm."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        c, e = config.hidden_size, config.word_embed_proj_dim
+        self.embed_tokens = nn.Embedding(config.vocab_size, e)
+        self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings, c)
+        self.project_out = nn.Linear(c, e, bias=False) if e != c else None
+        self.project_in = nn.Linear(e, c, bias=False) if e != c else None
+        self.final_layer_norm = (
+            nn.LayerNorm(c, eps=config.norm_eps, elementwise_affine=config.layer_norm_elementwise_affine)
+            if config.final_layer_norm
+            else None
+        )
+        self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_layers))
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        x_TC = x + self.embed_positions(position_ids)
+        for layer in self.layers:
+            x_TC = layer(x_TC, cu_seqlens)
+        if self.final_layer_norm is not None:
+            x_TC = self.final_layer_norm(x_TC)
+        if self.project_out is not None:
+            x_TC = self.project_out(x_TC)
+        return x_TC
+
+
+class OPTModel(nn.Module):
+    """Holds the decoder (checkpoint prefix `model.decoder`)."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.decoder = OPTDecoder(config)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
+        return self.decoder(input_ids, position_ids, cu_seqlens)
+
+
+class OPTForCausalLM(BackboneForCausalLM):
+    """OPT causal LM over packed buffers; hidden_states returns [T, word_embed_proj_dim]."""
+
+    base_model_prefix = "model"
+
+    def __init__(self, config: BackboneConfig) -> None:
+        if config.family != "opt":
+            raise ValueError(f"OPTForCausalLM needs family 'opt', got {config.family!r}")
+        super().__init__(config)
+        self.model = OPTModel(config)
+        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.decoder.embed_tokens
+
+    def hidden_states(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
+        return self.model(input_ids, position_ids, cu_seqlens)
