@@ -7,7 +7,7 @@ from .config import BackboneConfig
 from .gpt2 import GPT2LMHeadModel
 from .layers import BackboneForCausalLM, Conv1D, RMSNorm, RotaryEmbedding
 from .llama import LlamaForCausalLM
-from .loading import load_backbone
+from .loading import assign_weights, load_backbone, read_hf_config
 from .opt import OPTForCausalLM
 
 __all__ = [
@@ -20,7 +20,9 @@ __all__ = [
     "OPTForCausalLM",
     "RMSNorm",
     "RotaryEmbedding",
+    "assign_weights",
     "build_model",
     "load_backbone",
     "packed_causal_attention",
+    "read_hf_config",
 ]

@@ -63,7 +63,8 @@ class Conv1D(nn.Module):
         return F.linear(x, self.weight.t(), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
 
 
 def _gelu_new(x: Tensor) -> Tensor:
@@ -89,7 +90,8 @@ def activation(name: str) -> Callable[[Tensor], Tensor]:
     try:
         return _ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"activation {name!r} is not supported (supported: {sorted(_ACTIVATIONS)})") from None
+        supported = sorted(_ACTIVATIONS)
+        raise ValueError(f"activation {name!r} is not supported (supported: {supported})") from None
 
 
 def rope_inv_freq(

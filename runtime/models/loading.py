@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ INDEX_FILE = "model.safetensors.index.json"
 
 # Trailing key components of buffers that old checkpoints carry and our models derive.
 _IGNORED_SUFFIXES: dict[str, tuple[tuple[str, ...], ...]] = {
-    "gpt2": (("attn", "bias"), ("attn", "masked_bias"), ("crossattention", "bias"), ("crossattention", "masked_bias")),
+    "gpt2": (("attn", "bias"), ("attn", "masked_bias")),
     "llama": (("rotary_emb", "inv_freq"),),
     "opt": (),
 }
@@ -73,6 +74,48 @@ def _is_ignored(key: str, family: str) -> bool:
     return any(parts[-len(suffix) :] == suffix for suffix in _IGNORED_SUFFIXES[family])
 
 
+def assign_weights(
+    model: BackboneForCausalLM,
+    tensors: Mapping[str, Tensor],
+    dtype: torch.dtype,
+    source: str = "checkpoint",
+) -> None:
+    """Assign checkpoint tensors (Hugging Face key names) to `model`'s parameters, cast to
+    `dtype`; the model may live on the meta device. Keys without the body prefix are accepted,
+    derivable buffers and a tied lm_head are skipped. ValueError lists missing, unexpected and
+    shape-mismatched keys (a few of each)."""
+    tied = set(model.tied_weight_keys())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+    expected = set(shapes)
+    state: dict[str, Tensor] = {}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    for raw_key, tensor in tensors.items():
+        key = _canonical_key(raw_key, expected, model.base_model_prefix)
+        if key in tied or _is_ignored(key, model.config.family):
+            continue
+        if key not in expected:
+            unexpected.append(raw_key)
+        elif tuple(tensor.shape) != shapes[key]:
+            mismatched.append(f"{raw_key} {tuple(tensor.shape)} != {shapes[key]}")
+        else:
+            state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    missing = sorted(expected - set(state))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_listed(sorted(unexpected))}")
+    if mismatched:
+        problems.append(f"shape mismatches {_listed(mismatched)}")
+    if problems:
+        raise ValueError(f"{source} does not match {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    device = next(iter(state.values())).device
+    model.reset_buffers(device)
+
+
 def load_backbone(
     path: str | Path,
     dtype: torch.dtype,
@@ -89,37 +132,10 @@ def load_backbone(
     config = read_hf_config(root)
     files = checkpoint_files(root)
     model = build_model(config, dtype=dtype, device="meta")
-    tied = set(model.tied_weight_keys())
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
-    expected = set(shapes)
-    state: dict[str, Tensor] = {}
-    unexpected: list[str] = []
-    mismatched: list[str] = []
+    tensors: dict[str, Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for raw_key in f.keys():
-                key = _canonical_key(raw_key, expected, model.base_model_prefix)
-                if key in tied or _is_ignored(key, config.family):
-                    continue
-                if key not in expected:
-                    unexpected.append(raw_key)
-                    continue
-                tensor = f.get_tensor(raw_key)
-                if tuple(tensor.shape) != shapes[key]:
-                    mismatched.append(f"{raw_key} {tuple(tensor.shape)} != {shapes[key]}")
-                    continue
-                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    missing = sorted(expected - set(state))
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {_listed(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors {_listed(sorted(unexpected))}")
-    if mismatched:
-        problems.append(f"shape mismatches {_listed(mismatched)}")
-    if problems:
-        raise ValueError(f"checkpoint {root} does not match {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    model.reset_buffers(device)
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    assign_weights(model, tensors, dtype, source=f"checkpoint {root}")
     return model, config

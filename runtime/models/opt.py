@@ -53,13 +53,13 @@ class OPTDecoderLayer(nn.Module):
 
     def __init__(self, config: BackboneConfig, layer_idx: int) -> None:
         super().__init__()
-        affine = config.layer_norm_elementwise_affine
+        c, affine = config.hidden_size, config.layer_norm_elementwise_affine
         self.do_layer_norm_before = config.do_layer_norm_before
         self.self_attn = OPTAttention(config, layer_idx)
-        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=affine)
+        self.self_attn_layer_norm = nn.LayerNorm(c, eps=config.norm_eps, elementwise_affine=affine)
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=affine)
+        self.final_layer_norm = nn.LayerNorm(c, eps=config.norm_eps, elementwise_affine=affine)
         self.activation_fn = activation(config.activation)
 
     def forward(self, x_TC: Tensor, cu_seqlens: Tensor) -> Tensor:

@@ -1,0 +1,329 @@
+"""Backbone families against transformers: packed logits, fx tracing, loading and its errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from muxtune.runtime.models import (
+    BackboneConfig,
+    Conv1D,
+    build_model,
+    load_backbone,
+    packed_causal_attention,
+)
+from muxtune.runtime.models import attention as attention_module
+
+transformers.logging.set_verbosity_error()
+
+SEQ_LENS = (5, 11, 3)
+VOCAB = 96
+
+
+def _llama(**kw: object) -> transformers.PreTrainedModel:
+    args: dict[str, object] = {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 64,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    cfg = transformers.LlamaConfig(**{**args, **kw})
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _qwen2() -> transformers.PreTrainedModel:
+    cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        rope_theta=1000.0,
+    )
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+def _mistral() -> transformers.PreTrainedModel:
+    cfg = transformers.MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        sliding_window=4,
+    )
+    return transformers.MistralForCausalLM(cfg)
+
+
+def _gpt2(**kw: object) -> transformers.PreTrainedModel:
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, **kw
+    )
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _opt(**kw: object) -> transformers.PreTrainedModel:
+    cfg = transformers.OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        ffn_dim=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=1,
+        **kw,
+    )
+    return transformers.OPTForCausalLM(cfg)
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+CASES: dict[str, Callable[[], transformers.PreTrainedModel]] = {
+    "llama": lambda: _llama(),
+    "llama_tied_gqa_bias": lambda: _llama(
+        num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True, mlp_bias=True
+    ),
+    "llama3_rope": lambda: _llama(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
+    "qwen2_untied_gqa": _qwen2,
+    "mistral_sliding": _mistral,
+    "gpt2": _gpt2,
+    "gpt2_layer_scaled_relu": lambda: _gpt2(scale_attn_by_inverse_layer_idx=True, activation_function="relu"),
+    "opt_pre_ln": lambda: _opt(do_layer_norm_before=True),
+    "opt_post_ln_proj": lambda: _opt(do_layer_norm_before=False, word_embed_proj_dim=16),
+}
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Perturb every parameter so norms, biases and positions are non-trivial."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ("norm" in name or ".ln_" in name) and name.endswith("weight"):
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            elif "norm" in name or ".ln_" in name:
+                param.copy_(0.1 * torch.randn_like(param))
+            else:
+                param.copy_(0.15 * torch.randn_like(param))
+
+
+def _hf_model(case: str) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    model = CASES[case]()
+    _randomize(model)
+    return model.eval()
+
+
+def _packed_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (sum(SEQ_LENS),), generator=gen)
+    position_ids = torch.cat([torch.arange(n) for n in SEQ_LENS])
+    cu_seqlens = torch.tensor([0, *torch.tensor(SEQ_LENS).cumsum(0).tolist()], dtype=torch.int64)
+    return input_ids, position_ids, cu_seqlens
+
+
+@torch.no_grad()
+def _reference_logits(hf: transformers.PreTrainedModel, ids: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """transformers' logits for each packed sequence run alone, concatenated."""
+    bounds = cu.tolist()
+    return torch.cat([hf(ids[None, a:b]).logits[0] for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+Saved = tuple[str, Path, transformers.PreTrainedModel]
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Saved:
+    case = request.param
+    hf = _hf_model(case)
+    path = tmp_path_factory.mktemp(case)
+    hf.save_pretrained(path)
+    return case, path, hf
+
+
+def test_packed_logits_match_transformers(saved: Saved) -> None:
+    case, path, hf = saved
+    model, config = load_backbone(path, torch.float32)
+    assert config.to_dict() == BackboneConfig.from_dict(config.to_dict()).to_dict()
+    json.dumps(config.to_dict())
+    assert set(model.state_dict()) == set(hf.state_dict())
+    input_ids, position_ids, cu = _packed_inputs()
+    with torch.no_grad():
+        ours = model(input_ids, position_ids, cu)
+        hidden = model.hidden_states(input_ids, position_ids, cu)
+    torch.testing.assert_close(ours, _reference_logits(hf, input_ids, cu), atol=1e-4, rtol=0)
+    assert hidden.shape == (cu[-1].item(), model.lm_head.in_features)
+    if config.tie_word_embeddings:
+        assert model.lm_head.weight is model.input_embeddings().weight
+
+
+def test_fx_trace_matches_eager(saved: Saved) -> None:
+    _, path, _ = saved
+    model, _ = load_backbone(path, torch.float32)
+    traced = torch.fx.symbolic_trace(model)
+    nodes = list(traced.graph.nodes)
+    attn_calls = [n for n in nodes if n.op == "call_function" and n.target is packed_causal_attention]
+    assert len(attn_calls) == model.config.num_layers
+    modules = {n.target for n in nodes if n.op == "call_module"}
+    assert "lm_head" in modules
+    input_ids, position_ids, cu = _packed_inputs()
+    with torch.no_grad():
+        expected = model(input_ids, position_ids, cu)
+        torch.testing.assert_close(traced(input_ids, position_ids, cu), expected, atol=0, rtol=0)
+
+
+def test_module_names_follow_hf() -> None:
+    hf = _hf_model("llama")
+    config = BackboneConfig.from_hf_dict(hf.config.to_dict())
+    ours = build_model(config, device="meta")
+    assert [n for n, _ in ours.named_modules() if n.endswith("_proj")] == [
+        n for n, _ in hf.named_modules() if n.endswith("_proj")
+    ]
+    gpt2 = build_model(BackboneConfig.from_hf_dict(_hf_model("gpt2").config.to_dict()), device="meta")
+    c_attn = gpt2.transformer.h[0].attn.c_attn
+    assert isinstance(c_attn, Conv1D) and (c_attn.in_features, c_attn.out_features) == (32, 96)
+    assert c_attn.weight.shape == (32, 96) and c_attn.weight.is_meta
+    built = build_model(config, dtype=torch.bfloat16)
+    assert {p.dtype for p in built.parameters()} == {torch.bfloat16}
+    assert built.model.rotary_emb.inv_freq.dtype == torch.float32
+    input_ids, position_ids, cu = _packed_inputs()
+    assert built(input_ids, position_ids, cu).shape == (cu[-1].item(), VOCAB)
+
+
+def test_sharded_and_bf16(tmp_path: Path) -> None:
+    hf = _hf_model("llama_tied_gqa_bias")
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    model, _ = load_backbone(tmp_path, torch.float32)
+    input_ids, position_ids, cu = _packed_inputs()
+    ref = _reference_logits(hf, input_ids, cu)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids, position_ids, cu), ref, atol=1e-4, rtol=0)
+    model_bf16, _ = load_backbone(tmp_path, torch.bfloat16)
+    assert {p.dtype for p in model_bf16.parameters()} == {torch.bfloat16}
+    assert model_bf16.model.rotary_emb.inv_freq.dtype == torch.float32
+    with torch.no_grad():
+        logits = model_bf16(input_ids, position_ids, cu)
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - ref).abs().max() < 0.25
+
+
+def test_gpt2_original_layout(tmp_path: Path) -> None:
+    """Keys without `transformer.`, with attn.bias buffers, and a redundant lm_head."""
+    hf = _hf_model("gpt2")
+    hf.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    legacy = {k.removeprefix("transformer."): v for k, v in state.items()}
+    legacy["h.0.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+    legacy["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    legacy["lm_head.weight"] = state["transformer.wte.weight"].clone()
+    save_file(legacy, tmp_path / "model.safetensors")
+    model, _ = load_backbone(tmp_path, torch.float32)
+    input_ids, position_ids, cu = _packed_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids, position_ids, cu), _reference_logits(hf, input_ids, cu), atol=1e-4, rtol=0
+        )
+
+
+def test_opt_without_model_prefix(tmp_path: Path) -> None:
+    hf = _hf_model("opt_pre_ln")
+    hf.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    save_file({k.removeprefix("model."): v for k, v in state.items()}, tmp_path / "model.safetensors")
+    model, _ = load_backbone(tmp_path, torch.float32)
+    assert torch.equal(model.model.decoder.embed_positions.weight, hf.model.decoder.embed_positions.weight)
+
+
+def test_missing_weights_file(tmp_path: Path) -> None:
+    _hf_model("gpt2").save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_backbone(tmp_path, torch.float32)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_backbone(tmp_path, torch.float32)
+
+
+def test_missing_and_mismatched_tensor(tmp_path: Path) -> None:
+    _hf_model("qwen2_untied_gqa").save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    state = load_file(file)
+    del state["model.layers.1.self_attn.k_proj.bias"]
+    state["model.norm.weight"] = torch.ones(7)
+    state["model.extra.weight"] = torch.ones(2)
+    save_file(state, file)
+    with pytest.raises(ValueError) as err:
+        load_backbone(tmp_path, torch.float32)
+    message = str(err.value)
+    assert "model.layers.1.self_attn.k_proj.bias" in message
+    assert "model.norm.weight" in message and "model.extra.weight" in message
+
+
+def test_from_hf_dict_errors() -> None:
+    with pytest.raises(ValueError, match="model_type"):
+        BackboneConfig.from_hf_dict({"model_type": "bert"})
+    good = _hf_model("llama").config.to_dict()
+    for field in ("hidden_size", "vocab_size", "num_hidden_layers"):
+        bad = {k: v for k, v in good.items() if k != field}
+        with pytest.raises(ValueError, match=field):
+            BackboneConfig.from_hf_dict(bad)
+    with pytest.raises(ValueError, match="rope_type"):
+        BackboneConfig.from_hf_dict({**good, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}})
+
+
+def test_legacy_rope_scaling_layout() -> None:
+    legacy = {
+        "model_type": "llama",
+        "vocab_size": 10,
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 24,
+        "max_position_embeddings": 128,
+        "rope_theta": 500000.0,
+        "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    }
+    config = BackboneConfig.from_hf_dict(legacy)
+    assert config.rope_theta == 500000.0 and config.rope_type == "llama3"
+    assert config.rope_scaling["original_max_position_embeddings"] == 128
+
+
+def test_attention_never_crosses_sequences() -> None:
+    torch.manual_seed(0)
+    q = torch.randn(10, 4, 8, requires_grad=True)
+    k, v = torch.randn(10, 2, 8), torch.randn(10, 2, 8)
+    cu = torch.tensor([0, 4, 4, 10])
+    out = packed_causal_attention(q, k, v, cu)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    k2, v2 = k.clone(), v.clone()
+    k2[4:] += 1.0
+    v2[4:] += 1.0
+    torch.testing.assert_close(packed_causal_attention(q, k2, v2, cu)[:4], out[:4], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        packed_causal_attention(q, k, v, torch.tensor([0, 4, 9]))
+    assert attention_module.repeat_kv(k, 2)[:, 3].equal(k[:, 1])
