@@ -24,6 +24,7 @@ from .schedules import lr_multiplier
 
 ADAMW_BETAS = (0.9, 0.999)
 ADAMW_EPS = 1e-8
+DROPOUT_SEED_OFFSET = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class TaskState:
     config: TaskTraining
     modules: dict[str, OperatorPeftModule]
     optimizer: torch.optim.AdamW
+    dropout_generator: torch.Generator
     step: int = 0
     status: TaskStatus = TaskStatus.ACTIVE
     pending_loss: float = 0.0
@@ -104,8 +106,15 @@ class MultiTaskEngine:
         """Attach a task's modules (seeded init, or `init_state` from an adapter) and its optimizer."""
         if config.name in self.tasks:
             raise ValueError(f"task {config.name} is already in the engine")
+        dropout_generator = torch.Generator().manual_seed(config.seed + DROPOUT_SEED_OFFSET)
         modules = attach_task(
-            self.model, config.name, config.peft, self.segment_table, seed=config.seed, dtype=self.param_dtype
+            self.model,
+            config.name,
+            config.peft,
+            self.segment_table,
+            seed=config.seed,
+            dropout_generator=dropout_generator,
+            dtype=self.param_dtype,
         )
         if init_state is not None:
             load_task_state(config.name, modules, init_state)
@@ -113,7 +122,7 @@ class MultiTaskEngine:
         optimizer = torch.optim.AdamW(
             params, lr=config.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=config.weight_decay
         )
-        state = TaskState(config=config, modules=modules, optimizer=optimizer)
+        state = TaskState(config=config, modules=modules, optimizer=optimizer, dropout_generator=dropout_generator)
         self.tasks[config.name] = state
         return state
 

@@ -82,12 +82,14 @@ def attach_task(
     segment_table: SegmentTable,
     *,
     seed: int,
+    dropout_generator: torch.Generator,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, OperatorPeftModule]:
     """Attach `task`'s modules at every anchor its targets select; returns them by anchor name.
 
     Initialization is drawn from a generator seeded with the task seed, anchor by anchor in
-    model order, so it depends on nothing but the task itself.
+    model order, so it depends on nothing but the task itself; dropout masks come from the
+    task's own `dropout_generator`.
     """
     anchors = find_anchors(model, config.target_modules)
     if not anchors:
@@ -95,7 +97,6 @@ def attach_task(
             f"task {task}: target_modules {list(config.target_modules)} match no linear operator of the model"
         )
     generator = torch.Generator().manual_seed(seed)
-    dropout_generator = torch.Generator().manual_seed(seed + 1_000_003)
     modules: dict[str, OperatorPeftModule] = {}
     for name in anchors:
         host = _anchor_host(model, name, segment_table)

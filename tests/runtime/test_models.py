@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from hf_cases import CASES, VOCAB, hf_model, packed_inputs, reference_logits
 from muxtune.runtime.models import (
     BackboneConfig,
     Conv1D,
@@ -20,136 +20,6 @@ from muxtune.runtime.models import (
 )
 from muxtune.runtime.models import attention as attention_module
 
-transformers.logging.set_verbosity_error()
-
-SEQ_LENS = (5, 11, 3)
-VOCAB = 96
-
-
-def _llama(**kw: object) -> transformers.PreTrainedModel:
-    args: dict[str, object] = {
-        "vocab_size": VOCAB,
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 64,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    }
-    cfg = transformers.LlamaConfig(**{**args, **kw})
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def _qwen2() -> transformers.PreTrainedModel:
-    cfg = transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        rope_theta=1000.0,
-    )
-    return transformers.Qwen2ForCausalLM(cfg)
-
-
-def _mistral() -> transformers.PreTrainedModel:
-    cfg = transformers.MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        sliding_window=4,
-    )
-    return transformers.MistralForCausalLM(cfg)
-
-
-def _gpt2(**kw: object) -> transformers.PreTrainedModel:
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, **kw
-    )
-    return transformers.GPT2LMHeadModel(cfg)
-
-
-def _opt(**kw: object) -> transformers.PreTrainedModel:
-    cfg = transformers.OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        ffn_dim=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        bos_token_id=2,
-        eos_token_id=2,
-        pad_token_id=1,
-        **kw,
-    )
-    return transformers.OPTForCausalLM(cfg)
-
-
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
-
-CASES: dict[str, Callable[[], transformers.PreTrainedModel]] = {
-    "llama": lambda: _llama(),
-    "llama_tied_gqa_bias": lambda: _llama(
-        num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True, mlp_bias=True
-    ),
-    "llama3_rope": lambda: _llama(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
-    "qwen2_untied_gqa": _qwen2,
-    "mistral_sliding": _mistral,
-    "gpt2": _gpt2,
-    "gpt2_layer_scaled_relu": lambda: _gpt2(scale_attn_by_inverse_layer_idx=True, activation_function="relu"),
-    "opt_pre_ln": lambda: _opt(do_layer_norm_before=True),
-    "opt_post_ln_proj": lambda: _opt(do_layer_norm_before=False, word_embed_proj_dim=16),
-}
-
-
-def _randomize(model: torch.nn.Module) -> None:
-    """Perturb every parameter so norms, biases and positions are non-trivial."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ("norm" in name or ".ln_" in name) and name.endswith("weight"):
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            elif "norm" in name or ".ln_" in name:
-                param.copy_(0.1 * torch.randn_like(param))
-            else:
-                param.copy_(0.15 * torch.randn_like(param))
-
-
-def _hf_model(case: str) -> transformers.PreTrainedModel:
-    torch.manual_seed(0)
-    model = CASES[case]()
-    _randomize(model)
-    return model.eval()
-
-
-def _packed_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(0, VOCAB, (sum(SEQ_LENS),), generator=gen)
-    position_ids = torch.cat([torch.arange(n) for n in SEQ_LENS])
-    cu_seqlens = torch.tensor([0, *torch.tensor(SEQ_LENS).cumsum(0).tolist()], dtype=torch.int64)
-    return input_ids, position_ids, cu_seqlens
-
-
-@torch.no_grad()
-def _reference_logits(hf: transformers.PreTrainedModel, ids: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
-    """transformers' logits for each packed sequence run alone, concatenated."""
-    bounds = cu.tolist()
-    return torch.cat([hf(ids[None, a:b]).logits[0] for a, b in zip(bounds[:-1], bounds[1:])])
-
 
 Saved = tuple[str, Path, transformers.PreTrainedModel]
 
@@ -157,7 +27,7 @@ Saved = tuple[str, Path, transformers.PreTrainedModel]
 @pytest.fixture(scope="module", params=list(CASES))
 def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Saved:
     case = request.param
-    hf = _hf_model(case)
+    hf = hf_model(case)
     path = tmp_path_factory.mktemp(case)
     hf.save_pretrained(path)
     return case, path, hf
@@ -169,11 +39,11 @@ def test_packed_logits_match_transformers(saved: Saved) -> None:
     assert config.to_dict() == BackboneConfig.from_dict(config.to_dict()).to_dict()
     json.dumps(config.to_dict())
     assert set(model.state_dict()) == set(hf.state_dict())
-    input_ids, position_ids, cu = _packed_inputs()
+    input_ids, position_ids, cu = packed_inputs()
     with torch.no_grad():
         ours = model(input_ids, position_ids, cu)
         hidden = model.hidden_states(input_ids, position_ids, cu)
-    torch.testing.assert_close(ours, _reference_logits(hf, input_ids, cu), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours, reference_logits(hf, input_ids, cu), atol=1e-4, rtol=0)
     assert hidden.shape == (cu[-1].item(), model.lm_head.in_features)
     if config.tie_word_embeddings:
         assert model.lm_head.weight is model.input_embeddings().weight
@@ -188,38 +58,38 @@ def test_fx_trace_matches_eager(saved: Saved) -> None:
     assert len(attn_calls) == model.config.num_layers
     modules = {n.target for n in nodes if n.op == "call_module"}
     assert "lm_head" in modules
-    input_ids, position_ids, cu = _packed_inputs()
+    input_ids, position_ids, cu = packed_inputs()
     with torch.no_grad():
         expected = model(input_ids, position_ids, cu)
         torch.testing.assert_close(traced(input_ids, position_ids, cu), expected, atol=0, rtol=0)
 
 
 def test_module_names_follow_hf() -> None:
-    hf = _hf_model("llama")
+    hf = hf_model("llama")
     config = BackboneConfig.from_hf_dict(hf.config.to_dict())
     ours = build_model(config, device="meta")
     assert [n for n, _ in ours.named_modules() if n.endswith("_proj")] == [
         n for n, _ in hf.named_modules() if n.endswith("_proj")
     ]
-    gpt2 = build_model(BackboneConfig.from_hf_dict(_hf_model("gpt2").config.to_dict()), device="meta")
+    gpt2 = build_model(BackboneConfig.from_hf_dict(hf_model("gpt2").config.to_dict()), device="meta")
     c_attn = gpt2.transformer.h[0].attn.c_attn
     assert isinstance(c_attn, Conv1D) and (c_attn.in_features, c_attn.out_features) == (32, 96)
     assert c_attn.weight.shape == (32, 96) and c_attn.weight.is_meta
     built = build_model(config, dtype=torch.bfloat16)
     assert {p.dtype for p in built.parameters()} == {torch.bfloat16}
     assert built.model.rotary_emb.inv_freq.dtype == torch.float32
-    input_ids, position_ids, cu = _packed_inputs()
+    input_ids, position_ids, cu = packed_inputs()
     assert built(input_ids, position_ids, cu).shape == (cu[-1].item(), VOCAB)
 
 
 def test_sharded_and_bf16(tmp_path: Path) -> None:
-    hf = _hf_model("llama_tied_gqa_bias")
+    hf = hf_model("llama_tied_gqa_bias")
     hf.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     model, _ = load_backbone(tmp_path, torch.float32)
-    input_ids, position_ids, cu = _packed_inputs()
-    ref = _reference_logits(hf, input_ids, cu)
+    input_ids, position_ids, cu = packed_inputs()
+    ref = reference_logits(hf, input_ids, cu)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids, position_ids, cu), ref, atol=1e-4, rtol=0)
     model_bf16, _ = load_backbone(tmp_path, torch.bfloat16)
@@ -233,7 +103,7 @@ def test_sharded_and_bf16(tmp_path: Path) -> None:
 
 def test_gpt2_original_layout(tmp_path: Path) -> None:
     """Keys without `transformer.`, with attn.bias buffers, and a redundant lm_head."""
-    hf = _hf_model("gpt2")
+    hf = hf_model("gpt2")
     hf.save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     legacy = {k.removeprefix("transformer."): v for k, v in state.items()}
@@ -242,15 +112,15 @@ def test_gpt2_original_layout(tmp_path: Path) -> None:
     legacy["lm_head.weight"] = state["transformer.wte.weight"].clone()
     save_file(legacy, tmp_path / "model.safetensors")
     model, _ = load_backbone(tmp_path, torch.float32)
-    input_ids, position_ids, cu = _packed_inputs()
+    input_ids, position_ids, cu = packed_inputs()
     with torch.no_grad():
         torch.testing.assert_close(
-            model(input_ids, position_ids, cu), _reference_logits(hf, input_ids, cu), atol=1e-4, rtol=0
+            model(input_ids, position_ids, cu), reference_logits(hf, input_ids, cu), atol=1e-4, rtol=0
         )
 
 
 def test_opt_without_model_prefix(tmp_path: Path) -> None:
-    hf = _hf_model("opt_pre_ln")
+    hf = hf_model("opt_pre_ln")
     hf.save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     save_file({k.removeprefix("model."): v for k, v in state.items()}, tmp_path / "model.safetensors")
@@ -259,7 +129,7 @@ def test_opt_without_model_prefix(tmp_path: Path) -> None:
 
 
 def test_missing_weights_file(tmp_path: Path) -> None:
-    _hf_model("gpt2").save_pretrained(tmp_path)
+    hf_model("gpt2").save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_backbone(tmp_path, torch.float32)
@@ -269,7 +139,7 @@ def test_missing_weights_file(tmp_path: Path) -> None:
 
 
 def test_missing_and_mismatched_tensor(tmp_path: Path) -> None:
-    _hf_model("qwen2_untied_gqa").save_pretrained(tmp_path)
+    hf_model("qwen2_untied_gqa").save_pretrained(tmp_path)
     file = tmp_path / "model.safetensors"
     state = load_file(file)
     del state["model.layers.1.self_attn.k_proj.bias"]
@@ -286,7 +156,7 @@ def test_missing_and_mismatched_tensor(tmp_path: Path) -> None:
 def test_from_hf_dict_errors() -> None:
     with pytest.raises(ValueError, match="model_type"):
         BackboneConfig.from_hf_dict({"model_type": "bert"})
-    good = _hf_model("llama").config.to_dict()
+    good = hf_model("llama").config.to_dict()
     for field in ("hidden_size", "vocab_size", "num_hidden_layers"):
         bad = {k: v for k, v in good.items() if k != field}
         with pytest.raises(ValueError, match=field):

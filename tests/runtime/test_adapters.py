@@ -1,0 +1,108 @@
+"""Adapter files against peft: exported adapters load in peft and give our logits; fx tracing
+with LoRA hosts attached; `init_from` round trip and adapter-file errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from hf_cases import hf_model, packed_inputs, reference_logits
+from muxtune.runtime.adapters import AdapterError, load_adapter, save_adapter
+from muxtune.runtime.engine import MultiTaskEngine, TaskTraining
+from muxtune.runtime.models import load_backbone
+from muxtune.runtime.peft import AnchoredOperator, Segment, SegmentTable, TaskPeftConfig
+from muxtune.runtime.tracing import trace_backbone
+
+FAMILY_TARGETS = {
+    "llama_tied_gqa_bias": ("q_proj", "v_proj", "down_proj"),
+    "qwen2_untied_gqa": ("k_proj", "o_proj", "gate_proj"),
+    "gpt2": ("c_attn", "c_fc"),
+    "opt_post_ln_proj": ("q_proj", "fc1", "out_proj"),
+}
+
+
+def engine_with_task(path: Path, targets: tuple[str, ...], rank: int = 4) -> tuple[MultiTaskEngine, str]:
+    model, _ = load_backbone(path, torch.float32)
+    engine = MultiTaskEngine(model, SegmentTable())
+    config = TaskTraining("task", TaskPeftConfig("lora", rank, 2.0 * rank, 0.0, targets), lr=1e-3, steps=1)
+    state = engine.add_task(config)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in state.modules.values():
+            module.lora_B.weight.copy_(0.2 * torch.randn(module.lora_B.weight.shape, generator=generator))
+    return engine, "task"
+
+
+@pytest.mark.parametrize("case", list(FAMILY_TARGETS))
+def test_exported_adapter_loads_in_peft_with_same_logits(case: str, tmp_path: Path) -> None:
+    hf = hf_model(case)
+    hf.save_pretrained(tmp_path / "base")
+    engine, task = engine_with_task(tmp_path / "base", FAMILY_TARGETS[case])
+    state = engine.tasks[task]
+    fan_in_fan_out = case.startswith("gpt2")
+    save_adapter(tmp_path / "adapter", state.config.peft, state.adapter_state(),
+                 base_model=str(tmp_path / "base"), fan_in_fan_out=fan_in_fan_out)
+
+    input_ids, position_ids, cu = packed_inputs()
+    engine.segment_table.set((Segment(task, 0, int(cu[-1])),))
+    with torch.no_grad():
+        ours = engine.model(input_ids, position_ids, cu)
+        base_logits = reference_logits(hf, input_ids, cu)
+        peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+        theirs = reference_logits(peft_model, input_ids, cu)
+    assert (theirs - base_logits).abs().max() > 1e-2, "the adapter must change the logits"
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["llama_tied_gqa_bias", "gpt2", "opt_post_ln_proj"])
+def test_fx_trace_with_lora_hosts(case: str, tmp_path: Path) -> None:
+    hf_model(case).save_pretrained(tmp_path)
+    engine, task = engine_with_task(tmp_path, FAMILY_TARGETS[case])
+    traced = trace_backbone(engine.model)
+    hosts = [n for n in traced.graph.nodes
+             if n.op == "call_module" and isinstance(traced.get_submodule(n.target), AnchoredOperator)]
+    assert len(hosts) == len(engine.tasks[task].modules) > 0
+    input_ids, position_ids, cu = packed_inputs()
+    # The adapter covers the middle sequence only; the others pass through the frozen backbone.
+    bounds = cu.tolist()
+    engine.segment_table.set((Segment(task, bounds[1], bounds[2]),))
+    with torch.no_grad():
+        torch.testing.assert_close(traced(input_ids, position_ids, cu), engine.model(input_ids, position_ids, cu),
+                                   atol=0, rtol=0)
+
+
+def test_adapter_round_trip_and_peft_key_names(tmp_path: Path) -> None:
+    hf_model("llama_tied_gqa_bias").save_pretrained(tmp_path / "base")
+    engine, task = engine_with_task(tmp_path / "base", ("q_proj", "v_proj"), rank=3)
+    state = engine.tasks[task]
+    save_adapter(tmp_path / "a", state.config.peft, state.adapter_state(), base_model="base")
+    config, tensors = load_adapter(tmp_path / "a")
+    assert config == state.config.peft
+    assert tensors.keys() == state.adapter_state().keys()
+    for key, value in state.adapter_state().items():
+        assert torch.equal(tensors[key], value)
+    raw = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "LORA" and raw["r"] == 3 and raw["lora_alpha"] == 6.0
+    from safetensors.torch import load_file
+    keys = load_file(str(tmp_path / "a" / "adapter_model.safetensors")).keys()
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+
+
+def test_adapter_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(AdapterError, match="adapter_config.json: adapter file not found"):
+        load_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(AdapterError, match="adapter_config.json: invalid JSON"):
+        load_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                              "target_modules": ["q_proj"]}))
+    with pytest.raises(AdapterError, match="adapter_model.safetensors: not a readable safetensors file"):
+        load_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(AdapterError, match="peft_type 'IA3' is not supported"):
+        load_adapter(tmp_path)
