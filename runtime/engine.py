@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,6 @@ class TaskState:
     pending_target_tokens: int = 0
     pending_tokens: int = 0
     normalizer: int = 0
-    example_indices: list[int] = field(default_factory=list)
 
     @property
     def parameters(self) -> list[nn.Parameter]:
@@ -172,7 +171,6 @@ class MultiTaskEngine:
             state.pending_loss += float(task_nll.detach())
             state.pending_target_tokens += scored_seg.end - scored_seg.start
             state.pending_tokens += seg.end - seg.start
-            state.example_indices.extend(mb.example_indices[seg.task])
             term = task_nll / state.normalizer
             total = term if total is None else total + term
         self.segment_table.set(())
@@ -207,7 +205,6 @@ class MultiTaskEngine:
             diverged=diverged,
         )
         state.pending_loss, state.pending_target_tokens, state.pending_tokens, state.normalizer = 0.0, 0, 0, 0
-        state.example_indices = []
         if not diverged and state.step >= cfg.steps:
             state.status = TaskStatus.FINISHED
         return result

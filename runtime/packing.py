@@ -24,7 +24,6 @@ class MicroBatch:
     cu_seqlens_S1: torch.Tensor
     targets_T: torch.Tensor  # next-token id scored at each position, IGNORE_INDEX elsewhere
     segments: tuple[Segment, ...]
-    example_indices: dict[str, tuple[int, ...]]  # dataset line numbers per task
 
     @property
     def num_tokens(self) -> int:
@@ -38,12 +37,10 @@ def build_microbatch(batch: list[tuple[str, Example]]) -> MicroBatch:
     targets: list[int] = []
     cu_seqlens = [0]
     segments: list[Segment] = []
-    indices: dict[str, list[int]] = {}
     for task, example in batch:
         if not segments or segments[-1].task != task:
-            assert task not in indices, f"task {task} sequences are not contiguous"
+            assert all(s.task != task for s in segments), f"task {task} sequences are not contiguous"
             segments.append(Segment(task, len(input_ids), len(input_ids)))
-            indices[task] = []
         ids = example.input_ids
         input_ids.extend(ids)
         positions.extend(range(len(ids)))
@@ -51,14 +48,12 @@ def build_microbatch(batch: list[tuple[str, Example]]) -> MicroBatch:
         targets.append(IGNORE_INDEX)
         cu_seqlens.append(len(input_ids))
         segments[-1] = Segment(task, segments[-1].start, len(input_ids))
-        indices[task].append(example.index)
     return MicroBatch(
         input_ids_T=torch.tensor(input_ids, dtype=torch.long),
         position_ids_T=torch.tensor(positions, dtype=torch.long),
         cu_seqlens_S1=torch.tensor(cu_seqlens, dtype=torch.long),
         targets_T=torch.tensor(targets, dtype=torch.long),
         segments=tuple(segments),
-        example_indices={task: tuple(v) for task, v in indices.items()},
     )
 
 

@@ -1,0 +1,202 @@
+"""The first, non-optimizing compiler: job spec -> plan.
+
+It resolves the backbone, checks every task against it (targets, sequence caps, `init_from`
+adapters), tokenizes every dataset (so data errors surface now, with file and line), forms
+hTasks (all tasks fused in one, or one per task), gives each task a per-micro-batch token
+budget, and emits one rank's program. Deterministic: the same inputs give the same plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from muxtune.plans import (
+    Alignment,
+    BuildTasks,
+    Checkpoint,
+    ClusterPlan,
+    ExportAdapters,
+    ForwardBackward,
+    HTask,
+    JobSummary,
+    LoadBackbone,
+    OptimizerStep,
+    Plan,
+    Predictions,
+    RankProgram,
+    TaskPlan,
+    compute_fingerprint,
+)
+from muxtune.runtime.adapters import AdapterError, load_adapter
+from muxtune.runtime.data import DataError, TokenizedDataset, load_dataset
+from muxtune.runtime.model_sources import ModelSourceError, resolve_model_dir
+from muxtune.runtime.models import BackboneConfig, build_model, read_hf_config
+from muxtune.runtime.peft import find_anchors
+from muxtune.runtime.tokenizer import TextTokenizer, load_tokenizer
+from muxtune.specs import JobSpec, TaskSpec
+
+from .errors import CompileError
+
+DEFAULT_MICRO_BATCH_TOKENS = 2048
+CHUNK_SIZE = 1
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    """The plan and the notes worth telling the user (e.g. examples without target tokens)."""
+
+    plan: Plan
+    notes: tuple[str, ...]
+
+
+def compile_job(
+    spec: JobSpec,
+    *,
+    fuse: bool = True,
+    micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS,
+    spec_path: str | None = None,
+) -> CompileResult:
+    """Compile a validated job spec into a plan; raises CompileError listing every problem."""
+    if micro_batch_tokens <= 0:
+        raise CompileError([f"micro_batch_tokens: must be a positive integer, got {micro_batch_tokens}"])
+    try:
+        model_dir = resolve_model_dir(spec.model)
+        config = read_hf_config(model_dir)
+        tokenizer = load_tokenizer(model_dir)
+    except (ModelSourceError, FileNotFoundError, ValueError) as exc:
+        raise CompileError([f"model: {exc}"]) from None
+    errors: list[str] = []
+    datasets = check_tasks(spec, config, tokenizer, errors)
+    if errors:
+        raise CompileError(errors)
+    notes = tuple(
+        f"tasks.{t.name}: {datasets[t.name].num_targetless} of {len(datasets[t.name].examples)} examples keep no "
+        f"target token within max_seq_len={t.max_seq_len} and are skipped"
+        for t in spec.tasks
+        if datasets[t.name].num_targetless
+    )
+    tasks = tuple(
+        TaskPlan.from_spec(
+            t,
+            num_examples=len(datasets[t.name].examples),
+            num_targetless_examples=datasets[t.name].num_targetless,
+            num_tokens=sum(len(e.input_ids) for e in datasets[t.name].usable),
+        )
+        for t in spec.tasks
+    )
+    groups = [tuple(t.name for t in tasks)] if fuse else [(t.name,) for t in tasks]
+    htasks = tuple(make_htask(i, group, tasks, datasets, micro_batch_tokens) for i, group in enumerate(groups))
+    backbone = config.to_dict()
+    plan = Plan(
+        job=JobSummary(model=spec.model, dtype=spec.dtype, output_dir=spec.output_dir, spec_path=spec_path),
+        fingerprint=compute_fingerprint(backbone, tasks, htasks),
+        backbone=backbone,
+        cluster=ClusterPlan(device=resolve_device(spec.cluster.device), num_devices=1, num_ranks=1),
+        tasks=tasks,
+        htasks=htasks,
+        alignment=Alignment(chunk_size=CHUNK_SIZE),
+        programs=(emit_program(tasks, htasks, resolve_device(spec.cluster.device)),),
+        predictions=Predictions(
+            num_rounds=max(t.steps for t in tasks),
+            tokens_per_round=sum(round(mean_length(datasets[t.name]) * t.batch_size) for t in tasks),
+        ),
+    )
+    return CompileResult(plan=plan, notes=notes)
+
+
+def check_tasks(
+    spec: JobSpec, config: BackboneConfig, tokenizer: TextTokenizer, errors: list[str]
+) -> dict[str, TokenizedDataset]:
+    """Check each task against the backbone and tokenize its data; appends to `errors`."""
+    meta_model = build_model(config, device="meta")
+    datasets = {}
+    for i, task in enumerate(spec.tasks):
+        where = f"tasks[{i}]"
+        if task.max_seq_len > config.max_position_embeddings:
+            errors.append(
+                f"{where}.max_seq_len: {task.max_seq_len} exceeds the model's "
+                f"max_position_embeddings ({config.max_position_embeddings})"
+            )
+        if not find_anchors(meta_model, tuple(task.peft.target_modules)):
+            names = sorted({n.rpartition(".")[2] for n in find_anchors(meta_model, anchor_names(meta_model))})
+            errors.append(
+                f"{where}.peft.target_modules: {list(task.peft.target_modules)} match no linear operator of the "
+                f"model; it has: {', '.join(names)}"
+            )
+        if task.init_from:
+            check_init_from(task, where, errors)
+        try:
+            datasets[task.name] = load_dataset(task.data.path, task.data.format, tokenizer, task.max_seq_len)
+        except DataError as exc:
+            errors.append(f"{where}.data.path: {exc}")
+    return datasets
+
+
+def anchor_names(model: torch.nn.Module) -> tuple[str, ...]:
+    return tuple(name for name, _ in model.named_modules() if name)
+
+
+def check_init_from(task: TaskSpec, where: str, errors: list[str]) -> None:
+    """`init_from` must be a LoRA adapter with the task's rank and targets."""
+    try:
+        config, _ = load_adapter(task.init_from)
+    except AdapterError as exc:
+        errors.append(f"{where}.init_from: {exc}")
+        return
+    if config.r != task.peft.r:
+        errors.append(f"{where}.init_from: the adapter has r={config.r}, the task has peft.r={task.peft.r}")
+    if set(config.target_modules) != set(task.peft.target_modules):
+        errors.append(
+            f"{where}.init_from: the adapter targets {sorted(config.target_modules)}, "
+            f"the task's peft.target_modules are {sorted(task.peft.target_modules)}"
+        )
+
+
+def mean_length(dataset: TokenizedDataset) -> float:
+    usable = dataset.usable
+    return sum(len(e.input_ids) for e in usable) / len(usable)
+
+
+def make_htask(
+    htask_id: int,
+    names: tuple[str, ...],
+    tasks: tuple[TaskPlan, ...],
+    datasets: dict[str, TokenizedDataset],
+    micro_batch_tokens: int,
+) -> HTask:
+    """An hTask whose per-task budgets split `micro_batch_tokens` in proportion to each task's
+    expected tokens per global batch (never below its longest sequence)."""
+    by_name = {t.name: t for t in tasks}
+    demand = {n: mean_length(datasets[n]) * by_name[n].batch_size for n in names}
+    total = sum(demand.values())
+    budgets = []
+    for name in names:
+        longest = max(len(e.input_ids) for e in datasets[name].usable)
+        share = math.ceil(micro_batch_tokens * demand[name] / total)
+        budget = max(longest, share)
+        budgets.append(CHUNK_SIZE * math.ceil(budget / CHUNK_SIZE))
+    return HTask(id=htask_id, tasks=names, micro_batch_tokens=sum(budgets), token_budgets=tuple(budgets))
+
+
+def emit_program(tasks: tuple[TaskPlan, ...], htasks: tuple[HTask, ...], device: str) -> RankProgram:
+    """Rank 0's program: load, build, then per round every hTask's forward/backward, every
+    task's optimizer step and due checkpoints; finally export the adapters."""
+    names = tuple(t.name for t in tasks)
+    return RankProgram(
+        rank=0,
+        device=device,
+        prologue=(LoadBackbone(), BuildTasks(tasks=names)),
+        round=tuple(ForwardBackward(htask=h.id) for h in htasks) + (OptimizerStep(tasks=names), Checkpoint()),
+        epilogue=(ExportAdapters(),),
+    )
+
+
+def resolve_device(device: str) -> str:
+    """`auto` becomes `cuda` when a GPU is visible, else `cpu`."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -1,0 +1,85 @@
+"""Plan files: deterministic YAML, atomic writes, validated reads."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from muxtune.specs.parse import read_yaml_file
+
+from .errors import PlanError
+from .schema import Plan
+from .serialize import plan_from_dict, plan_to_dict, validate_plan
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+class _PlanDumper(yaml.SafeDumper):
+    """Block style, except instructions and lists of scalars, which are written on one line."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+class _FlowDict(dict):
+    """A mapping written in flow style (``{op: forward_backward, htask: 0}``)."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+    flow = all(isinstance(item, _SCALARS) for item in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+def _represent_flow_dict(dumper: yaml.SafeDumper, data: _FlowDict) -> yaml.Node:
+    return dumper.represent_mapping("tag:yaml.org,2002:map", data.items(), flow_style=True)
+
+
+_PlanDumper.add_representer(list, _represent_list)
+_PlanDumper.add_representer(_FlowDict, _represent_flow_dict)
+
+
+def dump_plan(plan: Plan) -> str:
+    """The plan file's text (validates first). The same plan always gives the same text."""
+    data = plan_to_dict(validate_plan(plan))
+    for program in data["programs"]:
+        for section in ("prologue", "round", "epilogue"):
+            program[section] = [_FlowDict(i) for i in program[section]]
+    return yaml.dump(
+        data,
+        Dumper=_PlanDumper,
+        sort_keys=False,
+        allow_unicode=False,
+        width=100,
+        default_flow_style=False,
+    )
+
+
+def save_plan(plan: Plan, path: Path | str) -> Path:
+    """Validate and write ``plan`` atomically (temp file in the same folder + os.replace)."""
+    target = Path(path)
+    text = dump_plan(plan)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def load_plan(path: Path | str) -> Plan:
+    """Read and fully validate a plan file (version, fields, references, fingerprint)."""
+    raw = read_yaml_file(path, PlanError)
+    if raw is None:
+        raise PlanError([f"{path}: the plan file is empty"])
+    return plan_from_dict(raw)

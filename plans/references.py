@@ -1,0 +1,133 @@
+"""Cross-reference checks of a plan whose fields have been read (some may be `INVALID`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from muxtune.specs.checks import INVALID, add_error, at, did_you_mean, join
+
+from .instructions import OptimizerStep
+from .schema import HTask, Plan, TaskPlan
+
+_SECTIONS = ("prologue", "round", "epilogue")
+
+
+def _unknown_task(name: str, tasks: dict[str, TaskPlan]) -> str:
+    return f"unknown task {name!r}{did_you_mean(name, list(tasks))}"
+
+
+def _check_budgets(htask: HTask, path: str, chunk: Any, errors: list[str]) -> None:
+    """One budget per task, each a multiple of the chunk size, summing to micro_batch_tokens."""
+    budgets, total = htask.token_budgets, htask.micro_batch_tokens
+    if budgets is INVALID or htask.tasks is INVALID:
+        return
+    where = join(path, "token_budgets")
+    if len(budgets) != len(htask.tasks):
+        add_error(
+            errors, where, f"must hold one budget per task ({len(htask.tasks)}), got {len(budgets)}"
+        )
+        return
+    if chunk is not INVALID:
+        for i, budget in enumerate(budgets):
+            if budget % chunk:
+                add_error(
+                    errors,
+                    at(where, i),
+                    f"must be a multiple of alignment.chunk_size ({chunk}), got {budget}",
+                )
+    if total is not INVALID and total != sum(budgets):
+        add_error(
+            errors,
+            join(path, "micro_batch_tokens"),
+            f"must be the sum of token_budgets ({sum(budgets)}), got {total}",
+        )
+
+
+def check_htasks(plan: Plan, tasks: dict[str, TaskPlan], errors: list[str]) -> None:
+    """Ids are positions, every task is in exactly one hTask, budgets are consistent."""
+    owner: dict[str, int] = {}
+    chunk = plan.alignment.chunk_size
+    for index, htask in enumerate(plan.htasks):
+        path = at("htasks", index)
+        if htask.id is not INVALID and htask.id != index:
+            add_error(
+                errors,
+                join(path, "id"),
+                f"must be {index} (an hTask's id is its position), got {htask.id}",
+            )
+        members = () if htask.tasks is INVALID else htask.tasks
+        for j, name in enumerate(members):
+            where = at(join(path, "tasks"), j)
+            if name not in tasks:
+                add_error(errors, where, _unknown_task(name, tasks))
+            elif name in owner:
+                add_error(errors, where, f"task {name!r} is already in htasks[{owner[name]}]")
+            else:
+                owner[name] = index
+        _check_budgets(htask, path, chunk, errors)
+    for name in tasks:
+        if name not in owner:
+            add_error(errors, "htasks", f"task {name!r} is in no hTask")
+
+
+def check_programs(plan: Plan, tasks: dict[str, TaskPlan], errors: list[str]) -> None:
+    """One program per rank in rank order, non-empty rounds, instruction references exist."""
+    num_ranks = plan.cluster.num_ranks
+    if num_ranks is not INVALID and len(plan.programs) != num_ranks:
+        add_error(
+            errors,
+            "programs",
+            f"must hold one program per rank (cluster.num_ranks = {num_ranks}), "
+            f"got {len(plan.programs)}",
+        )
+    num_htasks = len(plan.htasks)
+    for index, program in enumerate(plan.programs):
+        path = at("programs", index)
+        if program.rank is not INVALID and program.rank != index:
+            add_error(
+                errors,
+                join(path, "rank"),
+                f"must be {index} (programs are listed by rank), got {program.rank}",
+            )
+        if program.round is not INVALID and not program.round:
+            add_error(errors, join(path, "round"), "must hold at least one instruction")
+        for section in _SECTIONS:
+            instructions = getattr(program, section)
+            for i, instruction in enumerate(() if instructions is INVALID else instructions):
+                if instruction is INVALID:
+                    continue
+                where = at(join(path, section), i)
+                htask = getattr(instruction, "htask", None)
+                if htask is not None and not 0 <= htask < num_htasks:
+                    add_error(
+                        errors, join(where, "htask"), f"no hTask {htask} (the plan has {num_htasks})"
+                    )
+                for name in getattr(instruction, "tasks", ()):
+                    if name not in tasks:
+                        add_error(errors, join(where, "tasks"), _unknown_task(name, tasks))
+
+
+def check_progress(plan: Plan, tasks: dict[str, TaskPlan], errors: list[str]) -> None:
+    """Every task is stepped by some round, or replaying the rounds would never end."""
+    stepped: set[str] = set()
+    for program in plan.programs:
+        for instruction in program.round:
+            if isinstance(instruction, OptimizerStep):
+                stepped.update(instruction.tasks)
+    never = [name for name in tasks if name not in stepped]
+    if never:
+        add_error(
+            errors,
+            "programs",
+            f"no round has an optimizer_step for task(s) {', '.join(map(repr, never))}; "
+            "they would never finish",
+        )
+
+
+def check_references(plan: Plan, errors: list[str]) -> None:
+    """All cross-reference checks; the liveness check runs only on an otherwise valid plan."""
+    tasks = {t.name: t for t in plan.tasks if isinstance(t.name, str)}
+    check_htasks(plan, tasks, errors)
+    check_programs(plan, tasks, errors)
+    if not errors:
+        check_progress(plan, tasks, errors)

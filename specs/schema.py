@@ -1,0 +1,101 @@
+"""Job spec v1: frozen dataclasses with every default resolved (DESIGN section 8)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+Dtype = Literal["fp32", "bf16", "fp16"]
+DataFormat = Literal["text", "prompt_completion"]
+ScheduleName = Literal["constant", "linear", "cosine"]
+Auto = Literal["auto"]
+
+DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
+DATA_FORMATS: tuple[str, ...] = ("text", "prompt_completion")
+SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "a40", "a100", "h100", "h200")
+PEFT_METHODS: tuple[str, ...] = ("lora",)
+"""PEFT methods this spec version accepts; more are added as the runtime supports them."""
+
+TASK_NAME_PATTERN = r"[a-z0-9_-]+"
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where to run (or what to plan for). ``auto`` leaves the choice to the compiler."""
+
+    device: str = "auto"
+    num_devices: int = 1
+    memory_gb: Union[float, Auto] = "auto"
+    pipeline_parallel: Union[int, Auto] = "auto"
+    tensor_parallel: Union[int, Auto] = "auto"
+
+
+@dataclass(frozen=True)
+class PeftSpec:
+    """One task's PEFT method and its configuration (LoRA only in spec v1)."""
+
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    use_rslora: bool = False
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A JSONL dataset: ``path`` is absolute once loaded."""
+
+    path: str
+    format: DataFormat
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """Learning-rate schedule over the task's ``steps`` (transformers' definitions)."""
+
+    name: ScheduleName = "constant"
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One tenant's fine-tuning task with resolved hyperparameters."""
+
+    name: str
+    peft: PeftSpec
+    data: DataSpec
+    max_seq_len: int = 128
+    batch_size: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    schedule: ScheduleSpec = ScheduleSpec()
+    steps: int = 50
+    seed: int = 0
+    init_from: str | None = None
+    save_every: int = 0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A whole job: one backbone, many tasks. Paths are absolute."""
+
+    model: str
+    dtype: Dtype
+    output_dir: str
+    cluster: ClusterSpec
+    tasks: tuple[TaskSpec, ...]
+
+    def task(self, name: str) -> TaskSpec:
+        """The task called ``name`` (KeyError if there is none)."""
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise KeyError(name)
+
+    @property
+    def is_builtin_model(self) -> bool:
+        return self.model.startswith(BUILTIN_PREFIX)
