@@ -98,6 +98,7 @@ class MultiTaskEngine:
         self.segment_table = segment_table
         self.param_dtype = param_dtype
         self.tasks: dict[str, TaskState] = {}
+        self.device = next(model.parameters()).device
         for p in model.parameters():
             p.requires_grad_(False)
 
@@ -153,8 +154,10 @@ class MultiTaskEngine:
 
     def _run_microbatch(self, mb: MicroBatch) -> None:
         self.segment_table.set(mb.segments)
-        hidden_TD = self.model.hidden_states(mb.input_ids_T, mb.position_ids_T, mb.cu_seqlens_S1)
-        scored = mb.targets_T != IGNORE_INDEX
+        input_ids_T, position_ids_T = mb.input_ids_T.to(self.device), mb.position_ids_T.to(self.device)
+        targets_T = mb.targets_T.to(self.device)
+        hidden_TD = self.model.hidden_states(input_ids_T, position_ids_T, mb.cu_seqlens_S1)
+        scored = targets_T != IGNORE_INDEX
         # Only scored rows need logits; they stay grouped by task, so segments shrink in place.
         scored_segments, start = [], 0
         for seg in mb.segments:
@@ -163,7 +166,7 @@ class MultiTaskEngine:
             start += count
         self.segment_table.set(tuple(s for s in scored_segments if s.end > s.start))
         logits_NV = self.model.lm_head(hidden_TD[scored])
-        nll_N = F.cross_entropy(logits_NV.float(), mb.targets_T[scored], reduction="none")
+        nll_N = F.cross_entropy(logits_NV.float(), targets_T[scored], reduction="none")
         total = None
         for seg, scored_seg in zip(mb.segments, scored_segments):
             state = self.tasks[seg.task]
