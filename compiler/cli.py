@@ -10,7 +10,7 @@ from muxtune.plans import PlanError, save_plan
 from muxtune.specs import SpecError, load_job_spec
 from muxtune.specs.cli_support import run_command
 
-from .compile import DEFAULT_MICRO_BATCH_TOKENS, compile_job
+from .compile import DEFAULT_TASK_TOKENS, compile_job
 from .errors import CompileError
 
 PROG = "muxtune-compile"
@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", help="where to write the plan (YAML)")
     parser.add_argument("--validate", action="store_true", help="only check the spec and its data; write nothing")
     parser.add_argument("--no-fuse", action="store_true", help="one hTask per task instead of one for all")
-    parser.add_argument("--micro-batch-tokens", type=int, default=DEFAULT_MICRO_BATCH_TOKENS,
-                        help=f"token budget of a micro-batch (default {DEFAULT_MICRO_BATCH_TOKENS})")
+    parser.add_argument("--task-tokens", type=int, default=DEFAULT_TASK_TOKENS,
+                        help=f"most tokens one task brings to a micro-batch (default {DEFAULT_TASK_TOKENS})")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     def compile_command() -> int:
         spec = load_job_spec(args.spec, args.overrides)
         result = compile_job(
-            spec, fuse=not args.no_fuse, micro_batch_tokens=args.micro_batch_tokens,
+            spec, fuse=not args.no_fuse, task_tokens=args.task_tokens,
             spec_path=str(Path(args.spec).resolve()),
         )
         for note in result.notes:

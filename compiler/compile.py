@@ -41,7 +41,7 @@ from muxtune.specs import JobSpec, TaskSpec
 
 from .errors import CompileError
 
-DEFAULT_MICRO_BATCH_TOKENS = 2048
+DEFAULT_TASK_TOKENS = 1024
 CHUNK_SIZE = 1
 
 
@@ -57,12 +57,15 @@ def compile_job(
     spec: JobSpec,
     *,
     fuse: bool = True,
-    micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS,
+    task_tokens: int = DEFAULT_TASK_TOKENS,
     spec_path: str | None = None,
 ) -> CompileResult:
-    """Compile a validated job spec into a plan; raises CompileError listing every problem."""
-    if micro_batch_tokens <= 0:
-        raise CompileError([f"micro_batch_tokens: must be a positive integer, got {micro_batch_tokens}"])
+    """Compile a validated job spec into a plan; raises CompileError listing every problem.
+
+    `task_tokens` caps the tokens one task brings to one micro-batch.
+    """
+    if task_tokens <= 0:
+        raise CompileError([f"task_tokens: must be a positive integer, got {task_tokens}"])
     try:
         model_dir = resolve_model_dir(spec.model)
         config = read_hf_config(model_dir)
@@ -89,7 +92,7 @@ def compile_job(
         for t in spec.tasks
     )
     groups = [tuple(t.name for t in tasks)] if fuse else [(t.name,) for t in tasks]
-    htasks = tuple(make_htask(i, group, tasks, datasets, micro_batch_tokens) for i, group in enumerate(groups))
+    htasks = tuple(make_htask(i, group, tasks, datasets, task_tokens) for i, group in enumerate(groups))
     backbone = config.to_dict()
     plan = Plan(
         job=JobSummary(model=spec.model, dtype=spec.dtype, output_dir=spec.output_dir, spec_path=spec_path),
@@ -166,18 +169,20 @@ def make_htask(
     names: tuple[str, ...],
     tasks: tuple[TaskPlan, ...],
     datasets: dict[str, TokenizedDataset],
-    micro_batch_tokens: int,
+    task_tokens: int,
 ) -> HTask:
-    """An hTask whose per-task budgets split `micro_batch_tokens` in proportion to each task's
-    expected tokens per global batch (never below its longest sequence)."""
+    """An hTask whose tasks each bring at most `task_tokens` tokens to a micro-batch (never less
+    than their longest sequence, never more than their expected global batch).
+
+    A task's budget depends on the task alone, so adding, removing or changing another task
+    leaves the task's micro-batch split, and so its result, bit for bit the same.
+    """
     by_name = {t.name: t for t in tasks}
-    demand = {n: mean_length(datasets[n]) * by_name[n].batch_size for n in names}
-    total = sum(demand.values())
     budgets = []
     for name in names:
         longest = max(len(e.input_ids) for e in datasets[name].usable)
-        share = math.ceil(micro_batch_tokens * demand[name] / total)
-        budget = max(longest, share)
+        expected_batch = math.ceil(mean_length(datasets[name]) * by_name[name].batch_size)
+        budget = max(longest, min(task_tokens, expected_batch))
         budgets.append(CHUNK_SIZE * math.ceil(budget / CHUNK_SIZE))
     return HTask(id=htask_id, tasks=names, micro_batch_tokens=sum(budgets), token_budgets=tuple(budgets))
 

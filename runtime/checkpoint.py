@@ -1,9 +1,11 @@
-"""Per-task checkpoints: adapter, optimizer and random-stream state, written atomically.
+"""Checkpoints: per task state plus a job record that ties them to one round.
 
-Layout: `<task_dir>/checkpoints/step-000010/` holding `adapter.safetensors`, `optimizer.pt`,
-`rng.pt` and `state.json`. A checkpoint is assembled in a hidden temporary folder and renamed
-into place, so a crash never leaves a partial `step-*` folder; older checkpoints are removed
-only after the new one is in place.
+Per task, `<task_dir>/checkpoints/step-000010/` holds `adapter.safetensors`, `optimizer.pt`,
+`rng.pt` and `state.json`; it is assembled in a hidden temporary folder and renamed into place,
+so a crash never leaves a partial `step-*` folder. The job record `<output_dir>/checkpoint.json`
+names, for one round, every task's step, status and checkpoint; it is written (atomically) after
+the task checkpoints, and older task checkpoints are pruned only after it. Resuming restores all
+tasks to that same round, so the resumed rounds hold the same tasks as the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapters import atomic_write_bytes
 from .engine import TaskState, TaskStatus, load_task_state
 
 CHECKPOINTS = "checkpoints"
+JOB_RECORD = "checkpoint.json"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -41,8 +45,29 @@ def latest_checkpoint(task_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(task_dir: Path, state: TaskState, *, keep: int = 1) -> Path:
-    """Write the task's state after its current step; keeps the newest `keep` checkpoints."""
+def write_job_record(output_dir: Path, round_index: int, tasks: dict[str, dict]) -> None:
+    """Record the round the job can resume from: per task its step, status and checkpoint."""
+    text = json.dumps({"round": round_index, "tasks": tasks}, indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(output_dir / JOB_RECORD, text.encode())
+
+
+def read_job_record(output_dir: Path) -> dict | None:
+    """The last job record, or None when the job never checkpointed."""
+    path = output_dir / JOB_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        int(record["round"])
+        for task in record["tasks"].values():
+            int(task["step"]), TaskStatus(task["status"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: not a valid checkpoint record: {exc}") from None
+    return record
+
+
+def save_checkpoint(task_dir: Path, state: TaskState) -> Path:
+    """Write the task's state after its current step."""
     root = task_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
@@ -57,9 +82,14 @@ def save_checkpoint(task_dir: Path, state: TaskState, *, keep: int = 1) -> Path:
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for _, old in checkpoint_dirs(task_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def prune_checkpoints(task_dir: Path, keep: Path) -> None:
+    """Remove the task's checkpoints other than `keep`."""
+    for _, path in checkpoint_dirs(task_dir):
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def restore_checkpoint(checkpoint: Path, state: TaskState) -> None:

@@ -157,23 +157,23 @@ class MultiTaskEngine:
         input_ids_T, position_ids_T = mb.input_ids_T.to(self.device), mb.position_ids_T.to(self.device)
         targets_T = mb.targets_T.to(self.device)
         hidden_TD = self.model.hidden_states(input_ids_T, position_ids_T, mb.cu_seqlens_S1)
-        scored = targets_T != IGNORE_INDEX
-        # Only scored rows need logits; they stay grouped by task, so segments shrink in place.
-        scored_segments, start = [], 0
-        for seg in mb.segments:
-            count = int(scored[seg.start : seg.end].sum())
-            scored_segments.append(Segment(seg.task, start, start + count))
-            start += count
-        self.segment_table.set(tuple(s for s in scored_segments if s.end > s.start))
-        logits_NV = self.model.lm_head(hidden_TD[scored])
-        nll_N = F.cross_entropy(logits_NV.float(), targets_T[scored], reduction="none")
         total = None
-        for seg, scored_seg in zip(mb.segments, scored_segments):
+        for seg in mb.segments:
+            # Logits only for scored rows, and one head call per task: a task's loss then never
+            # depends on how many rows other tasks bring (small GEMMs pick other BLAS kernels).
             state = self.tasks[seg.task]
-            task_nll = nll_N[scored_seg.start : scored_seg.end].sum()
-            state.pending_loss += float(task_nll.detach())
-            state.pending_target_tokens += scored_seg.end - scored_seg.start
+            targets_S = targets_T[seg.start : seg.end]
+            scored_S = targets_S != IGNORE_INDEX
+            hidden_ND = hidden_TD[seg.start : seg.end][scored_S]
+            num_scored = int(hidden_ND.shape[0])
             state.pending_tokens += seg.end - seg.start
+            state.pending_target_tokens += num_scored
+            if num_scored == 0:
+                continue
+            self.segment_table.set((Segment(seg.task, 0, num_scored),))
+            logits_NV = self.model.lm_head(hidden_ND)
+            task_nll = F.cross_entropy(logits_NV.float(), targets_S[scored_S], reduction="sum")
+            state.pending_loss += float(task_nll.detach())
             term = task_nll / state.normalizer
             total = term if total is None else total + term
         self.segment_table.set(())
@@ -181,7 +181,11 @@ class MultiTaskEngine:
             total.backward()
 
     def optimizer_step(self, task: str) -> StepResult:
-        """Clip, schedule and step one task after its global batch; detects divergence."""
+        """Clip, schedule and step one task after its global batch.
+
+        A non-finite loss or gradient norm (the step is skipped), or parameters made non-finite
+        by the step, mark the task diverged; it takes no further steps.
+        """
         state = self.tasks[task]
         cfg = state.config
         params = state.parameters
@@ -189,12 +193,13 @@ class MultiTaskEngine:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         lr = cfg.lr * lr_multiplier(cfg.schedule, state.step, cfg.warmup_steps, cfg.steps)
         diverged = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if diverged:
-            state.status = TaskStatus.DIVERGED
-        else:
+        if not diverged:
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
             state.optimizer.step()
+            diverged = not all(bool(torch.isfinite(p).all()) for p in params)
+        if diverged:
+            state.status = TaskStatus.DIVERGED
         state.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         result = StepResult(

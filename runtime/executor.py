@@ -31,7 +31,14 @@ from muxtune.plans import (
 
 from .adapters import atomic_write_bytes, load_adapter, save_adapter
 from .backbone import LoadedBackbone, load_model
-from .checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINTS,
+    prune_checkpoints,
+    read_job_record,
+    restore_checkpoint,
+    save_checkpoint,
+    write_job_record,
+)
 from .data import DataError, Example, batch_indices, load_dataset
 from .engine import MultiTaskEngine, StepResult, TaskStatus, TaskTraining
 from .peft import TaskPeftConfig
@@ -84,7 +91,7 @@ class TaskRun:
     last_loss: float | None = None
     tokens: int = 0
     diverged_at: int | None = None
-    saved_step: int = 0
+    checkpoint: Path | None = None
 
 
 class PlanExecutor:
@@ -99,6 +106,7 @@ class PlanExecutor:
         self.backbone: LoadedBackbone | None = None
         self.engine: MultiTaskEngine | None = None
         self.runs: dict[str, TaskRun] = {}
+        self.round_index = 0
         self.started = time.perf_counter()
 
     def run(self) -> dict:
@@ -107,6 +115,7 @@ class PlanExecutor:
         for instruction in self.program.prologue:
             self.execute(instruction)
         while self.engine is not None and self._active():
+            self.round_index += 1
             for instruction in self.program.round:
                 self.execute(instruction)
         for instruction in self.program.epilogue:
@@ -170,10 +179,14 @@ class PlanExecutor:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         record = {"fingerprint": self.plan.fingerprint, "tasks": [t.name for t in self.plan.tasks]}
         atomic_write_bytes(self.output_dir / RUN_RECORD, (json.dumps(record, indent=2) + "\n").encode())
+        record = read_job_record(self.output_dir) if self.resume else None
+        if record is not None:
+            self.round_index = int(record["round"])
         for name in instruction.tasks:
-            self._build_task(self.plan.task(name), datasets[name].usable)
+            entry = record["tasks"].get(name) if record is not None else None
+            self._build_task(self.plan.task(name), datasets[name].usable, entry)
 
-    def _build_task(self, task: TaskPlan, examples: tuple[Example, ...]) -> None:
+    def _build_task(self, task: TaskPlan, examples: tuple[Example, ...], resume_from: dict | None) -> None:
         assert self.engine is not None
         init_state = load_adapter(task.init_from)[1] if task.init_from else None
         state = self.engine.add_task(task_training(task), init_state=init_state)
@@ -186,14 +199,18 @@ class PlanExecutor:
             metrics=StepLog(directory / "metrics.jsonl"),
             manifest=StepLog(directory / "manifest.jsonl"),
         )
-        checkpoint = latest_checkpoint(directory) if self.resume else None
-        if checkpoint is not None:
-            restore_checkpoint(checkpoint, state)
-            run.saved_step = state.step
+        if resume_from is not None and resume_from["checkpoint"] is not None:
+            run.checkpoint = directory / CHECKPOINTS / resume_from["checkpoint"]
+            restore_checkpoint(run.checkpoint, state)
             for _ in range(state.step):
                 next(run.batches)
-        run.metrics.truncate_after(state.step)
-        run.manifest.truncate_after(state.step)
+        logged_steps = state.step
+        if resume_from is not None and resume_from["status"] == TaskStatus.DIVERGED.value:
+            state.status = TaskStatus.DIVERGED
+            run.diverged_at = int(resume_from["step"])
+            logged_steps = run.diverged_at - 1
+        run.metrics.truncate_after(logged_steps)
+        run.manifest.truncate_after(logged_steps)
         for record in run.metrics.records():
             run.first_loss = run.first_loss if run.first_loss is not None else record["loss"]
             run.last_loss, run.tokens = record["loss"], run.tokens + record["tokens"]
@@ -230,7 +247,7 @@ class PlanExecutor:
         name = run.plan.name
         if result.diverged:
             run.diverged_at = result.step
-            kept = latest_checkpoint(run.directory)
+            kept = run.checkpoint
             self.progress.step(name, result.step - 1, result.loss, 0, "diverged")
             self.progress.message(
                 f"task {name}: loss or gradient became non-finite at step {result.step} "
@@ -251,14 +268,35 @@ class PlanExecutor:
         self.progress.step(name, result.step, result.loss, result.num_tokens, status)
 
     def _checkpoint(self, _: Checkpoint) -> None:
+        """When any task reached a multiple of its save_every, checkpoint the whole round."""
         assert self.engine is not None
-        for name, state in self.engine.tasks.items():
+        states = self.engine.tasks
+        due = any(
+            self.runs[n].plan.save_every > 0 and s.status is not TaskStatus.DIVERGED
+            and s.step > self._saved_step(n) and s.step % self.runs[n].plan.save_every == 0
+            for n, s in states.items()
+        )
+        if not due:
+            return
+        for name, state in states.items():
             run = self.runs[name]
-            every = run.plan.save_every
-            due = every > 0 and state.step > run.saved_step and state.step % every == 0
-            if due and state.status is not TaskStatus.DIVERGED:
-                save_checkpoint(run.directory, state)
-                run.saved_step = state.step
+            if state.status is not TaskStatus.DIVERGED and state.step > self._saved_step(name):
+                run.checkpoint = save_checkpoint(run.directory, state)
+        write_job_record(self.output_dir, self.round_index, {
+            name: {
+                "step": run.diverged_at if run.diverged_at is not None else states[name].step,
+                "status": states[name].status.value,
+                "checkpoint": run.checkpoint.name if run.checkpoint is not None else None,
+            }
+            for name, run in self.runs.items()
+        })
+        for run in self.runs.values():
+            if run.checkpoint is not None:
+                prune_checkpoints(run.directory, keep=run.checkpoint)
+
+    def _saved_step(self, name: str) -> int:
+        checkpoint = self.runs[name].checkpoint
+        return int(checkpoint.name.removeprefix("step-")) if checkpoint is not None else 0
 
     def _export_adapters(self, _: ExportAdapters) -> None:
         assert self.engine is not None and self.backbone is not None

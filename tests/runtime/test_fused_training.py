@@ -178,13 +178,34 @@ def test_alone_equals_transformers_peft(case: TaskCase, runs: dict, tiny_llama_d
     assert relative_update_difference(runs["fused"][name], reference, init) <= 1e-3
 
 
+@pytest.fixture
+def single_intra_op_thread():
+    """Multi-threaded MKL picks GEMM partitions by shape, which can change a row's rounding
+    when other rows change; with one thread every row's result depends on that row only."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def test_changing_one_task_data_leaves_others_bitwise_identical(
+    runs: dict, tiny_llama_dir: Path, init_adapters: dict[str, Path], single_intra_op_thread: None
+) -> None:
+    batches = runs["batches"]
+    reference = train_muxtune(tiny_llama_dir, TASKS, init_adapters, batches, max_tokens=40)
+    changed = {**batches, "beta": make_batches(TASKS[1], runs["vocab"], data_seed=7)}
+    other = train_muxtune(tiny_llama_dir, TASKS, init_adapters, changed, max_tokens=40)
+    for name in ("alpha", "gamma"):
+        for key, value in reference[name].items():
+            assert torch.equal(other[name][key], value), f"{name}.{key} changed with beta's data"
+    assert any(not torch.equal(other["beta"][k], v) for k, v in reference["beta"].items())
+
+
+def test_changing_one_task_data_keeps_others_within_reduction_order(
     runs: dict, tiny_llama_dir: Path, init_adapters: dict[str, Path]
 ) -> None:
-    changed = dict(runs["batches"])
-    changed["beta"] = make_batches(TASKS[1], runs["vocab"], data_seed=7)
+    changed = {**runs["batches"], "beta": make_batches(TASKS[1], runs["vocab"], data_seed=7)}
     other = train_muxtune(tiny_llama_dir, TASKS, init_adapters, changed, max_tokens=40)
     for name in ("alpha", "gamma"):
         for key, value in runs["fused"][name].items():
-            assert torch.equal(other[name][key], value), f"{name}.{key} changed with beta's data"
-    assert any(not torch.equal(other["beta"][k], v) for k, v in runs["fused"]["beta"].items())
+            torch.testing.assert_close(other[name][key], value, rtol=1e-5, atol=1e-7)
