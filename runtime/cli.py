@@ -30,7 +30,8 @@ def format_summary(summary: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.append(
-        f"total: {summary['tokens_per_second']:.1f} tokens/s over {summary['wall_seconds']:.1f} s, "
+        f"total: {summary['tokens_per_second']:.1f} tokens/s over {summary['train_seconds']:.1f} s of training "
+        f"({summary['wall_seconds']:.1f} s in all), "
         f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB"
     )
     return "\n".join(lines)

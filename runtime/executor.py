@@ -108,12 +108,15 @@ class PlanExecutor:
         self.runs: dict[str, TaskRun] = {}
         self.round_index = 0
         self.started = time.perf_counter()
+        self.training_started = self.started
 
     def run(self) -> dict:
         """Execute prologue, rounds until every task is done, epilogue; returns the summary."""
         self._check_output_dir()
         for instruction in self.program.prologue:
             self.execute(instruction)
+        self.training_started = time.perf_counter()
+        self.progress.restart_clock()
         while self.engine is not None and self._active():
             self.round_index += 1
             for instruction in self.program.round:
@@ -311,7 +314,8 @@ class PlanExecutor:
                 )
 
     def _write_summary(self) -> dict:
-        wall = time.perf_counter() - self.started
+        now = time.perf_counter()
+        wall, train = now - self.started, max(now - self.training_started, 1e-9)
         tasks = {}
         assert self.engine is not None
         for name, run in self.runs.items():
@@ -323,11 +327,12 @@ class PlanExecutor:
                 "first_loss": run.first_loss,
                 "last_loss": run.last_loss,
                 "tokens": run.tokens,
-                "tokens_per_second": run.tokens / wall if wall > 0 else 0.0,
+                "tokens_per_second": run.tokens / train,
             }
         summary = {
             "wall_seconds": wall,
-            "tokens_per_second": sum(t["tokens"] for t in tasks.values()) / wall if wall > 0 else 0.0,
+            "train_seconds": train,
+            "tokens_per_second": sum(t["tokens"] for t in tasks.values()) / train,
             "peak_memory_bytes": peak_memory_bytes(),
             "tasks": tasks,
         }

@@ -33,6 +33,10 @@ class ProgressDisplay:
         self._drawn_lines = 0
         self._width = max((len(name) for name, _ in tasks), default=4)
 
+    def restart_clock(self) -> None:
+        """Measure tokens/s from now on (after the backbone is loaded)."""
+        self.started = time.perf_counter()
+
     def set_progress(self, name: str, step: int, status: str = "running") -> None:
         """Record where a task starts (after a resume) without printing a step line."""
         self.tasks[name].step = step

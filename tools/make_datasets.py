@@ -414,6 +414,12 @@ def write_jsonl(path: Path, rows: list[Example]) -> None:
     path.write_bytes(text.encode("utf-8"))
 
 
+def make_examples(name: str, seed: int, n: int) -> list[Example]:
+    """`n` examples of dataset `name` drawn with `seed` (another seed gives unseen examples)."""
+    offset = DATASETS[name][2]
+    return _MAKERS[name](_rng(seed, offset), n)
+
+
 def generate_all(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     """Generate all four datasets into ``out_dir``; return name -> file path."""
     out_dir = Path(out_dir)
