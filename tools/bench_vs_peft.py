@@ -1,0 +1,137 @@
+"""Benchmark: MuxTune's fused multi-task run against transformers + peft, one task after another.
+
+Both sides train the same tasks on the same global batches (the batch stream MuxTune's
+manifest records) with the same optimizer and schedule definitions; the baseline pads each batch
+to its longest sequence, as a HF Trainer run does. Each side runs in its own process so peak
+memory is its own. Reported: effective (non-padding) tokens/s, padding share, peak RSS, ratios.
+
+    python -m muxtune.tools.bench_vs_peft --steps 5 [--spec tools/data/quickstart.yaml] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from muxtune.compiler.compile import compile_job
+from muxtune.plans import load_plan, save_plan
+from muxtune.runtime.backbone import DTYPES
+from muxtune.runtime.data import batch_indices, load_dataset
+from muxtune.runtime.executor import PlanExecutor, task_training
+from muxtune.runtime.model_sources import resolve_model_dir
+from muxtune.runtime.progress import ProgressDisplay
+from muxtune.runtime.schedules import lr_multiplier
+from muxtune.runtime.tokenizer import load_tokenizer
+from muxtune.specs import load_job_spec
+
+DEFAULT_SPEC = Path(__file__).resolve().parent / "data" / "quickstart.yaml"
+
+
+def peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def run_muxtune(plan_path: Path) -> dict:
+    """The fused run, as `muxtune-run` does it (progress to a throwaway stream)."""
+    plan = load_plan(plan_path)
+    with open("/dev/null", "w") as sink:
+        summary = PlanExecutor(plan, progress=ProgressDisplay([(t.name, t.steps) for t in plan.tasks], sink)).run()
+    tokens = sum(t["tokens"] for t in summary["tasks"].values())
+    return {"tokens": tokens, "seconds": summary["train_seconds"], "padded_tokens": tokens,
+            "peak_rss_bytes": peak_rss_bytes()}
+
+
+def run_transformers_peft(plan_path: Path) -> dict:
+    """Each task alone in transformers + peft, one after another, on the same batches."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    plan = load_plan(plan_path)
+    model_dir = resolve_model_dir(plan.job.model)
+    tokenizer = load_tokenizer(model_dir)
+    dtype = DTYPES[plan.job.dtype]
+    tokens = padded = 0
+    seconds = 0.0
+    for task in plan.tasks:
+        cfg = task_training(task)
+        examples = load_dataset(task.data.path, task.data.format, tokenizer, task.max_seq_len).usable
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
+            target_modules=list(cfg.peft.target_modules), use_rslora=cfg.peft.use_rslora, task_type="CAUSAL_LM"))
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        stream = batch_indices(len(examples), task.batch_size, task.seed)
+        started = time.perf_counter()
+        for step in range(task.steps):
+            batch = [examples[i] for i in next(stream)]
+            length = max(len(e.input_ids) for e in batch)
+            ids = torch.zeros(len(batch), length, dtype=torch.long)
+            mask = torch.zeros(len(batch), length, dtype=torch.long)
+            labels = torch.full((len(batch), length), -100, dtype=torch.long)
+            for row, e in enumerate(batch):
+                n = len(e.input_ids)
+                ids[row, :n], mask[row, :n] = torch.tensor(e.input_ids), 1
+                labels[row, :n] = torch.tensor([t if m else -100 for t, m in zip(e.input_ids, e.is_target)])
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum")
+            (nll / (labels[:, 1:] != -100).sum()).backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_multiplier(cfg.schedule, step, cfg.warmup_steps, cfg.steps)
+            optimizer.step()
+            optimizer.zero_grad()
+            tokens += int(mask.sum())
+            padded += ids.numel()
+        seconds += time.perf_counter() - started
+        del model, optimizer
+    return {"tokens": tokens, "seconds": seconds, "padded_tokens": padded, "peak_rss_bytes": peak_rss_bytes()}
+
+
+SIDES = {"muxtune": run_muxtune, "transformers_peft": run_transformers_peft}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m muxtune.tools.bench_vs_peft", description=__doc__.split("\n")[0])
+    parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC)
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per task")
+    parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_intermixed_args(argv)
+    if args.side:
+        print(json.dumps(SIDES[args.side](args.plan)))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"output_dir={tmp}/out", f"tasks.*.steps={args.steps}", "tasks.*.schedule.warmup_steps=0",
+                     *args.overrides]
+        plan_path = save_plan(compile_job(load_job_spec(args.spec, overrides)).plan, Path(tmp) / "plan.yaml")
+        results = {}
+        for side in ("transformers_peft", "muxtune"):
+            out = subprocess.run([sys.executable, "-m", "muxtune.tools.bench_vs_peft", "--side", side,
+                                  "--plan", str(plan_path)], capture_output=True, text=True, check=True)
+            results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    for side, r in results.items():
+        r["tokens_per_second"] = r["tokens"] / r["seconds"]
+        r["padding_share"] = 1 - r["tokens"] / r["padded_tokens"]
+        print(f"{side:18s} {r['tokens_per_second']:8.1f} tokens/s  {r['tokens']} tokens in {r['seconds']:.1f} s  "
+              f"padding {100 * r['padding_share']:.1f}%  peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
+    base, ours = results["transformers_peft"], results["muxtune"]
+    print(f"speedup {ours['tokens_per_second'] / base['tokens_per_second']:.2f}x, "
+          f"peak memory ratio {ours['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
