@@ -143,9 +143,12 @@ class PlanExecutor:
         names = names if names is not None else tuple(self.engine.tasks)
         return [n for n in names if self.engine.tasks[n].status is TaskStatus.ACTIVE]
 
+    def _run_record(self) -> dict:
+        """What `run.json` says: which plan made the run in this output folder."""
+        return {"fingerprint": self.plan.fingerprint, "tasks": [t.name for t in self.plan.tasks]}
+
     def _check_output_dir(self) -> None:
         record_path = self.output_dir / RUN_RECORD
-        record = {"fingerprint": self.plan.fingerprint, "tasks": [t.name for t in self.plan.tasks]}
         if record_path.is_file():
             existing = json.loads(record_path.read_text())
             if not self.resume:
@@ -153,7 +156,7 @@ class PlanExecutor:
                     f"{self.output_dir}: already holds a run; pass --resume to continue it, "
                     "or set another output_dir"
                 )
-            if existing != record:
+            if existing != self._run_record():
                 raise RunError(f"{record_path}: the run in this folder was made from a different plan")
         elif self.resume and self.output_dir.exists() and any(self.output_dir.iterdir()):
             raise RunError(f"{self.output_dir}: nothing to resume here ({RUN_RECORD} is missing)")
@@ -176,17 +179,17 @@ class PlanExecutor:
         for name in instruction.tasks:
             task = self.plan.task(name)
             dataset = load_dataset(task.data.path, task.data.format, self.backbone.tokenizer, task.max_seq_len)
-            if len(dataset.examples) != task.num_examples or dataset.num_targetless != task.num_targetless_examples:
+            stats = (len(dataset.examples), dataset.num_targetless, sum(len(e.input_ids) for e in dataset.usable))
+            if stats != (task.num_examples, task.num_targetless_examples, task.num_tokens):
                 raise DataError(f"{task.data.path}: the dataset changed since the plan was compiled; compile again")
             datasets[name] = dataset
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        record = {"fingerprint": self.plan.fingerprint, "tasks": [t.name for t in self.plan.tasks]}
-        atomic_write_bytes(self.output_dir / RUN_RECORD, (json.dumps(record, indent=2) + "\n").encode())
-        record = read_job_record(self.output_dir) if self.resume else None
-        if record is not None:
-            self.round_index = int(record["round"])
+        atomic_write_bytes(self.output_dir / RUN_RECORD, (json.dumps(self._run_record(), indent=2) + "\n").encode())
+        job_record = read_job_record(self.output_dir) if self.resume else None
+        if job_record is not None:
+            self.round_index = int(job_record["round"])
         for name in instruction.tasks:
-            entry = record["tasks"].get(name) if record is not None else None
+            entry = job_record["tasks"].get(name) if job_record is not None else None
             self._build_task(self.plan.task(name), datasets[name].usable, entry)
 
     def _build_task(self, task: TaskPlan, examples: tuple[Example, ...], resume_from: dict | None) -> None:
