@@ -19,13 +19,21 @@ PROG = "muxtune-compile"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Compile a MuxTune job spec into a plan file.")
     parser.add_argument("spec", help="job spec (YAML)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="spec overrides, e.g. dtype=bf16 tasks.sentiment.lr=1e-4 tasks.*.steps=2")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="spec overrides, e.g. dtype=bf16 tasks.sentiment.lr=1e-4 tasks.*.steps=2",
+    )
     parser.add_argument("-o", "--output", help="where to write the plan (YAML)")
     parser.add_argument("--validate", action="store_true", help="only check the spec and its data; write nothing")
     parser.add_argument("--no-fuse", action="store_true", help="one hTask per task instead of one for all")
-    parser.add_argument("--task-tokens", type=int, default=DEFAULT_TASK_TOKENS,
-                        help=f"most tokens one task brings to a micro-batch (default {DEFAULT_TASK_TOKENS})")
+    parser.add_argument(
+        "--task-tokens",
+        type=int,
+        default=DEFAULT_TASK_TOKENS,
+        help=f"most tokens one task brings to a micro-batch (default {DEFAULT_TASK_TOKENS})",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 
@@ -39,14 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     def compile_command() -> int:
         spec = load_job_spec(args.spec, args.overrides)
         result = compile_job(
-            spec, fuse=not args.no_fuse, task_tokens=args.task_tokens,
+            spec,
+            fuse=not args.no_fuse,
+            task_tokens=args.task_tokens,
             spec_path=str(Path(args.spec).resolve()),
         )
         for note in result.notes:
             print(f"note: {note}", file=sys.stderr)
         plan = result.plan
-        summary = (f"{len(plan.tasks)} tasks in {len(plan.htasks)} hTask(s), "
-                   f"{plan.predictions.num_rounds} rounds, ~{plan.predictions.tokens_per_round} tokens per round")
+        summary = (
+            f"{len(plan.tasks)} tasks in {len(plan.htasks)} hTask(s), "
+            f"{plan.predictions.num_rounds} rounds, ~{plan.predictions.tokens_per_round} tokens per round"
+        )
         if args.validate:
             print(f"{args.spec}: valid ({summary})")
             return 0

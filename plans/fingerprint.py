@@ -25,9 +25,7 @@ def fingerprint_payload(
     }
 
 
-def compute_fingerprint(
-    backbone: Mapping[str, Any], tasks: Sequence[TaskSpec], htasks: Sequence[HTask]
-) -> str:
+def compute_fingerprint(backbone: Mapping[str, Any], tasks: Sequence[TaskSpec], htasks: Sequence[HTask]) -> str:
     """sha256 (hex) of the canonical JSON (sorted keys, no spaces) of `fingerprint_payload`."""
     payload = fingerprint_payload(backbone, tasks, htasks)
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)

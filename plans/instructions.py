@@ -79,8 +79,7 @@ class ExportAdapters:
 Instruction = Union[LoadBackbone, BuildTasks, ForwardBackward, OptimizerStep, Checkpoint, ExportAdapters]
 
 INSTRUCTION_TYPES: dict[Opcode, type] = {
-    cls.op: cls
-    for cls in (LoadBackbone, BuildTasks, ForwardBackward, OptimizerStep, Checkpoint, ExportAdapters)
+    cls.op: cls for cls in (LoadBackbone, BuildTasks, ForwardBackward, OptimizerStep, Checkpoint, ExportAdapters)
 }
 assert set(INSTRUCTION_TYPES) == set(Opcode), "every opcode needs exactly one payload type"
 

@@ -23,9 +23,7 @@ def _check_budgets(htask: HTask, path: str, chunk: Any, errors: list[str]) -> No
         return
     where = join(path, "token_budgets")
     if len(budgets) != len(htask.tasks):
-        add_error(
-            errors, where, f"must hold one budget per task ({len(htask.tasks)}), got {len(budgets)}"
-        )
+        add_error(errors, where, f"must hold one budget per task ({len(htask.tasks)}), got {len(budgets)}")
         return
     if chunk is not INVALID:
         for i, budget in enumerate(budgets):
@@ -77,8 +75,7 @@ def check_programs(plan: Plan, tasks: dict[str, TaskPlan], errors: list[str]) ->
         add_error(
             errors,
             "programs",
-            f"must hold one program per rank (cluster.num_ranks = {num_ranks}), "
-            f"got {len(plan.programs)}",
+            f"must hold one program per rank (cluster.num_ranks = {num_ranks}), got {len(plan.programs)}",
         )
     num_htasks = len(plan.htasks)
     for index, program in enumerate(plan.programs):
@@ -99,9 +96,7 @@ def check_programs(plan: Plan, tasks: dict[str, TaskPlan], errors: list[str]) ->
                 where = at(join(path, section), i)
                 htask = getattr(instruction, "htask", None)
                 if htask is not None and not 0 <= htask < num_htasks:
-                    add_error(
-                        errors, join(where, "htask"), f"no hTask {htask} (the plan has {num_htasks})"
-                    )
+                    add_error(errors, join(where, "htask"), f"no hTask {htask} (the plan has {num_htasks})")
                 for name in getattr(instruction, "tasks", ()):
                     if name not in tasks:
                         add_error(errors, join(where, "tasks"), _unknown_task(name, tasks))
@@ -119,8 +114,7 @@ def check_progress(plan: Plan, tasks: dict[str, TaskPlan], errors: list[str]) ->
         add_error(
             errors,
             "programs",
-            f"no round has an optimizer_step for task(s) {', '.join(map(repr, never))}; "
-            "they would never finish",
+            f"no round has an optimizer_step for task(s) {', '.join(map(repr, never))}; they would never finish",
         )
 
 

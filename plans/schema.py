@@ -44,9 +44,7 @@ class TaskPlan(TaskSpec):
     num_tokens: int
 
     @classmethod
-    def from_spec(
-        cls, spec: TaskSpec, *, num_examples: int, num_targetless_examples: int, num_tokens: int
-    ) -> TaskPlan:
+    def from_spec(cls, spec: TaskSpec, *, num_examples: int, num_targetless_examples: int, num_tokens: int) -> TaskPlan:
         """A task plan with ``spec``'s hyperparameters and the given dataset stats."""
         values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(TaskSpec)}
         return cls(

@@ -164,12 +164,9 @@ def _read_program(raw: Any, path: str, errors: list[str]) -> RankProgram:
             sections[section] = INVALID
         else:
             sections[section] = tuple(
-                _read_instruction(item, at(join(path, section), i), errors)
-                for i, item in enumerate(items)
+                _read_instruction(item, at(join(path, section), i), errors) for i, item in enumerate(items)
             )
-    return RankProgram(
-        rank=r.get("rank", non_negative_int), device=r.get("device", non_empty_str), **sections
-    )
+    return RankProgram(rank=r.get("rank", non_negative_int), device=r.get("device", non_empty_str), **sections)
 
 
 def _read_task(raw: Any, path: str, errors: list[str]) -> TaskPlan:

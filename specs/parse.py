@@ -15,9 +15,9 @@ from typing import Any
 import yaml
 
 from .checks import (
-    Checker,
     INVALID,
     MISSING,
+    Checker,
     Invalid,
     MappingReader,
     add_error,
@@ -240,15 +240,12 @@ def _read_cluster(raw: Any, errors: list[str]) -> ClusterSpec:
             add_error(
                 errors,
                 "cluster",
-                f"pipeline_parallel x tensor_parallel ({product}) must divide "
-                f"num_devices ({cluster.num_devices})",
+                f"pipeline_parallel x tensor_parallel ({product}) must divide num_devices ({cluster.num_devices})",
             )
     return cluster
 
 
-def parse_job_spec(
-    raw: Any, base_dir: Path | str | None = None, overrides: Sequence[str] = ()
-) -> JobSpec:
+def parse_job_spec(raw: Any, base_dir: Path | str | None = None, overrides: Sequence[str] = ()) -> JobSpec:
     """Validate a raw (YAML-loaded) job spec and resolve its defaults and paths.
 
     Relative paths are resolved against ``base_dir`` (default: the current directory);

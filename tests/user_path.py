@@ -30,23 +30,48 @@ def write_job(directory: Path, tasks: list[dict] | None = None, **fields: object
 
 def default_tasks() -> list[dict]:
     return [
-        {"name": "sentiment", "peft": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-         "data": {"path": str(DATA / "sentiment.jsonl"), "format": "prompt_completion"},
-         "max_seq_len": 200, "batch_size": 4, "lr": 2e-3, "steps": 6, "save_every": 2},
-        {"name": "qa", "peft": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-         "data": {"path": str(DATA / "qa.jsonl"), "format": "prompt_completion"},
-         "max_seq_len": 400, "batch_size": 2, "lr": 1e-3, "steps": 5, "save_every": 1,
-         "schedule": {"name": "cosine", "warmup_steps": 1}},
-        {"name": "instructions", "peft": {"r": 2, "alpha": 4, "target_modules": ["gate_proj", "down_proj"]},
-         "data": {"path": str(DATA / "instructions.jsonl"), "format": "prompt_completion"},
-         "max_seq_len": 160, "batch_size": 3, "lr": 3e-3, "steps": 7, "save_every": 3,
-         "schedule": {"name": "linear", "warmup_steps": 2}},
+        {
+            "name": "sentiment",
+            "peft": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+            "data": {"path": str(DATA / "sentiment.jsonl"), "format": "prompt_completion"},
+            "max_seq_len": 200,
+            "batch_size": 4,
+            "lr": 2e-3,
+            "steps": 6,
+            "save_every": 2,
+        },
+        {
+            "name": "qa",
+            "peft": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+            "data": {"path": str(DATA / "qa.jsonl"), "format": "prompt_completion"},
+            "max_seq_len": 400,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "steps": 5,
+            "save_every": 1,
+            "schedule": {"name": "cosine", "warmup_steps": 1},
+        },
+        {
+            "name": "instructions",
+            "peft": {"r": 2, "alpha": 4, "target_modules": ["gate_proj", "down_proj"]},
+            "data": {"path": str(DATA / "instructions.jsonl"), "format": "prompt_completion"},
+            "max_seq_len": 160,
+            "batch_size": 3,
+            "lr": 3e-3,
+            "steps": 7,
+            "save_every": 3,
+            "schedule": {"name": "linear", "warmup_steps": 2},
+        },
     ]
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a MuxTune command line (`compile`, `run`, ...) in a subprocess."""
-    modules = {"compile": "muxtune.compiler.cli", "run": "muxtune.runtime.cli", "quickstart": "muxtune.tools.quickstart"}
+    modules = {
+        "compile": "muxtune.compiler.cli",
+        "run": "muxtune.runtime.cli",
+        "quickstart": "muxtune.tools.quickstart",
+    }
     command = [sys.executable, "-m", modules[args[0]], *args[1:]]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 

@@ -45,8 +45,12 @@ def run_muxtune(plan_path: Path) -> dict:
     with open("/dev/null", "w") as sink:
         summary = PlanExecutor(plan, progress=ProgressDisplay([(t.name, t.steps) for t in plan.tasks], sink)).run()
     tokens = sum(t["tokens"] for t in summary["tasks"].values())
-    return {"tokens": tokens, "seconds": summary["train_seconds"], "padded_tokens": tokens,
-            "peak_rss_bytes": peak_rss_bytes()}
+    return {
+        "tokens": tokens,
+        "seconds": summary["train_seconds"],
+        "padded_tokens": tokens,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
 
 
 def run_transformers_peft(plan_path: Path) -> dict:
@@ -64,9 +68,17 @@ def run_transformers_peft(plan_path: Path) -> dict:
         cfg = task_training(task)
         examples = load_dataset(task.data.path, task.data.format, tokenizer, task.max_seq_len).usable
         model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-        model = get_peft_model(model, LoraConfig(
-            r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
-            target_modules=list(cfg.peft.target_modules), use_rslora=cfg.peft.use_rslora, task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.peft.r,
+                lora_alpha=cfg.peft.alpha,
+                lora_dropout=cfg.peft.dropout,
+                target_modules=list(cfg.peft.target_modules),
+                use_rslora=cfg.peft.use_rslora,
+                task_type="CAUSAL_LM",
+            ),
+        )
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             p.data = p.data.float()
@@ -85,7 +97,8 @@ def run_transformers_peft(plan_path: Path) -> dict:
                 labels[row, :n] = torch.tensor([t if m else -100 for t, m in zip(e.input_ids, e.is_target)])
             logits = model(input_ids=ids, attention_mask=mask).logits
             nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum")
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum"
+            )
             (nll / (labels[:, 1:] != -100).sum()).backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             for group in optimizer.param_groups:
@@ -114,22 +127,34 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(SIDES[args.side](args.plan)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [f"output_dir={tmp}/out", f"tasks.*.steps={args.steps}", "tasks.*.schedule.warmup_steps=0",
-                     *args.overrides]
+        overrides = [
+            f"output_dir={tmp}/out",
+            f"tasks.*.steps={args.steps}",
+            "tasks.*.schedule.warmup_steps=0",
+            *args.overrides,
+        ]
         plan_path = save_plan(compile_job(load_job_spec(args.spec, overrides)).plan, Path(tmp) / "plan.yaml")
         results = {}
         for side in ("transformers_peft", "muxtune"):
-            out = subprocess.run([sys.executable, "-m", "muxtune.tools.bench_vs_peft", "--side", side,
-                                  "--plan", str(plan_path)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-m", "muxtune.tools.bench_vs_peft", "--side", side, "--plan", str(plan_path)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[side] = json.loads(out.stdout.strip().splitlines()[-1])
     for side, r in results.items():
         r["tokens_per_second"] = r["tokens"] / r["seconds"]
         r["padding_share"] = 1 - r["tokens"] / r["padded_tokens"]
-        print(f"{side:18s} {r['tokens_per_second']:8.1f} tokens/s  {r['tokens']} tokens in {r['seconds']:.1f} s  "
-              f"padding {100 * r['padding_share']:.1f}%  peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
+        print(
+            f"{side:18s} {r['tokens_per_second']:8.1f} tokens/s  {r['tokens']} tokens in {r['seconds']:.1f} s  "
+            f"padding {100 * r['padding_share']:.1f}%  peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"
+        )
     base, ours = results["transformers_peft"], results["muxtune"]
-    print(f"speedup {ours['tokens_per_second'] / base['tokens_per_second']:.2f}x, "
-          f"peak memory ratio {ours['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}")
+    print(
+        f"speedup {ours['tokens_per_second'] / base['tokens_per_second']:.2f}x, "
+        f"peak memory ratio {ours['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}"
+    )
     return 0
 
 

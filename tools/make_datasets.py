@@ -98,14 +98,37 @@ def _balanced_labels(rng: random.Random, labels: list[str], n: int) -> list[str]
 # --------------------------------------------------------------------------
 
 _PRODUCTS = [
-    "blender", "laptop", "backpack", "coffee maker", "phone case", "desk lamp",
-    "vacuum cleaner", "pair of headphones", "rain jacket", "kitchen knife",
-    "water bottle", "office chair", "toaster", "keyboard", "tent",
+    "blender",
+    "laptop",
+    "backpack",
+    "coffee maker",
+    "phone case",
+    "desk lamp",
+    "vacuum cleaner",
+    "pair of headphones",
+    "rain jacket",
+    "kitchen knife",
+    "water bottle",
+    "office chair",
+    "toaster",
+    "keyboard",
+    "tent",
 ]
 _MOVIES = [
-    "thriller", "comedy", "space movie", "documentary", "animated film",
-    "western", "mystery film", "romance", "war drama", "horror movie",
-    "musical", "heist movie", "sports drama", "fantasy film",
+    "thriller",
+    "comedy",
+    "space movie",
+    "documentary",
+    "animated film",
+    "western",
+    "mystery film",
+    "romance",
+    "war drama",
+    "horror movie",
+    "musical",
+    "heist movie",
+    "sports drama",
+    "fantasy film",
 ]
 
 _POS_OPEN = [
@@ -209,8 +232,18 @@ def make_sentiment(rng: random.Random, n: int) -> list[Example]:
 
 _TOWNS = ["Millbrook", "Ashford", "Willowmere", "Stonebridge", "Fernhollow", "Larkspur Bay"]
 _PLACES = [
-    "bakery", "library", "post office", "school", "town hall", "bookshop",
-    "fire station", "museum", "pharmacy", "train station", "market", "chapel",
+    "bakery",
+    "library",
+    "post office",
+    "school",
+    "town hall",
+    "bookshop",
+    "fire station",
+    "museum",
+    "pharmacy",
+    "train station",
+    "market",
+    "chapel",
 ]
 _COLORS = ["red", "blue", "green", "yellow", "white", "black", "orange", "purple", "brown", "gray"]
 _PEOPLE = ["Alice", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Keiko", "Lars"]
@@ -232,7 +265,8 @@ _QA_ATTRS: list[tuple[list[str], str, str]] = [
 _QA_INTRO = [
     "{t} is a quiet town beside a slow river, and everyone there knows the buildings around the main square well. "
     "The notes below were written by a visitor who spent a whole week exploring the town.",
-    "Visitors to {t} often walk around the old square, where most of the public buildings of the town stand close together. "
+    "Visitors to {t} often walk around the old square, where most of the public buildings "
+    "of the town stand close together. "
     "A local guide shared a few facts about them during a short afternoon tour.",
     "The small town of {t} has a busy square, and the local guidebook describes each of its buildings in detail. "
     "Here are some of the facts that the guidebook mentions about the square.",
@@ -273,7 +307,7 @@ def make_qa(rng: random.Random, n: int) -> list[Example]:
             "Text: " + context,
             "Question: " + question.format(p=target),
         ]
-        lines += [f"{l}. {o}" for l, o in zip(_LETTERS, options)]
+        lines += [f"{letter_}. {option}" for letter_, option in zip(_LETTERS, options)]
         lines.append("Answer:")
         out.append({"prompt": "\n".join(lines), "completion": " " + letter})
     return out
@@ -284,8 +318,22 @@ def make_qa(rng: random.Random, n: int) -> list[Example]:
 # --------------------------------------------------------------------------
 
 _E_PEOPLE = [
-    "Mara", "Tobias", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Samuel",
-    "Tamsin", "Ulrich", "Vera", "Wendell", "Yusuf", "Zora", "Anouk", "Bastian",
+    "Mara",
+    "Tobias",
+    "Nadia",
+    "Oskar",
+    "Priya",
+    "Quentin",
+    "Rosa",
+    "Samuel",
+    "Tamsin",
+    "Ulrich",
+    "Vera",
+    "Wendell",
+    "Yusuf",
+    "Zora",
+    "Anouk",
+    "Bastian",
 ]
 _E_CITIES = ["Oakvale", "Port Ellis", "Redcliff", "Northwick", "Silverton", "Glenmoor", "Harrowgate", "Eastmere"]
 _E_JOBS = ["baker", "nurse", "carpenter", "teacher", "pilot", "gardener", "librarian", "chemist", "tailor", "fisher"]
@@ -355,11 +403,46 @@ def make_entailment(rng: random.Random, n: int) -> list[Example]:
 # --------------------------------------------------------------------------
 
 _WORDS = [
-    "apple", "river", "stone", "cloud", "garden", "window", "candle", "forest",
-    "pencil", "bridge", "silver", "market", "ladder", "orange", "rocket", "meadow",
-    "basket", "winter", "planet", "mirror", "tiger", "violin", "harbor", "lemon",
-    "castle", "feather", "island", "jacket", "kettle", "lantern", "mountain", "needle",
-    "ocean", "pepper", "quilt", "ribbon", "saddle", "tunnel", "valley", "wagon",
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "garden",
+    "window",
+    "candle",
+    "forest",
+    "pencil",
+    "bridge",
+    "silver",
+    "market",
+    "ladder",
+    "orange",
+    "rocket",
+    "meadow",
+    "basket",
+    "winter",
+    "planet",
+    "mirror",
+    "tiger",
+    "violin",
+    "harbor",
+    "lemon",
+    "castle",
+    "feather",
+    "island",
+    "jacket",
+    "kettle",
+    "lantern",
+    "mountain",
+    "needle",
+    "ocean",
+    "pepper",
+    "quilt",
+    "ribbon",
+    "saddle",
+    "tunnel",
+    "valley",
+    "wagon",
 ]
 
 _INSTR_TASKS = ["reverse", "uppercase", "sort_numbers", "sort_words"]
@@ -408,8 +491,7 @@ _MAKERS = {
 def write_jsonl(path: Path, rows: list[Example]) -> None:
     """Write rows as JSONL with a fixed, platform-independent encoding."""
     text = "".join(
-        json.dumps({"prompt": r["prompt"], "completion": r["completion"]}, ensure_ascii=True) + "\n"
-        for r in rows
+        json.dumps({"prompt": r["prompt"], "completion": r["completion"]}, ensure_ascii=True) + "\n" for r in rows
     )
     path.write_bytes(text.encode("utf-8"))
 

@@ -8,7 +8,6 @@ example the task never saw, before and after fine-tuning.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -69,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def quickstart() -> int:
         output_dir = Path(args.output_dir).resolve()
-        overrides = [f"output_dir={output_dir}", *(["tasks.*.steps=2", "tasks.*.schedule.warmup_steps=0"] if args.fast else []), *args.overrides]
+        overrides = [
+            f"output_dir={output_dir}",
+            *(["tasks.*.steps=2", "tasks.*.schedule.warmup_steps=0"] if args.fast else []),
+            *args.overrides,
+        ]
         spec = load_job_spec(SPEC, overrides)
         result = compile_job(spec, spec_path=str(SPEC))
         for note in result.notes:
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = PlanExecutor(result.plan).run()
         print(format_summary(summary))
         show_generations(result.plan)
-        print(f"\nadapters, metrics and checkpoints in {output_dir}; summary: {json.dumps(summary['tokens_per_second'])} tokens/s")
+        print(f"\nadapters, metrics and checkpoints in {output_dir}")
         return 0
 
     return run_command(PROG, quickstart, (SpecError, CompileError, PlanError, *USER_ERRORS), args.debug)

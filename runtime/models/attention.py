@@ -52,8 +52,7 @@ def packed_causal_attention(
     bounds = cu_seqlens.tolist()
     if not bounds or bounds[0] != 0 or bounds[-1] != q_THD.shape[0]:
         raise ValueError(
-            f"cu_seqlens must run from 0 to the token count {q_THD.shape[0]}, "
-            f"got {bounds[:3]}...{bounds[-1:]}"
+            f"cu_seqlens must run from 0 to the token count {q_THD.shape[0]}, got {bounds[:3]}...{bounds[-1:]}"
         )
     outs: list[Tensor] = []
     for start, end in zip(bounds[:-1], bounds[1:]):

@@ -77,9 +77,7 @@ class BackboneConfig:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
-                raise ValueError(
-                    f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-                )
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.word_embed_proj_dim is None:
             object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
@@ -90,9 +88,7 @@ class BackboneConfig:
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
-            )
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} is not supported (supported: {ACTIVATIONS})")
         if self.family == "llama":
@@ -159,9 +155,7 @@ class BackboneConfig:
             return _from_hf_gpt2(d)
         if model_type == "opt":
             return _from_hf_opt(d)
-        raise ValueError(
-            f"unsupported model_type {model_type!r} (supported: llama, mistral, qwen2, gpt2, opt)"
-        )
+        raise ValueError(f"unsupported model_type {model_type!r} (supported: llama, mistral, qwen2, gpt2, opt)")
 
 
 def _check_rope_scaling(scaling: dict[str, Any] | None) -> None:

@@ -28,9 +28,7 @@ class AttachmentKind(str, enum.Enum):
     INPUT_PREFIX = "input_prefix"  # learned soft tokens        (prompt tuning)
 
 
-OPERATOR_KINDS = frozenset(
-    {AttachmentKind.PARALLEL, AttachmentKind.SERIAL, AttachmentKind.SCALE, AttachmentKind.BIAS}
-)
+OPERATOR_KINDS = frozenset({AttachmentKind.PARALLEL, AttachmentKind.SERIAL, AttachmentKind.SCALE, AttachmentKind.BIAS})
 
 
 @dataclass(frozen=True)

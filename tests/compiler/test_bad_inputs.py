@@ -10,21 +10,23 @@ from pathlib import Path
 
 import pytest
 import yaml
+from user_path import default_tasks, run_cli, snapshot, write_job
 
 from muxtune.compiler.cli import main as compile_main
 from muxtune.runtime.cli import main as run_main
-from user_path import default_tasks, run_cli, snapshot, write_job
 
 
 def set_task(index: int, **fields: object) -> Callable[[dict, Path], None]:
     def mutate(job: dict, _: Path) -> None:
         job["tasks"][index].update(fields)
+
     return mutate
 
 
 def set_peft(index: int, **fields: object) -> Callable[[dict, Path], None]:
     def mutate(job: dict, _: Path) -> None:
         job["tasks"][index]["peft"].update(fields)
+
     return mutate
 
 
@@ -33,6 +35,7 @@ def data_file(lines: list[str]) -> Callable[[dict, Path], None]:
         path = directory / "broken.jsonl"
         path.write_text("".join(line + "\n" for line in lines))
         job["tasks"][1]["data"]["path"] = str(path)
+
     return mutate
 
 
@@ -47,13 +50,19 @@ SPEC_CASES = {
     "unknown key": (set_task(0, btach_size=4), [], ["tasks[0].btach_size", "did you mean 'batch_size'"]),
     "duplicate names": (rename_task, [], ["tasks[2].name", "duplicate"]),
     "unsafe name": (set_task(0, name="../evil"), [], ["tasks[0].name"]),
-    "missing data file": (lambda job, d: job["tasks"][0]["data"].update(path=str(d / "nope.jsonl")), [],
-                          ["tasks[0].data.path", "nope.jsonl"]),
+    "missing data file": (
+        lambda job, d: job["tasks"][0]["data"].update(path=str(d / "nope.jsonl")),
+        [],
+        ["tasks[0].data.path", "nope.jsonl"],
+    ),
     "unknown method": (set_peft(0, method="ia3"), [], ["tasks[0].peft.method", "lora"]),
     "bad dtype": (lambda job, d: job.update(dtype="fp8"), [], ["dtype", "fp8"]),
     "bad schedule": (set_task(2, schedule={"name": "exponential"}), [], ["tasks[2].schedule.name"]),
-    "several errors at once": (lambda job, d: (set_peft(0, r=0)(job, d), set_task(1, lr="fast")(job, d)), [],
-                               ["tasks[0].peft.r", "tasks[1].lr"]),
+    "several errors at once": (
+        lambda job, d: (set_peft(0, r=0)(job, d), set_task(1, lr="fast")(job, d)),
+        [],
+        ["tasks[0].peft.r", "tasks[1].lr"],
+    ),
     "override unknown task": (lambda job, d: None, ["tasks.nope.lr=1e-4"], ["tasks.nope.lr=1e-4", "nope"]),
     "override without '='": (lambda job, d: None, ["dtype"], ["dtype"]),
     "override bad value": (lambda job, d: None, ["tasks.qa.steps=-3"], ["tasks[1].steps"]),
@@ -61,13 +70,23 @@ SPEC_CASES = {
     "missing field": (data_file([GOOD, json.dumps({"prompt": "x"})]), [], ["broken.jsonl:2", "'completion'"]),
     "empty dataset": (data_file([]), [], ["broken.jsonl", "empty"]),
     "no target survives truncation": (
-        lambda job, d: (data_file([json.dumps({"prompt": "word " * 300, "completion": " yes"})])(job, d),
-                        job["tasks"][1].update(max_seq_len=16)),
-        [], ["tasks[1].data.path", "max_seq_len=16"]),
-    "targets match nothing": (set_peft(2, target_modules=["query_key_value"]), [],
-                              ["tasks[2].peft.target_modules", "q_proj"]),
-    "init_from without adapter": (lambda job, d: (d / "empty_adapter").mkdir() or set_task(0, init_from=str(d / "empty_adapter"))(job, d),
-                                  [], ["tasks[0].init_from", "adapter_config.json"]),
+        lambda job, d: (
+            data_file([json.dumps({"prompt": "word " * 300, "completion": " yes"})])(job, d),
+            job["tasks"][1].update(max_seq_len=16),
+        ),
+        [],
+        ["tasks[1].data.path", "max_seq_len=16"],
+    ),
+    "targets match nothing": (
+        set_peft(2, target_modules=["query_key_value"]),
+        [],
+        ["tasks[2].peft.target_modules", "q_proj"],
+    ),
+    "init_from without adapter": (
+        lambda job, d: (d / "empty_adapter").mkdir() or set_task(0, init_from=str(d / "empty_adapter"))(job, d),
+        [],
+        ["tasks[0].init_from", "adapter_config.json"],
+    ),
     "unknown builtin model": (lambda job, d: job.update(model="builtin:gpt-17"), [], ["model", "builtin:gpt-17"]),
 }
 
@@ -120,8 +139,9 @@ PLAN_CASES = {
 
 
 @pytest.mark.parametrize("case", list(PLAN_CASES))
-def test_bad_plan_exits_2_and_writes_nothing(case: str, compiled: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture) -> None:
+def test_bad_plan_exits_2_and_writes_nothing(
+    case: str, compiled: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     edit, expected = PLAN_CASES[case]
     plan = tmp_path / "plan.yaml"
     if edit is not None:

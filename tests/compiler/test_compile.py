@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from user_path import default_tasks, write_job
+
 from muxtune.compiler.compile import compile_job
 from muxtune.plans import ForwardBackward, dump_plan
 from muxtune.specs import load_job_spec
-from user_path import default_tasks, write_job
 
 
 def test_fused_and_unfused_plans(tmp_path: Path) -> None:

@@ -67,9 +67,7 @@ def build_plan(**changes: object) -> Plan:
         for rank in range(2)
     )
     fields: dict[str, object] = dict(
-        job=JobSummary(
-            model="builtin:tiny-llama", dtype="bf16", output_dir="/runs/demo", spec_path="/jobs/job.yaml"
-        ),
+        job=JobSummary(model="builtin:tiny-llama", dtype="bf16", output_dir="/runs/demo", spec_path="/jobs/job.yaml"),
         backbone=BACKBONE,
         cluster=ClusterPlan(device="h100", num_devices=2, num_ranks=2),
         tasks=tasks,
@@ -85,6 +83,8 @@ def build_plan(**changes: object) -> Plan:
     )
     fields.update(changes)
     fingerprint = compute_fingerprint(
-        fields["backbone"], fields["tasks"], fields["htasks"]  # type: ignore[arg-type]
+        fields["backbone"],
+        fields["tasks"],
+        fields["htasks"],  # type: ignore[arg-type]
     )
     return Plan(fingerprint=fingerprint, **fields)  # type: ignore[arg-type]

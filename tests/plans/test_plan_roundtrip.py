@@ -12,6 +12,7 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from plan_helpers import build_plan, make_task
 
 from muxtune.plans import (
     SCHEMA_VERSION,
@@ -21,10 +22,10 @@ from muxtune.plans import (
     HTask,
     LoadBackbone,
     OptimizerStep,
-    Predictions,
-    RankProgram,
     Plan,
     PlanError,
+    Predictions,
+    RankProgram,
     dump_plan,
     load_plan,
     plan_from_dict,
@@ -33,8 +34,6 @@ from muxtune.plans import (
     validate_plan,
 )
 from muxtune.specs import PeftSpec
-
-from plan_helpers import build_plan, make_task
 
 
 def test_save_load_round_trip(plan: Plan, tmp_path: Path) -> None:
@@ -138,8 +137,7 @@ _backbones = st.dictionaries(
     st.text(min_size=1, max_size=8),
     st.recursive(
         _json_scalars,
-        lambda inner: st.lists(inner, max_size=3)
-        | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
         max_leaves=8,
     ),
     max_size=6,
@@ -162,9 +160,7 @@ def test_round_trip_property(names, ranks, lrs, backbone, seconds, split) -> Non
     htasks = tuple(HTask(i, g, 128 * len(g), (128,) * len(g)) for i, g in enumerate(groups))
     round_ = tuple(ForwardBackward(i) for i in range(len(htasks))) + (OptimizerStep(tuple(names)),)
     programs = tuple(
-        RankProgram(
-            rank, f"cuda:{rank}", (LoadBackbone(), BuildTasks(tuple(names))), round_, (ExportAdapters(),)
-        )
+        RankProgram(rank, f"cuda:{rank}", (LoadBackbone(), BuildTasks(tuple(names))), round_, (ExportAdapters(),))
         for rank in range(2)
     )
     plan = build_plan(

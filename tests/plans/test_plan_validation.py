@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
+from plan_helpers import build_plan
 
 from muxtune.plans import Plan, PlanError, load_plan, plan_from_dict, plan_to_dict, save_plan
-
-from plan_helpers import build_plan
 
 
 def _errors(data: Any) -> list[str]:
@@ -129,9 +128,7 @@ def test_wrong_types(plan: Plan) -> None:
     assert "tasks[0].steps: must be a positive integer, got 'many'" in errors
     assert "tasks[1].num_tokens: must be a non-negative integer, got -1" in errors
     assert "cluster.num_ranks: must be a positive integer, got True" in errors
-    assert (
-        "job.dtype: must be one of 'fp32', 'bf16', 'fp16', got 'fp64' (did you mean 'fp16'?)" in errors
-    )
+    assert "job.dtype: must be one of 'fp32', 'bf16', 'fp16', got 'fp64' (did you mean 'fp16'?)" in errors
     assert "alignment.pack_order: must be one of 'task_then_index', got 'random'" in errors
     assert "backbone.bad: must be a finite number, got nan" in errors
 
@@ -140,9 +137,7 @@ def test_relative_data_path_is_refused(plan: Plan) -> None:
     def edit(d: dict[str, Any]) -> None:
         d["tasks"][0]["data"]["path"] = "data/a.jsonl"
 
-    assert "tasks[0].data.path: must be an absolute path, got 'data/a.jsonl'" in _errors(
-        _edited(plan, edit)
-    )
+    assert "tasks[0].data.path: must be an absolute path, got 'data/a.jsonl'" in _errors(_edited(plan, edit))
 
 
 def test_unknown_op_names_the_instruction(plan: Plan) -> None:
@@ -164,19 +159,11 @@ def test_wrong_payload_fields(plan: Plan) -> None:
         d["programs"][1]["round"][3] = "checkpoint"
 
     errors = _errors(_edited(plan, edit))
-    assert (
-        "programs[0].round[0].task: unknown key (did you mean 'htask'?) (op forward_backward)" in errors
-    )
+    assert "programs[0].round[0].task: unknown key (did you mean 'htask'?) (op forward_backward)" in errors
     assert "programs[0].round[0].htask: missing required key (op forward_backward)" in errors
-    assert (
-        "programs[0].round[1].htask: must be a non-negative integer, got 'one' (op forward_backward)"
-        in errors
-    )
+    assert "programs[0].round[1].htask: must be a non-negative integer, got 'one' (op forward_backward)" in errors
     assert "programs[0].epilogue[0].tasks: unknown key (op export_adapters)" in errors
-    assert any(
-        e.startswith("programs[1].round[2].tasks: must be a non-empty list of task names")
-        for e in errors
-    )
+    assert any(e.startswith("programs[1].round[2].tasks: must be a non-empty list of task names") for e in errors)
     assert "programs[1].round[3]: must be a mapping with an 'op' key, got 'checkpoint'" in errors
 
 
@@ -253,9 +240,7 @@ def test_task_that_never_steps_is_refused(plan: Plan) -> None:
             program["round"][2]["tasks"] = ["a", "b"]
 
     errors = _errors(_edited(plan, edit))
-    assert errors == [
-        "programs: no round has an optimizer_step for task(s) 'c-2'; they would never finish"
-    ]
+    assert errors == ["programs: no round has an optimizer_step for task(s) 'c-2'; they would never finish"]
 
 
 def test_duplicate_task_names(plan: Plan) -> None:
@@ -297,9 +282,7 @@ def test_missing_and_empty_file(tmp_path: Path) -> None:
 def test_edited_file_on_disk_is_refused(plan: Plan, tmp_path: Path) -> None:
     path = save_plan(plan, tmp_path / "plan.yaml")
     data = yaml.safe_load(path.read_text())
-    data["htasks"] = [
-        {"id": 0, "tasks": ["a", "b", "c-2"], "micro_batch_tokens": 768, "token_budgets": [256] * 3}
-    ]
+    data["htasks"] = [{"id": 0, "tasks": ["a", "b", "c-2"], "micro_batch_tokens": 768, "token_budgets": [256] * 3}]
     for program in data["programs"]:
         program["round"] = [r for r in program["round"] if r.get("htask") != 1]
     path.write_text(yaml.safe_dump(data, sort_keys=False))

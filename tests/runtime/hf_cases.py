@@ -136,5 +136,3 @@ def reference_logits(hf: transformers.PreTrainedModel, ids: torch.Tensor, cu: to
     """transformers' logits for each packed sequence run alone, concatenated."""
     bounds = cu.tolist()
     return torch.cat([hf(ids[None, a:b]).logits[0] for a, b in zip(bounds[:-1], bounds[1:])])
-
-

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_cases import hf_model, packed_inputs, reference_logits
 from peft import PeftModel
 
-from hf_cases import hf_model, packed_inputs, reference_logits
 from muxtune.runtime.adapters import AdapterError, load_adapter, save_adapter
 from muxtune.runtime.engine import MultiTaskEngine, TaskTraining
 from muxtune.runtime.models import load_backbone
@@ -44,8 +44,13 @@ def test_exported_adapter_loads_in_peft_with_same_logits(case: str, tmp_path: Pa
     engine, task = engine_with_task(tmp_path / "base", FAMILY_TARGETS[case])
     state = engine.tasks[task]
     fan_in_fan_out = case.startswith("gpt2")
-    save_adapter(tmp_path / "adapter", state.config.peft, state.adapter_state(),
-                 base_model=str(tmp_path / "base"), fan_in_fan_out=fan_in_fan_out)
+    save_adapter(
+        tmp_path / "adapter",
+        state.config.peft,
+        state.adapter_state(),
+        base_model=str(tmp_path / "base"),
+        fan_in_fan_out=fan_in_fan_out,
+    )
 
     input_ids, position_ids, cu = packed_inputs()
     engine.segment_table.set((Segment(task, 0, int(cu[-1])),))
@@ -63,16 +68,20 @@ def test_fx_trace_with_lora_hosts(case: str, tmp_path: Path) -> None:
     hf_model(case).save_pretrained(tmp_path)
     engine, task = engine_with_task(tmp_path, FAMILY_TARGETS[case])
     traced = trace_backbone(engine.model)
-    hosts = [n for n in traced.graph.nodes
-             if n.op == "call_module" and isinstance(traced.get_submodule(n.target), AnchoredOperator)]
+    hosts = [
+        n
+        for n in traced.graph.nodes
+        if n.op == "call_module" and isinstance(traced.get_submodule(n.target), AnchoredOperator)
+    ]
     assert len(hosts) == len(engine.tasks[task].modules) > 0
     input_ids, position_ids, cu = packed_inputs()
     # The adapter covers the middle sequence only; the others pass through the frozen backbone.
     bounds = cu.tolist()
     engine.segment_table.set((Segment(task, bounds[1], bounds[2]),))
     with torch.no_grad():
-        torch.testing.assert_close(traced(input_ids, position_ids, cu), engine.model(input_ids, position_ids, cu),
-                                   atol=0, rtol=0)
+        torch.testing.assert_close(
+            traced(input_ids, position_ids, cu), engine.model(input_ids, position_ids, cu), atol=0, rtol=0
+        )
 
 
 def test_adapter_round_trip_and_peft_key_names(tmp_path: Path) -> None:
@@ -88,6 +97,7 @@ def test_adapter_round_trip_and_peft_key_names(tmp_path: Path) -> None:
     raw = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert raw["peft_type"] == "LORA" and raw["r"] == 3 and raw["lora_alpha"] == 6.0
     from safetensors.torch import load_file
+
     keys = load_file(str(tmp_path / "a" / "adapter_model.safetensors")).keys()
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
 
@@ -99,8 +109,9 @@ def test_adapter_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "adapter_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(AdapterError, match="adapter_config.json: invalid JSON"):
         load_adapter(tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                                              "target_modules": ["q_proj"]}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})
+    )
     with pytest.raises(AdapterError, match="adapter_model.safetensors: not a readable safetensors file"):
         load_adapter(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))

@@ -41,13 +41,18 @@ def test_text_tokenization_and_truncation(tokenizer, tmp_path: Path) -> None:
 
 
 def test_examples_cut_to_no_target_are_counted_not_used(tokenizer, tmp_path: Path) -> None:
-    path = write(tmp_path / "d.jsonl", [{"prompt": "word " * 40, "completion": " yes"},
-                                        {"prompt": "hi", "completion": " yes"}])
+    path = write(
+        tmp_path / "d.jsonl", [{"prompt": "word " * 40, "completion": " yes"}, {"prompt": "hi", "completion": " yes"}]
+    )
     dataset = load_dataset(path, "prompt_completion", tokenizer, 16)
     assert dataset.num_targetless == 1 and [e.index for e in dataset.usable] == [1]
     with pytest.raises(DataError, match="no example keeps a target token"):
-        load_dataset(write(tmp_path / "e.jsonl", [{"prompt": "word " * 40, "completion": " yes"}]),
-                     "prompt_completion", tokenizer, 16)
+        load_dataset(
+            write(tmp_path / "e.jsonl", [{"prompt": "word " * 40, "completion": " yes"}]),
+            "prompt_completion",
+            tokenizer,
+            16,
+        )
 
 
 def test_batch_stream_is_deterministic_and_runs_through_epochs() -> None:

@@ -30,19 +30,52 @@ class TaskCase:
 
 TASKS = (
     TaskCase(
-        TaskTraining("alpha", TaskPeftConfig("lora", 4, 8.0, 0.0, ("q_proj", "v_proj")), lr=3e-3, steps=10,
-                     schedule="constant", warmup_steps=2, weight_decay=0.01, max_grad_norm=1.0, seed=1),
-        batch_size=3, min_len=6, max_len=20,
+        TaskTraining(
+            "alpha",
+            TaskPeftConfig("lora", 4, 8.0, 0.0, ("q_proj", "v_proj")),
+            lr=3e-3,
+            steps=10,
+            schedule="constant",
+            warmup_steps=2,
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+            seed=1,
+        ),
+        batch_size=3,
+        min_len=6,
+        max_len=20,
     ),
     TaskCase(
-        TaskTraining("beta", TaskPeftConfig("lora", 8, 16.0, 0.0, ALL_LINEAR, use_rslora=True), lr=1e-3, steps=12,
-                     schedule="linear", warmup_steps=3, weight_decay=0.0, max_grad_norm=0.5, seed=2),
-        batch_size=2, min_len=20, max_len=48,
+        TaskTraining(
+            "beta",
+            TaskPeftConfig("lora", 8, 16.0, 0.0, ALL_LINEAR, use_rslora=True),
+            lr=1e-3,
+            steps=12,
+            schedule="linear",
+            warmup_steps=3,
+            weight_decay=0.0,
+            max_grad_norm=0.5,
+            seed=2,
+        ),
+        batch_size=2,
+        min_len=20,
+        max_len=48,
     ),
     TaskCase(
-        TaskTraining("gamma", TaskPeftConfig("lora", 2, 4.0, 0.0, ("o_proj", "down_proj")), lr=5e-3, steps=11,
-                     schedule="cosine", warmup_steps=0, weight_decay=0.1, max_grad_norm=2.0, seed=3),
-        batch_size=4, min_len=4, max_len=12,
+        TaskTraining(
+            "gamma",
+            TaskPeftConfig("lora", 2, 4.0, 0.0, ("o_proj", "down_proj")),
+            lr=5e-3,
+            steps=11,
+            schedule="cosine",
+            warmup_steps=0,
+            weight_decay=0.1,
+            max_grad_norm=2.0,
+            seed=3,
+        ),
+        batch_size=4,
+        min_len=4,
+        max_len=12,
     ),
 )
 
@@ -83,7 +116,10 @@ def init_adapters(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def train_muxtune(
-    model_dir: Path, cases: tuple[TaskCase, ...], init: dict[str, Path], batches: dict[str, list[list[Example]]],
+    model_dir: Path,
+    cases: tuple[TaskCase, ...],
+    init: dict[str, Path],
+    batches: dict[str, list[list[Example]]],
     max_tokens: int,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Train `cases` together (fused rounds) and return each task's final adapter state."""
@@ -112,8 +148,10 @@ def runs(tiny_llama_dir: Path, init_adapters: dict[str, Path]) -> dict:
     vocab = load_model(str(tiny_llama_dir)).config.vocab_size
     batches = {c.training.name: make_batches(c, vocab, data_seed=0) for c in TASKS}
     fused = train_muxtune(tiny_llama_dir, TASKS, init_adapters, batches, max_tokens=40)
-    alone = {c.training.name: train_muxtune(tiny_llama_dir, (c,), init_adapters, batches, 10**6)[c.training.name]
-             for c in TASKS}
+    alone = {
+        c.training.name: train_muxtune(tiny_llama_dir, (c,), init_adapters, batches, 10**6)[c.training.name]
+        for c in TASKS
+    }
     return {"batches": batches, "fused": fused, "alone": alone, "vocab": vocab}
 
 
@@ -163,8 +201,9 @@ def train_transformers_peft(model_dir: Path, case: TaskCase, adapter_dir: Path, 
         optimizer.zero_grad()
     prefix = "base_model.model."
     return {
-        name[len(prefix):].replace(".default.", "."): p.detach().clone()
-        for name, p in model.named_parameters() if p.requires_grad
+        name[len(prefix) :].replace(".default.", "."): p.detach().clone()
+        for name, p in model.named_parameters()
+        if p.requires_grad
     }
 
 

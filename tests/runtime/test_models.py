@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from hf_cases import CASES, VOCAB, hf_model, packed_inputs, reference_logits
 from safetensors.torch import load_file, save_file
 
-from hf_cases import CASES, VOCAB, hf_model, packed_inputs, reference_logits
 from muxtune.runtime.models import (
     BackboneConfig,
     Conv1D,
@@ -19,7 +19,6 @@ from muxtune.runtime.models import (
     packed_causal_attention,
 )
 from muxtune.runtime.models import attention as attention_module
-
 
 Saved = tuple[str, Path, transformers.PreTrainedModel]
 

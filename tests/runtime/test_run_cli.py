@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from user_path import default_tasks, read_jsonl, run_cli, snapshot, write_job
 
 from muxtune.runtime.adapters import WEIGHTS_NAME
-from user_path import default_tasks, read_jsonl, run_cli, snapshot, write_job
 
 
 def compile_and_run(
@@ -81,8 +81,11 @@ def test_exported_adapters_load_in_peft(reference_run: Path) -> None:
 def test_resume_after_sigkill_equals_uninterrupted(reference_run: Path, tmp_path: Path) -> None:
     job = write_job(tmp_path)
     assert run_cli("compile", str(job), "-o", str(tmp_path / "plan.yaml")).returncode == 0
-    process = subprocess.Popen([sys.executable, "-m", "muxtune.runtime.cli", str(tmp_path / "plan.yaml")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "muxtune.runtime.cli", str(tmp_path / "plan.yaml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     first_checkpoint = tmp_path / "out" / "qa" / "checkpoints" / "step-000001"
     deadline = time.monotonic() + 300
     while not first_checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -101,10 +104,12 @@ def test_resume_after_sigkill_equals_uninterrupted(reference_run: Path, tmp_path
     for name in names:
         for key, value in expected[name].items():
             assert torch.equal(got[name][key], value), f"{name}:{key} differs after resume"
-        assert read_jsonl(tmp_path / "out" / name / "manifest.jsonl") == \
-            read_jsonl(reference_run / "out" / name / "manifest.jsonl")
-        assert [m["loss"] for m in read_jsonl(tmp_path / "out" / name / "metrics.jsonl")] == \
-            [m["loss"] for m in read_jsonl(reference_run / "out" / name / "metrics.jsonl")]
+        assert read_jsonl(tmp_path / "out" / name / "manifest.jsonl") == read_jsonl(
+            reference_run / "out" / name / "manifest.jsonl"
+        )
+        assert [m["loss"] for m in read_jsonl(tmp_path / "out" / name / "metrics.jsonl")] == [
+            m["loss"] for m in read_jsonl(reference_run / "out" / name / "metrics.jsonl")
+        ]
 
 
 def test_diverging_task_is_stopped_and_others_unaffected(tmp_path: Path) -> None:
@@ -114,8 +119,16 @@ def test_diverging_task_is_stopped_and_others_unaffected(tmp_path: Path) -> None
     without = compile_and_run(tmp_path / "without", env=single_thread)
     assert without.returncode == 0, without.stderr
     tasks = default_tasks()
-    tasks.append({**tasks[0], "name": "unstable", "lr": 1e30, "save_every": 1, "steps": 6,
-                  "peft": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "k_proj"]}})
+    tasks.append(
+        {
+            **tasks[0],
+            "name": "unstable",
+            "lr": 1e30,
+            "save_every": 1,
+            "steps": 6,
+            "peft": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "k_proj"]},
+        }
+    )
     result = compile_and_run(tmp_path, tasks=tasks, env=single_thread)
     assert result.returncode == 3, result.stderr
     assert "unstable" in result.stderr and "non-finite" in result.stderr

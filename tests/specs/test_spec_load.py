@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from spec_helpers import base_spec
 
 from muxtune.specs import (
     ClusterSpec,
@@ -23,8 +24,6 @@ from muxtune.specs import (
     load_job_spec,
     parse_job_spec,
 )
-
-from spec_helpers import base_spec
 
 WriteSpec = Callable[..., Path]
 
@@ -78,9 +77,7 @@ def test_relative_paths_resolve_against_the_spec_folder(
     assert spec.tasks[0].init_from == str(job_dir / "adapters" / "init")
 
 
-def test_relative_spec_path_argument(
-    write_spec: WriteSpec, job_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_relative_spec_path_argument(write_spec: WriteSpec, job_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_spec()
     monkeypatch.chdir(job_dir.parent)
     spec = load_job_spec(Path(job_dir.name) / "job.yaml")
@@ -128,18 +125,14 @@ def test_round_trip_property(r: int, alpha: float, lr: float, steps: int, data: 
     warmup = data.draw(st.integers(0, steps))
     task = TaskSpec(
         name="t-1",
-        peft=PeftSpec(
-            r=r, alpha=alpha, dropout=data.draw(st.floats(0, 0.99)), target_modules=("mlp.up_proj",)
-        ),
+        peft=PeftSpec(r=r, alpha=alpha, dropout=data.draw(st.floats(0, 0.99)), target_modules=("mlp.up_proj",)),
         data=DataSpec(path=__file__, format="text"),
         lr=lr,
         steps=steps,
         schedule=ScheduleSpec("linear", warmup),
         seed=data.draw(st.integers(0, 2**31)),
     )
-    spec = JobSpec(
-        model="builtin:x", dtype="bf16", output_dir="/tmp/out", cluster=ClusterSpec(), tasks=(task,)
-    )
+    spec = JobSpec(model="builtin:x", dtype="bf16", output_dir="/tmp/out", cluster=ClusterSpec(), tasks=(task,))
     assert parse_job_spec(job_spec_to_dict(spec)) == spec
 
 
@@ -173,9 +166,5 @@ def test_empty_and_non_mapping_files(write_spec: WriteSpec) -> None:
 
 
 def test_no_torch_import() -> None:
-    code = (
-        "import sys\n"
-        "import muxtune.specs, muxtune.plans\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-    )
+    code = "import sys\nimport muxtune.specs, muxtune.plans\nassert 'torch' not in sys.modules, 'torch was imported'\n"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,10 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from spec_helpers import base_spec
 
 from muxtune.specs import SpecError, load_job_spec, parse_job_spec
-
-from spec_helpers import base_spec
 
 WriteSpec = Callable[..., Path]
 
@@ -51,9 +50,7 @@ def test_top_level_and_new_sections(write_spec: WriteSpec, job_dir: Path) -> Non
 
 
 def test_number_forms(write_spec: WriteSpec) -> None:
-    spec = load_job_spec(
-        write_spec(), ["tasks.0.lr=2.0e-4", "tasks.1.lr=3E-5", "tasks.0.weight_decay=1e-2"]
-    )
+    spec = load_job_spec(write_spec(), ["tasks.0.lr=2.0e-4", "tasks.1.lr=3E-5", "tasks.0.weight_decay=1e-2"])
     assert spec.tasks[0].lr == 2e-4 and spec.tasks[1].lr == 3e-5 and spec.tasks[0].weight_decay == 0.01
 
 

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from spec_helpers import base_spec
 
 from muxtune.specs import SpecError, job_spec_to_dict, load_job_spec, parse_job_spec
-
-from spec_helpers import base_spec
 
 
 @pytest.fixture
@@ -151,17 +150,13 @@ def test_valid_base_spec(job_dir: Path) -> None:
             "cluster: pipeline_parallel x tensor_parallel (4) must divide num_devices (2)",
         ),
         (
-            lambda raw: raw.update(
-                cluster={"num_devices": 4, "pipeline_parallel": 2, "tensor_parallel": 3}
-            ),
+            lambda raw: raw.update(cluster={"num_devices": 4, "pipeline_parallel": 2, "tensor_parallel": 3}),
             "cluster: pipeline_parallel x tensor_parallel (6) must divide num_devices (4)",
         ),
         (lambda raw: raw.update(cluster="cpu"), "cluster: must be a mapping, got 'cpu'"),
     ],
 )
-def test_rule(
-    errors_for: Callable[..., list[str]], edit: Callable[[dict[str, Any]], None], message: str
-) -> None:
+def test_rule(errors_for: Callable[..., list[str]], edit: Callable[[dict[str, Any]], None], message: str) -> None:
     assert errors_for(edit) == [message]
 
 

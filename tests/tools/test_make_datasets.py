@@ -55,8 +55,7 @@ def test_shipped_files_match_seed0(generated):
         shipped = DATA_DIR / f"{name}.jsonl"
         assert shipped.is_file(), f"missing shipped dataset {shipped}"
         assert shipped.read_bytes() == generated[name].read_bytes(), (
-            f"{shipped} is stale; regenerate with "
-            "python -m muxtune.tools.make_datasets --out tools/data"
+            f"{shipped} is stale; regenerate with python -m muxtune.tools.make_datasets --out tools/data"
         )
 
 
@@ -108,7 +107,7 @@ def test_qa_labels_and_answer_in_context(rows):
         text = p.split("\nText: ", 1)[1].split("\nQuestion: ", 1)[0]
         opts = dict(re.findall(r"^([ABCD])\. (.+)$", p, flags=re.M))
         assert sorted(opts) == ["A", "B", "C", "D"]
-        in_text = [l for l, o in opts.items() if re.search(rf"\b{re.escape(o)}\b", text)]
+        in_text = [key for key, o in opts.items() if re.search(rf"\b{re.escape(o)}\b", text)]
         assert in_text == [r["completion"].strip()]
 
 

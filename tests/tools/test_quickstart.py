@@ -8,7 +8,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-
 from user_path import REPO, run_cli
 
 pytestmark = pytest.mark.skipif(
