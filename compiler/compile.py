@@ -75,7 +75,7 @@ def compile_job(
     datasets = check_tasks(spec, config, tokenizer, errors)
     if errors:
         raise CompileError(errors)
-    notes = tuple(
+    notes = ignored_cluster_fields(spec) + tuple(
         f"tasks.{t.name}: {datasets[t.name].num_targetless} of {len(datasets[t.name].examples)} examples keep no "
         f"target token within max_seq_len={t.max_seq_len} and are skipped"
         for t in spec.tasks
@@ -197,6 +197,21 @@ def emit_program(tasks: tuple[TaskPlan, ...], htasks: tuple[HTask, ...], device:
         round=tuple(ForwardBackward(htask=h.id) for h in htasks) + (OptimizerStep(tasks=names), Checkpoint()),
         epilogue=(ExportAdapters(),),
     )
+
+
+def ignored_cluster_fields(spec: JobSpec) -> tuple[str, ...]:
+    """Cluster settings this (single-device) compiler cannot honour yet, as notes."""
+    cluster = spec.cluster
+    notes = []
+    if cluster.num_devices != 1:
+        notes.append(f"cluster.num_devices: {cluster.num_devices} is ignored; this compiler plans for one device")
+    for name in ("pipeline_parallel", "tensor_parallel"):
+        value = getattr(cluster, name)
+        if value not in ("auto", 1):
+            notes.append(f"cluster.{name}: {value} is ignored; this compiler plans without model parallelism")
+    if cluster.memory_gb != "auto":
+        notes.append(f"cluster.memory_gb: {cluster.memory_gb} is ignored; this compiler has no memory model yet")
+    return tuple(notes)
 
 
 def resolve_device(device: str) -> str:

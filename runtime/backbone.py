@@ -27,13 +27,22 @@ class LoadedBackbone:
     segment_table: SegmentTable
 
 
-def load_model(model: str, dtype: str = "fp32") -> LoadedBackbone:
-    """Resolve a spec's `model` value, load the weights in `dtype` and the local tokenizer."""
+def torch_device(device: str) -> torch.device:
+    """The torch device for a plan's device name: `cpu`, or CUDA for `cuda` and GPU types."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: the plan needs a CUDA GPU and none is visible; compile for cpu")
+    return torch.device("cuda")
+
+
+def load_model(model: str, dtype: str = "fp32", device: str = "cpu") -> LoadedBackbone:
+    """Resolve a spec's `model` value, load the weights in `dtype` onto `device`, and the tokenizer."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = resolve_model_dir(model)
     tokenizer = load_tokenizer(model_dir)
-    backbone, config = load_backbone(model_dir, DTYPES[dtype])
+    backbone, config = load_backbone(model_dir, DTYPES[dtype], device=torch_device(device))
     backbone.eval()
     for param in backbone.parameters():
         param.requires_grad_(False)
@@ -44,6 +53,7 @@ def load_model(model: str, dtype: str = "fp32") -> LoadedBackbone:
 def greedy_generate(loaded: LoadedBackbone, prompt: str, *, task: str | None = None, max_new_tokens: int = 32) -> str:
     """Greedy continuation of `prompt`, through `task`'s adapter when given (stops at EOS)."""
     ids = loaded.tokenizer.encode(prompt, add_special_tokens=True)
+    device = next(loaded.model.parameters()).device
     new: list[int] = []
     for _ in range(max_new_tokens):
         seq = ids + new
@@ -51,8 +61,8 @@ def greedy_generate(loaded: LoadedBackbone, prompt: str, *, task: str | None = N
         if task is not None:
             loaded.segment_table.set((Segment(task, 0, length),))
         logits = loaded.model(
-            torch.tensor(seq, dtype=torch.long),
-            torch.arange(length, dtype=torch.long),
+            torch.tensor(seq, dtype=torch.long, device=device),
+            torch.arange(length, dtype=torch.long, device=device),
             torch.tensor([0, length], dtype=torch.long),
         )
         loaded.segment_table.set(())

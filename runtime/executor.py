@@ -161,7 +161,10 @@ class PlanExecutor:
             raise RunError(f"{self.output_dir}: nothing to resume here ({RUN_RECORD} is missing)")
 
     def _load_backbone(self, _: LoadBackbone) -> None:
-        self.backbone = load_model(self.plan.job.model, self.plan.job.dtype)
+        try:
+            self.backbone = load_model(self.plan.job.model, self.plan.job.dtype, self.program.device)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
         backbone_dict = self.backbone.config.to_dict()
         if backbone_dict != self.plan.backbone:
             differing = sorted(

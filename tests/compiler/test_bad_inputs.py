@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from user_path import default_tasks, run_cli, snapshot, write_job
 
@@ -135,6 +136,7 @@ PLAN_CASES = {
     "field removed": (lambda t: edit_plan(t, "  max_grad_norm: 1.0\n", ""), ["max_grad_norm"]),
     "unknown opcode": (lambda t: edit_plan(t, "op: checkpoint", "op: teleport"), ["teleport"]),
     "not YAML": (lambda t: "schema_version: [1\n", ["plan.yaml:2:1: invalid YAML"]),
+    "CUDA plan without a GPU": (lambda t: t.replace("device: cpu", "device: cuda"), ["needs a CUDA GPU"]),
 }
 
 
@@ -143,6 +145,8 @@ def test_bad_plan_exits_2_and_writes_nothing(
     case: str, compiled: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     edit, expected = PLAN_CASES[case]
+    if case == "CUDA plan without a GPU" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
     plan = tmp_path / "plan.yaml"
     if edit is not None:
         plan.write_text(edit((compiled / "plan.yaml").read_text()))

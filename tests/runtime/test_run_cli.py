@@ -152,3 +152,17 @@ def test_edited_plan_is_refused_by_run(reference_run: Path, tmp_path: Path) -> N
     result = run_cli("run", str(tmp_path / "plan.yaml"))
     assert result.returncode == 2 and "fingerprint" in result.stderr and "Traceback" not in result.stderr
     assert snapshot(reference_run / "out") == before
+
+
+def test_init_from_and_validate(reference_run: Path, tmp_path: Path) -> None:
+    tasks = [{**default_tasks()[1], "init_from": str(reference_run / "out" / "qa"), "steps": 1, "save_every": 0}]
+    job = write_job(tmp_path, tasks, cluster={"num_devices": 2})
+    validated = run_cli("compile", str(job), "--validate")
+    assert validated.returncode == 0 and "valid" in validated.stdout
+    assert "cluster.num_devices: 2 is ignored" in validated.stderr
+    assert not (tmp_path / "plan.yaml").exists() and not (tmp_path / "out").exists()
+    result = compile_and_run(tmp_path, tasks=tasks)
+    assert result.returncode == 0, result.stderr
+    first_loss = read_jsonl(tmp_path / "out" / "qa" / "metrics.jsonl")[0]["loss"]
+    reference_losses = [m["loss"] for m in read_jsonl(reference_run / "out" / "qa" / "metrics.jsonl")]
+    assert first_loss < reference_losses[0], "starting from the trained adapter starts lower"
