@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +43,16 @@ def data_file(lines: list[str]) -> Callable[[dict, Path], None]:
 
 def rename_task(job: dict, _: Path) -> None:
     job["tasks"][2]["name"] = job["tasks"][0]["name"]
+
+
+def model_without_tokenizer(directory: Path) -> Path:
+    """A copy of builtin:tiny-llama that lacks its tokenizer.json."""
+    from muxtune.runtime.model_sources import resolve_model_dir
+
+    target = directory / "model"
+    shutil.copytree(resolve_model_dir("builtin:tiny-llama"), target)
+    (target / "tokenizer.json").unlink()
+    return target
 
 
 GOOD = json.dumps({"prompt": "Review: fine\nSentiment:", "completion": " positive"})
@@ -88,6 +99,8 @@ SPEC_CASES = {
         [],
         ["tasks[0].init_from", "adapter_config.json"],
     ),
+    "model without tokenizer": (lambda job, d: job.update(model=str(model_without_tokenizer(d))), [],
+                                ["model:", "tokenizer.json", "not found"]),
     "unknown builtin model": (lambda job, d: job.update(model="builtin:gpt-17"), [], ["model", "builtin:gpt-17"]),
 }
 
