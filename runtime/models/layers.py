@@ -5,6 +5,7 @@ Legend: T tokens of a packed buffer, H heads, D head dim.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable
 from typing import Any
@@ -159,7 +160,7 @@ def apply_rotary(q_THD: Tensor, k_THD: Tensor, cos_TD: Tensor, sin_TD: Tensor) -
     return q_THD * cos + rotate_half(q_THD) * sin, k_THD * cos + rotate_half(k_THD) * sin
 
 
-class BackboneForCausalLM(nn.Module):
+class BackboneForCausalLM(nn.Module, abc.ABC):
     """Common interface of the backbone families.
 
     Subclasses define `hidden_states(input_ids, position_ids, cu_seqlens)`,
@@ -174,13 +175,13 @@ class BackboneForCausalLM(nn.Module):
         super().__init__()
         self.config = config
 
+    @abc.abstractmethod
     def input_embeddings(self) -> nn.Embedding:
         """The token embedding module."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
         """Final hidden states [T, hidden] (before lm_head) of a packed buffer."""
-        raise NotImplementedError
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
         """Logits [T, vocab] of a packed buffer of sequences.

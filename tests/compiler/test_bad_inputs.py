@@ -99,8 +99,11 @@ SPEC_CASES = {
         [],
         ["tasks[0].init_from", "adapter_config.json"],
     ),
-    "model without tokenizer": (lambda job, d: job.update(model=str(model_without_tokenizer(d))), [],
-                                ["model:", "tokenizer.json", "not found"]),
+    "model without tokenizer": (
+        lambda job, d: job.update(model=str(model_without_tokenizer(d))),
+        [],
+        ["model:", "tokenizer.json", "not found"],
+    ),
     "unknown builtin model": (lambda job, d: job.update(model="builtin:gpt-17"), [], ["model", "builtin:gpt-17"]),
 }
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+from node_paths import node_paths
 from plan_helpers import build_plan
 
 from muxtune.plans import Plan, PlanError, load_plan, plan_from_dict, plan_to_dict, save_plan
@@ -298,21 +299,10 @@ def test_save_refuses_invalid_plan(tmp_path: Path) -> None:
     assert not (tmp_path / "plan.yaml").exists()
 
 
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix] if prefix else []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            out += _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            out += _paths(item, (*prefix, index))
-    return out
-
-
 @pytest.mark.parametrize("junk", [None, "x", -1, 2.5, True, [], {}, "<delete>"])
 def test_any_corruption_gives_a_plan_error(plan: Plan, junk: Any) -> None:
     """Replacing or deleting any single node is refused with a named field, never a crash."""
-    for path in _paths(plan_to_dict(plan)):
+    for path in node_paths(plan_to_dict(plan)):
         data = plan_to_dict(plan)
         parent = data
         for key in path[:-1]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from node_paths import node_paths
 from spec_helpers import base_spec
 
 from muxtune.specs import SpecError, job_spec_to_dict, load_job_spec, parse_job_spec
@@ -236,21 +237,10 @@ def test_null_data_is_an_error(errors_for: Callable[..., list[str]]) -> None:
     assert errors_for(_task(1, data=None)) == ["tasks[1].data: must be a mapping, got None"]
 
 
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix] if prefix else []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            out += _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            out += _paths(item, (*prefix, index))
-    return out
-
-
 @pytest.mark.parametrize("junk", [None, "x", -1, 2.5, True, [], {}, "<delete>"])
 def test_any_corruption_gives_a_spec_error_or_a_clean_spec(job_dir: Path, junk: Any) -> None:
     """Replacing or deleting any node never crashes and never leaks a placeholder value."""
-    for path in _paths(base_spec()):
+    for path in node_paths(base_spec()):
         raw = base_spec()
         parent = raw
         for key in path[:-1]:
