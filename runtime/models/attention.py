@@ -54,14 +54,17 @@ def packed_causal_attention(
         raise ValueError(
             f"cu_seqlens must run from 0 to the token count {q_THD.shape[0]}, got {bounds[:3]}...{bounds[-1:]}"
         )
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    if any(length < 0 for length in lengths):
+        raise ValueError(f"cu_seqlens must not decrease, got {bounds[:8]}...")
+    # torch.split (not slicing) so that backward assembles the gradient once, instead of one
+    # full-size zero tensor per sequence.
     outs: list[Tensor] = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        length = end - start
-        if length <= 0:
+    for q, k, v in zip(q_THD.split(lengths), k_THD.split(lengths), v_THD.split(lengths)):
+        length = q.shape[0]
+        if length == 0:
             continue
-        q = q_THD[start:end].transpose(0, 1)
-        k = k_THD[start:end].transpose(0, 1)
-        v = v_THD[start:end].transpose(0, 1)
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
         if sliding_window is not None and length > sliding_window:
             mask = _sliding_window_mask(length, sliding_window, q.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

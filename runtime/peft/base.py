@@ -118,16 +118,25 @@ class AnchoredOperator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        active = [s for s in self._segment_table.segments if s.task in self.adapters]
-        if not active:
+        segments = self._segment_table.segments
+        if not any(s.task in self.adapters for s in segments):
             return y
-        pieces: list[torch.Tensor] = []
-        cursor = 0
-        for seg in active:
+        # Cut the buffer into [gap, segment, gap, segment, ..., tail] with torch.split: its
+        # backward assembles each gradient once (slicing would add one full-size zero tensor
+        # per segment).
+        sizes, owners, cursor = [], [], 0
+        for seg in segments:
             if seg.start > cursor:
-                pieces.append(y[cursor : seg.start])
-            pieces.append(self.adapters[seg.task].adapt(x[seg.start : seg.end], y[seg.start : seg.end]))
+                sizes.append(seg.start - cursor)
+                owners.append(None)
+            sizes.append(seg.end - seg.start)
+            owners.append(seg.task if seg.task in self.adapters else None)
             cursor = seg.end
         if cursor < y.shape[0]:
-            pieces.append(y[cursor:])
+            sizes.append(y.shape[0] - cursor)
+            owners.append(None)
+        pieces = [
+            piece_y if task is None else self.adapters[task].adapt(piece_x, piece_y)
+            for task, piece_x, piece_y in zip(owners, x.split(sizes), y.split(sizes))
+        ]
         return torch.cat(pieces, dim=0)
