@@ -3,6 +3,7 @@ in MuxTune's single-task mode and in transformers + peft (DESIGN section 4)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -248,3 +249,26 @@ def test_changing_one_task_data_keeps_others_within_reduction_order(
     for name in ("alpha", "gamma"):
         for key, value in runs["fused"][name].items():
             torch.testing.assert_close(other[name][key], value, rtol=1e-5, atol=1e-7)
+
+
+def test_dropout_masks_belong_to_the_task(tiny_llama_dir: Path, init_adapters: dict[str, Path]) -> None:
+    """With dropout, a task fused with others equals the task alone: its masks come from its own
+    random stream, not from a global one the other tasks also draw from."""
+    noisy = TaskCase(
+        TaskTraining("alpha", TaskPeftConfig("lora", 4, 8.0, 0.3, ("q_proj", "v_proj")), lr=3e-3, steps=4, seed=1),
+        batch_size=3,
+        min_len=6,
+        max_len=20,
+    )
+    cases = (noisy, TASKS[1])
+    vocab = load_model(str(tiny_llama_dir)).config.vocab_size
+    batches = {c.training.name: make_batches(c, vocab, data_seed=0) for c in cases}
+    fused = train_muxtune(tiny_llama_dir, cases, init_adapters, batches, max_tokens=40)["alpha"]
+    alone = train_muxtune(tiny_llama_dir, (noisy,), init_adapters, batches, max_tokens=40)["alpha"]
+    plain = dataclasses.replace(
+        noisy, training=dataclasses.replace(noisy.training, peft=dataclasses.replace(noisy.training.peft, dropout=0.0))
+    )
+    without_dropout = train_muxtune(tiny_llama_dir, (plain,), init_adapters, batches, max_tokens=40)["alpha"]
+    for key, value in alone.items():
+        torch.testing.assert_close(fused[key], value, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(without_dropout[k], v) for k, v in alone.items()), "dropout had no effect"
