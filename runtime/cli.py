@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             return DIVERGED_EXIT
         return 0
 
-    return run_command(PROG, run, USER_ERRORS, args.debug)
+    hint = f"continue with: muxtune-run {args.plan} --resume"
+    return run_command(PROG, run, USER_ERRORS, args.debug, interrupt_hint=hint)
 
 
 if __name__ == "__main__":

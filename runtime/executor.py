@@ -89,7 +89,8 @@ class TaskRun:
     last_step_time: float = 0.0
     first_loss: float | None = None
     last_loss: float | None = None
-    tokens: int = 0
+    tokens: int = 0  # over the whole run, resumed parts included
+    tokens_this_process: int = 0  # what throughput is measured on
     diverged_at: int | None = None
     checkpoint: Path | None = None
 
@@ -272,6 +273,7 @@ class PlanExecutor:
         run.first_loss = run.first_loss if run.first_loss is not None else result.loss
         run.last_loss = result.loss
         run.tokens += result.num_tokens
+        run.tokens_this_process += result.num_tokens
         run.metrics.append(
             {
                 "step": result.step,
@@ -350,12 +352,12 @@ class PlanExecutor:
                 "first_loss": run.first_loss,
                 "last_loss": run.last_loss,
                 "tokens": run.tokens,
-                "tokens_per_second": run.tokens / train,
+                "tokens_per_second": run.tokens_this_process / train,
             }
         summary = {
             "wall_seconds": wall,
             "train_seconds": train,
-            "tokens_per_second": sum(t["tokens"] for t in tasks.values()) / train,
+            "tokens_per_second": sum(run.tokens_this_process for run in self.runs.values()) / train,
             "peak_memory_bytes": peak_memory_bytes(),
             "tasks": tasks,
         }

@@ -9,9 +9,16 @@ USER_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130
 
 
-def run_command(prog: str, main: Callable[[], int], user_errors: tuple[type[BaseException], ...], debug: bool) -> int:
+def run_command(
+    prog: str,
+    main: Callable[[], int],
+    user_errors: tuple[type[BaseException], ...],
+    debug: bool,
+    interrupt_hint: str = "",
+) -> int:
     """Run `main`; a user error prints `prog: error: ...` (each line of a multi-error message
-    indented) and returns 2, unless `debug` asks for the traceback."""
+    indented) and returns 2, unless `debug` asks for the traceback. Ctrl-C prints
+    `interrupt_hint` (how to continue) and returns 130."""
     try:
         return main()
     except user_errors as exc:
@@ -26,5 +33,5 @@ def run_command(prog: str, main: Callable[[], int], user_errors: tuple[type[Base
                 print(f"  {line}", file=sys.stderr)
         return USER_ERROR_EXIT
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted{'; ' + interrupt_hint if interrupt_hint else ''}", file=sys.stderr)
         return INTERRUPTED_EXIT
