@@ -35,6 +35,7 @@ from muxtune.runtime.data import DataError, TokenizedDataset, load_dataset
 from muxtune.runtime.model_sources import ModelSourceError, resolve_model_dir
 from muxtune.runtime.models import BackboneConfig, build_model, read_hf_config
 from muxtune.runtime.peft import find_anchors
+from muxtune.runtime.peft.attach import is_anchorable
 from muxtune.runtime.tokenizer import TextTokenizer, load_tokenizer
 from muxtune.specs import JobSpec, TaskSpec
 
@@ -124,7 +125,7 @@ def check_tasks(
                 f"max_position_embeddings ({config.max_position_embeddings})"
             )
         if not find_anchors(meta_model, tuple(task.peft.target_modules)):
-            names = sorted({n.rpartition(".")[2] for n in find_anchors(meta_model, anchor_names(meta_model))})
+            names = sorted({n.rpartition(".")[2] for n, m in meta_model.named_modules() if is_anchorable(m)})
             errors.append(
                 f"{where}.peft.target_modules: {list(task.peft.target_modules)} match no linear operator of the "
                 f"model; it has: {', '.join(names)}"
@@ -136,10 +137,6 @@ def check_tasks(
         except DataError as exc:
             errors.append(f"{where}.data.path: {exc}")
     return datasets
-
-
-def anchor_names(model: torch.nn.Module) -> tuple[str, ...]:
-    return tuple(name for name, _ in model.named_modules() if name)
 
 
 def check_init_from(task: TaskSpec, where: str, errors: list[str]) -> None:

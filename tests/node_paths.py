@@ -15,3 +15,15 @@ def node_paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]
         for index, item in enumerate(value):
             out += node_paths(item, (*prefix, index))
     return out
+
+
+def corrupted(data: Any, path: tuple[Any, ...], junk: Any, delete: bool) -> Any:
+    """`data` with the node at `path` replaced by `junk` (or deleted), in place; returns it."""
+    parent = data
+    for key in path[:-1]:
+        parent = parent[key]
+    if delete:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = junk
+    return data

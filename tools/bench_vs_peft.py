@@ -32,6 +32,8 @@ from muxtune.runtime.schedules import lr_multiplier
 from muxtune.runtime.tokenizer import load_tokenizer
 from muxtune.specs import load_job_spec
 
+from .hf_batches import padded_batch, padded_batch_loss
+
 DEFAULT_SPEC = Path(__file__).resolve().parent / "data" / "quickstart.yaml"
 
 
@@ -87,19 +89,8 @@ def run_transformers_peft(plan_path: Path) -> dict:
         started = time.perf_counter()
         for step in range(task.steps):
             batch = [examples[i] for i in next(stream)]
-            length = max(len(e.input_ids) for e in batch)
-            ids = torch.zeros(len(batch), length, dtype=torch.long)
-            mask = torch.zeros(len(batch), length, dtype=torch.long)
-            labels = torch.full((len(batch), length), -100, dtype=torch.long)
-            for row, e in enumerate(batch):
-                n = len(e.input_ids)
-                ids[row, :n], mask[row, :n] = torch.tensor(e.input_ids), 1
-                labels[row, :n] = torch.tensor([t if m else -100 for t, m in zip(e.input_ids, e.is_target)])
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum"
-            )
-            (nll / (labels[:, 1:] != -100).sum()).backward()
+            ids, mask, labels = padded_batch(batch)
+            padded_batch_loss(model(input_ids=ids, attention_mask=mask).logits, labels).backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_multiplier(cfg.schedule, step, cfg.warmup_steps, cfg.steps)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from node_paths import node_paths
+from node_paths import corrupted, node_paths
 from plan_helpers import build_plan
 
 from muxtune.plans import Plan, PlanError, load_plan, plan_from_dict, plan_to_dict, save_plan
@@ -303,14 +303,7 @@ def test_save_refuses_invalid_plan(tmp_path: Path) -> None:
 def test_any_corruption_gives_a_plan_error(plan: Plan, junk: Any) -> None:
     """Replacing or deleting any single node is refused with a named field, never a crash."""
     for path in node_paths(plan_to_dict(plan)):
-        data = plan_to_dict(plan)
-        parent = data
-        for key in path[:-1]:
-            parent = parent[key]
-        if junk == "<delete>":
-            del parent[path[-1]]
-        else:
-            parent[path[-1]] = junk
+        data = corrupted(plan_to_dict(plan), path, junk, delete=junk == "<delete>")
         try:
             plan_from_dict(data)
         except PlanError as exc:

@@ -17,6 +17,7 @@ from muxtune.runtime.backbone import load_model
 from muxtune.runtime.data import Example
 from muxtune.runtime.engine import MultiTaskEngine, TaskTraining
 from muxtune.runtime.peft import TaskPeftConfig
+from muxtune.tools.hf_batches import padded_batch, padded_batch_loss
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -182,20 +183,8 @@ def train_transformers_peft(model_dir: Path, case: TaskCase, adapter_dir: Path, 
     }
     scheduler = factory[cfg.schedule]()
     for batch in batches:
-        length = max(len(e.input_ids) for e in batch)
-        ids = torch.zeros(len(batch), length, dtype=torch.long)
-        mask = torch.zeros(len(batch), length, dtype=torch.long)
-        labels = torch.full((len(batch), length), -100, dtype=torch.long)
-        for row, e in enumerate(batch):
-            n = len(e.input_ids)
-            ids[row, :n] = torch.tensor(e.input_ids)
-            mask[row, :n] = 1
-            labels[row, :n] = torch.tensor([t if m else -100 for t, m in zip(e.input_ids, e.is_target)])
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum"
-        )
-        (nll / (labels[:, 1:] != -100).sum()).backward()
+        ids, mask, labels = padded_batch(batch)
+        padded_batch_loss(model(input_ids=ids, attention_mask=mask).logits, labels).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()

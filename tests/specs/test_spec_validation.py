@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from node_paths import node_paths
+from node_paths import corrupted, node_paths
 from spec_helpers import base_spec
 
 from muxtune.specs import SpecError, job_spec_to_dict, load_job_spec, parse_job_spec
@@ -241,14 +241,7 @@ def test_null_data_is_an_error(errors_for: Callable[..., list[str]]) -> None:
 def test_any_corruption_gives_a_spec_error_or_a_clean_spec(job_dir: Path, junk: Any) -> None:
     """Replacing or deleting any node never crashes and never leaks a placeholder value."""
     for path in node_paths(base_spec()):
-        raw = base_spec()
-        parent = raw
-        for key in path[:-1]:
-            parent = parent[key]
-        if junk == "<delete>":
-            del parent[path[-1]]
-        else:
-            parent[path[-1]] = junk
+        raw = corrupted(base_spec(), path, junk, delete=junk == "<delete>")
         try:
             spec = parse_job_spec(raw, job_dir)
         except SpecError as exc:
