@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from muxtune.common.cli import run_command
 from muxtune.plans import PlanError, save_plan
 from muxtune.specs import SpecError, load_job_spec
-from muxtune.specs.cli_support import run_command
 
 from .compile import DEFAULT_TASK_TOKENS, compile_job
 from .errors import CompileError

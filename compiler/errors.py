@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+from muxtune.common.errors import UserError
 
-class CompileError(ValueError):
+
+class CompileError(UserError):
     """The job cannot be compiled; `errors` lists every problem, one per line in str()."""
-
-    def __init__(self, errors: list[str]) -> None:
-        self.errors = list(errors)
-        super().__init__("\n".join(self.errors))

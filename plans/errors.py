@@ -1,13 +1,9 @@
-"""The one exception type for an invalid plan."""
+"""The exception type for an invalid plan."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from muxtune.common.errors import UserError
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """Every problem found in a plan, one per line, each prefixed with its field path."""
-
-    def __init__(self, errors: Iterable[str]) -> None:
-        self.errors: list[str] = list(errors)
-        super().__init__("\n".join(self.errors))

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from muxtune.specs.parse import read_yaml_file
+from muxtune.common.files import atomic_write_text
+from muxtune.common.yaml_io import YamlInputError, read_yaml_file
 
 from .errors import PlanError
 from .schema import Plan
 from .serialize import plan_from_dict, plan_to_dict, validate_plan
+
+MAX_PLAN_BYTES = 256 * 2**20
+"""Largest plan file read (a plan lists every instruction of every rank)."""
 
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -60,26 +62,15 @@ def dump_plan(plan: Plan) -> str:
 
 def save_plan(plan: Plan, path: Path | str) -> Path:
     """Validate and write ``plan`` atomically (temp file in the same folder + os.replace)."""
-    target = Path(path)
-    text = dump_plan(plan)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return atomic_write_text(path, dump_plan(plan))
 
 
 def load_plan(path: Path | str) -> Plan:
     """Read and fully validate a plan file (version, fields, references, fingerprint)."""
-    raw = read_yaml_file(path, PlanError)
+    try:
+        raw = read_yaml_file(path, max_bytes=MAX_PLAN_BYTES)
+    except YamlInputError as exc:
+        raise PlanError([str(exc)]) from None
     if raw is None:
         raise PlanError([f"{path}: the plan file is empty"])
     return plan_from_dict(raw)

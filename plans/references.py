@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from muxtune.common.text import quote
 from muxtune.specs.checks import INVALID, add_error, at, did_you_mean, join
 
 from .instructions import OptimizerStep
@@ -13,7 +14,7 @@ _SECTIONS = ("prologue", "round", "epilogue")
 
 
 def _unknown_task(name: str, tasks: dict[str, TaskPlan]) -> str:
-    return f"unknown task {name!r}{did_you_mean(name, list(tasks))}"
+    return f"unknown task {quote(name)}{did_you_mean(name, list(tasks))}"
 
 
 def _check_budgets(htask: HTask, path: str, chunk: Any, errors: list[str]) -> None:
@@ -59,13 +60,13 @@ def check_htasks(plan: Plan, tasks: dict[str, TaskPlan], errors: list[str]) -> N
             if name not in tasks:
                 add_error(errors, where, _unknown_task(name, tasks))
             elif name in owner:
-                add_error(errors, where, f"task {name!r} is already in htasks[{owner[name]}]")
+                add_error(errors, where, f"task {quote(name)} is already in htasks[{owner[name]}]")
             else:
                 owner[name] = index
         _check_budgets(htask, path, chunk, errors)
     for name in tasks:
         if name not in owner:
-            add_error(errors, "htasks", f"task {name!r} is in no hTask")
+            add_error(errors, "htasks", f"task {quote(name)} is in no hTask")
 
 
 def check_programs(plan: Plan, tasks: dict[str, TaskPlan], errors: list[str]) -> None:

@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from muxtune.common.text import quote
 from muxtune.specs import DTYPES
 from muxtune.specs.checks import (
     INVALID,
@@ -94,14 +95,14 @@ def _check_json_like(value: Any, path: str, errors: list[str]) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                add_error(errors, path, f"keys must be strings, got {key!r}")
+                add_error(errors, path, f"keys must be strings, got {quote(key)}")
             else:
                 _check_json_like(item, join(path, key), errors)
     elif isinstance(value, list):
         for index, item in enumerate(value):
             _check_json_like(item, at(path, index), errors)
     elif isinstance(value, float) and not math.isfinite(value):
-        add_error(errors, path, f"must be a finite number, got {value!r}")
+        add_error(errors, path, f"must be a finite number, got {quote(value)}")
     elif value is not None and not isinstance(value, (str, int, float, bool)):
         add_error(
             errors,
@@ -112,11 +113,11 @@ def _check_json_like(value: Any, path: str, errors: list[str]) -> None:
 
 def _name_list(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
-        raise Invalid(f"must be a non-empty list of task names, got {value!r}")
+        raise Invalid(f"must be a non-empty list of task names, got {quote(value)}")
     for item in value:
         task_name(item)
     if len(set(value)) != len(value):
-        raise Invalid(f"must not repeat a task name, got {value!r}")
+        raise Invalid(f"must not repeat a task name, got {quote(value)}")
     return tuple(value)
 
 
@@ -125,7 +126,7 @@ def _budget_list(value: Any) -> tuple[int, ...]:
         return isinstance(item, int) and not isinstance(item, bool) and item > 0
 
     if not isinstance(value, list) or not value or not all(ok(item) for item in value):
-        raise Invalid(f"must be a non-empty list of positive integers, got {value!r}")
+        raise Invalid(f"must be a non-empty list of positive integers, got {quote(value)}")
     return tuple(value)
 
 
@@ -134,12 +135,12 @@ _PAYLOAD_CHECKERS = {int: non_negative_int, tuple[str, ...]: _name_list}
 
 def _read_instruction(raw: Any, path: str, errors: list[str]) -> Instruction | Any:
     if not isinstance(raw, Mapping) or "op" not in raw:
-        add_error(errors, path, f"must be a mapping with an 'op' key, got {raw!r}")
+        add_error(errors, path, f"must be a mapping with an 'op' key, got {quote(raw)}")
         return INVALID
     op = raw["op"]
     if op not in _OPS:
         hint = did_you_mean(op, _OPS) if isinstance(op, str) else ""
-        add_error(errors, path, f"unknown op {op!r}{hint}")
+        add_error(errors, path, f"unknown op {quote(op)}{hint}")
         return INVALID
     cls = INSTRUCTION_TYPES[Opcode(op)]
     fields = payload_fields(cls)
@@ -160,7 +161,7 @@ def _read_program(raw: Any, path: str, errors: list[str]) -> RankProgram:
         if items is INVALID:
             sections[section] = INVALID
         elif not isinstance(items, list):
-            add_error(errors, join(path, section), f"must be a list of instructions, got {items!r}")
+            add_error(errors, join(path, section), f"must be a list of instructions, got {quote(items)}")
             sections[section] = INVALID
         else:
             sections[section] = tuple(
@@ -187,20 +188,20 @@ def _read_task(raw: Any, path: str, errors: list[str]) -> TaskPlan:
 def _read_list(raw: Any, path: str, errors: list[str], what: str) -> list[Any]:
     if not isinstance(raw, list) or not raw:
         if raw is not INVALID:
-            add_error(errors, path, f"must be a non-empty list of {what}, got {raw!r}")
+            add_error(errors, path, f"must be a non-empty list of {what}, got {quote(raw)}")
         return []
     return raw
 
 
 def _check_version(raw: Any) -> None:
     if not isinstance(raw, Mapping):
-        raise PlanError([f"plan: must be a mapping, got {raw!r}"])
+        raise PlanError([f"plan: must be a mapping, got {quote(raw)}"])
     if "schema_version" not in raw:
         raise PlanError([f"schema_version: missing; this runtime reads plan schema {SCHEMA_VERSION}"])
     version = raw["schema_version"]
     if version != SCHEMA_VERSION or isinstance(version, bool):
         reads = f"this runtime reads plan schema {SCHEMA_VERSION}"
-        raise PlanError([f"schema_version: {reads}, the file has {version!r}"])
+        raise PlanError([f"schema_version: {reads}, the file has {quote(version)}"])
 
 
 def plan_from_dict(raw: Any) -> Plan:
@@ -222,7 +223,7 @@ def plan_from_dict(raw: Any) -> Plan:
         if isinstance(backbone, dict):
             _check_json_like(backbone, "backbone", errors)
         else:
-            add_error(errors, "backbone", f"must be a mapping, got {backbone!r}")
+            add_error(errors, "backbone", f"must be a mapping, got {quote(backbone)}")
     c = MappingReader(top.get("cluster", as_is), "cluster", errors, _keys(ClusterPlan))
     cluster = ClusterPlan(
         device=c.get("device", non_empty_str),
@@ -286,7 +287,7 @@ def plan_from_dict(raw: Any) -> Plan:
 
 def _sha256_hex(value: Any) -> str:
     if not isinstance(value, str) or not _SHA256_RE.fullmatch(value):
-        raise Invalid(f"must be a sha256 hex digest (64 lowercase hex digits), got {value!r}")
+        raise Invalid(f"must be a sha256 hex digest (64 lowercase hex digits), got {quote(value)}")
     return value
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from muxtune.common.cli import run_command
 from muxtune.plans import PlanError, load_plan
-from muxtune.specs.cli_support import run_command
 
 from .adapters import AdapterError
 from .checkpoint import CheckpointError
@@ -17,7 +17,7 @@ from .model_sources import ModelSourceError
 
 PROG = "muxtune-run"
 DIVERGED_EXIT = 3
-USER_ERRORS = (PlanError, RunError, DataError, AdapterError, CheckpointError, ModelSourceError, FileNotFoundError)
+USER_ERRORS = (PlanError, RunError, DataError, AdapterError, CheckpointError, ModelSourceError)
 
 
 def format_summary(summary: dict) -> str:

@@ -12,12 +12,13 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import save_file
+
+from muxtune.common.files import make_temp_dir
 
 BUILTIN_MODELS = ("tiny-llama", "smollm2-135m")
 TINY_LLAMA_VERSION = "v1"
@@ -57,7 +58,7 @@ def _materialize(target: Path, write: Callable[[Path], None]) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    tmp = make_temp_dir(target.parent, f".{target.name}.")
     try:
         write(tmp)
         if not (target / "config.json").is_file():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .adapters import atomic_write_bytes
+from muxtune.common.files import atomic_write_bytes
 
 
 class StepLog:

@@ -13,10 +13,18 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from muxtune.common.text import quote
+
 Checker = Callable[[Any], Any]
 
 _NUMBER_RE = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
 _IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+_EXACT_FLOAT_INT = 2**53
+_MAX_NUMBER_TEXT = 400
+_MAX_SUGGESTED_LENGTH = 200
+
+MAX_INT = 2**63 - 1
+"""No integer field holds more than a signed 64-bit value (torch seeds, counters, file sizes)."""
 
 
 class Invalid(Exception):
@@ -56,9 +64,12 @@ def add_error(errors: list[str], path: str, message: str) -> None:
 
 
 def did_you_mean(word: str, choices: Sequence[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
+    """`` (did you mean 'x'?)`` for the closest choice, or an empty string (also for words
+    too long to be a misspelling, which would make the comparison slow)."""
+    if len(word) > _MAX_SUGGESTED_LENGTH:
+        return ""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return f" (did you mean {quote(close[0])}?)" if close else ""
 
 
 def looks_numeric(value: str) -> bool:
@@ -71,11 +82,19 @@ def _is_int(value: Any) -> bool:
 
 
 def _as_number(value: Any) -> float | int | None:
+    """The number ``value`` stands for; an int too large for a float becomes ``inf``."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):
+        if abs(value) <= _EXACT_FLOAT_INT:
+            return value
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    if isinstance(value, float):
         return value
-    if isinstance(value, str) and looks_numeric(value):
+    if isinstance(value, str) and len(value) <= _MAX_NUMBER_TEXT and looks_numeric(value):
         return float(value)
     return None
 
@@ -85,41 +104,49 @@ def as_is(value: Any) -> Any:
     return value
 
 
-def positive_int(value: Any) -> int:
-    if not _is_int(value) or value <= 0:
-        raise Invalid(f"must be a positive integer, got {value!r}")
-    return value
+def int_in_range(low: int, high: int, what: str = "") -> Checker:
+    """An integer in ``[low, high]``; ``what`` says what the bound protects (shown past ``high``)."""
+
+    def check(value: Any) -> int:
+        if not _is_int(value) or value < low:
+            kind = {0: "a non-negative integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")
+            raise Invalid(f"must be {kind}, got {quote(value)}")
+        if value > high:
+            raise Invalid(f"must be at most {high}{' ' + what if what else ''}, got {quote(value)}")
+        return value
+
+    return check
 
 
-def non_negative_int(value: Any) -> int:
-    if not _is_int(value) or value < 0:
-        raise Invalid(f"must be a non-negative integer, got {value!r}")
-    return value
+positive_int = int_in_range(1, MAX_INT)
+non_negative_int = int_in_range(0, MAX_INT)
 
 
 def integer(value: Any) -> int:
     if not _is_int(value):
-        raise Invalid(f"must be an integer, got {value!r}")
+        raise Invalid(f"must be an integer, got {quote(value)}")
+    if abs(value) > MAX_INT:
+        raise Invalid(f"must be at most {MAX_INT} in size, got {quote(value)}")
     return value
 
 
 def positive_number(value: Any) -> float:
     number = _as_number(value)
     if number is None or not math.isfinite(number) or number <= 0:
-        raise Invalid(f"must be a positive number, got {value!r}")
+        raise Invalid(f"must be a positive number, got {quote(value)}")
     return float(number)
 
 
 def non_negative_number(value: Any) -> float:
     number = _as_number(value)
     if number is None or not math.isfinite(number) or number < 0:
-        raise Invalid(f"must be a non-negative number, got {value!r}")
+        raise Invalid(f"must be a non-negative number, got {quote(value)}")
     return float(number)
 
 
 def positive_number_keep_int(value: Any) -> int | float:
     """Like `positive_number`, but an int stays an int (LoRA alpha is usually written as one)."""
-    if _is_int(value) and value > 0:
+    if _is_int(value) and 0 < value <= _EXACT_FLOAT_INT:
         return value
     return positive_number(value)
 
@@ -128,13 +155,13 @@ def unit_interval(value: Any) -> float:
     """A number in [0, 1)."""
     number = _as_number(value)
     if number is None or not 0 <= number < 1:
-        raise Invalid(f"must be a number in [0, 1), got {value!r}")
+        raise Invalid(f"must be a number in [0, 1), got {quote(value)}")
     return float(number)
 
 
 def non_empty_str(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise Invalid(f"must be a non-empty string, got {value!r}")
+        raise Invalid(f"must be a non-empty string, got {quote(value)}")
     return value
 
 
@@ -155,9 +182,9 @@ def one_of(*choices: str, what: str = "") -> Checker:
             return value
         hint = did_you_mean(value, choices) if isinstance(value, str) else ""
         if what:
-            raise Invalid(f"unsupported {what} {value!r} (supported: {', '.join(choices)}){hint}")
+            raise Invalid(f"unsupported {what} {quote(value)} (supported: {', '.join(choices)}){hint}")
         listed = ", ".join(repr(c) for c in choices)
-        raise Invalid(f"must be one of {listed}, got {value!r}{hint}")
+        raise Invalid(f"must be one of {listed}, got {quote(value)}{hint}")
 
     return check
 
@@ -182,7 +209,7 @@ def matches(pattern: str, description: str) -> Checker:
 
     def check(value: Any) -> str:
         if not isinstance(value, str) or not compiled.fullmatch(value):
-            raise Invalid(f"must match {description}, got {value!r}")
+            raise Invalid(f"must match {description}, got {quote(value)}")
         return value
 
     return check
@@ -191,12 +218,12 @@ def matches(pattern: str, description: str) -> Checker:
 def identifier_list(value: Any) -> tuple[str, ...]:
     """A non-empty list of identifier-like strings (``q_proj``, ``mlp.down_proj``)."""
     if not isinstance(value, (list, tuple)) or not value:
-        raise Invalid(f"must be a non-empty list of module names, got {value!r}")
+        raise Invalid(f"must be a non-empty list of module names, got {quote(value)}")
     bad = [v for v in value if not isinstance(v, str) or not _IDENTIFIER_RE.match(v)]
     if bad:
-        raise Invalid(f"must contain identifier-like module names, got {bad[0]!r}")
+        raise Invalid(f"must contain identifier-like module names, got {quote(bad[0])}")
     if len(set(value)) != len(value):
-        raise Invalid(f"must not repeat a module name, got {list(value)!r}")
+        raise Invalid(f"must not repeat a module name, got {quote(list(value))}")
     return tuple(value)
 
 
@@ -222,7 +249,7 @@ class MappingReader:
         self.raw: Mapping[Any, Any] = raw if self.ok else {}
         if not self.ok:
             if raw is not INVALID:
-                add_error(errors, path, f"must be a {what}, got {raw!r}")
+                add_error(errors, path, f"must be a {what}, got {quote(raw)}")
             return
         for key in raw:
             if not isinstance(key, str) or key not in known:

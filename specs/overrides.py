@@ -12,7 +12,8 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-import yaml
+from muxtune.common.text import quote
+from muxtune.common.yaml_io import YamlInputError, parse_yaml_text
 
 from .checks import Invalid, looks_numeric
 
@@ -20,9 +21,9 @@ from .checks import Invalid, looks_numeric
 def parse_override_value(text: str) -> Any:
     """The YAML value of ``text``; ``1e-4`` and friends become floats."""
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc)
+        value = parse_yaml_text(text, "value")
+    except YamlInputError as exc:
+        problem = str(exc).split(": ", 1)[-1].removeprefix("invalid YAML: ")
         raise Invalid(f"value is not valid YAML: {problem}") from None
     if isinstance(value, str) and looks_numeric(value):
         return float(value)
@@ -48,8 +49,8 @@ def _children(container: Any, segment: str, path: str, create: bool) -> list[tup
             if isinstance(item, dict) and item.get("name") == segment:
                 return [(container, index)]
         known = ", ".join(str(n) for n in names if n is not None) or "none"
-        raise Invalid(f"no task named {segment!r} in {path} (names: {known})")
-    raise Invalid(f"{path} is not a mapping or list, cannot set {segment!r} in it")
+        raise Invalid(f"no task named {quote(segment)} in {path} (names: {known})")
+    raise Invalid(f"{path} is not a mapping or list, cannot set {quote(segment)} in it")
 
 
 def _apply_one(root: Any, item: str) -> None:
@@ -59,7 +60,7 @@ def _apply_one(root: Any, item: str) -> None:
         raise Invalid("expected key=value")
     segments = key.split(".")
     if any(not s for s in segments):
-        raise Invalid(f"malformed key {key!r}")
+        raise Invalid(f"malformed key {quote(key)}")
     value = parse_override_value(text)
     targets: list[tuple[Any, Any]] = [({"": root}, "")]
     path_parts: list[str] = []
@@ -82,5 +83,5 @@ def apply_overrides(raw: Any, overrides: Sequence[str], errors: list[str]) -> An
         try:
             _apply_one(result, item)
         except Invalid as exc:
-            errors.append(f"override {item!r}: {exc}")
+            errors.append(f"override {quote(item)}: {exc}")
     return result

@@ -12,7 +12,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
+from muxtune.common.text import quote
+from muxtune.common.yaml_io import YamlInputError, read_yaml_file
 
 from .checks import (
     INVALID,
@@ -25,6 +26,7 @@ from .checks import (
     at,
     auto_or,
     identifier_list,
+    int_in_range,
     join,
     matches,
     non_empty_str,
@@ -32,7 +34,6 @@ from .checks import (
     non_negative_number,
     one_of,
     optional,
-    positive_int,
     positive_number,
     positive_number_keep_int,
     unit_interval,
@@ -44,6 +45,12 @@ from .schema import (
     DATA_FORMATS,
     DEVICES,
     DTYPES,
+    MAX_BATCH_SIZE,
+    MAX_DEVICES,
+    MAX_LORA_RANK,
+    MAX_SEED,
+    MAX_SEQ_LEN,
+    MAX_STEPS,
     PEFT_METHODS,
     SCHEDULES,
     TASK_NAME_PATTERN,
@@ -62,13 +69,21 @@ _DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataSpec))
 _SCHEDULE_KEYS = tuple(f.name for f in dataclasses.fields(ScheduleSpec))
 _CLUSTER_KEYS = tuple(f.name for f in dataclasses.fields(ClusterSpec))
 
+lora_rank = int_in_range(1, MAX_LORA_RANK)
+sequence_length = int_in_range(1, MAX_SEQ_LEN, "(tokens per sequence)")
+batch_size = int_in_range(1, MAX_BATCH_SIZE, "(sequences per optimizer step)")
+step_count = int_in_range(1, MAX_STEPS)
+step_interval = int_in_range(0, MAX_STEPS)
+seed = int_in_range(0, MAX_SEED, "(a 64-bit seed)")
+device_count = int_in_range(1, MAX_DEVICES)
+
 task_name = matches(TASK_NAME_PATTERN, TASK_NAME_PATTERN)
 """Checker for task names: also the output subfolder, so no separators or dots."""
 
 
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise Invalid(f"must be true or false, got {value!r}")
+        raise Invalid(f"must be true or false, got {quote(value)}")
     return value
 
 
@@ -84,10 +99,12 @@ def path_checker(base_dir: Path | None, must_be: str | None) -> Checker:
         if os.path.isabs(expanded):
             resolved = os.path.normpath(expanded)
         elif base_dir is None:
-            raise Invalid(f"must be an absolute path, got {value!r}")
+            raise Invalid(f"must be an absolute path, got {quote(value)}")
         else:
             resolved = os.path.normpath(os.path.join(os.path.abspath(base_dir), expanded))
         if must_be == "file" and not os.path.isfile(resolved):
+            if os.path.isdir(resolved):
+                raise Invalid(f"is a directory, not a file: {resolved}")
             raise Invalid(f"file not found: {resolved}")
         if must_be == "dir" and not os.path.isdir(resolved):
             raise Invalid(f"directory not found: {resolved}")
@@ -106,7 +123,7 @@ def model_checker(base_dir: Path | None, check_paths: bool) -> Checker:
         text = non_empty_str(value)
         if text.startswith(BUILTIN_PREFIX):
             if not text[len(BUILTIN_PREFIX) :].strip():
-                raise Invalid(f"a builtin model needs a name after {BUILTIN_PREFIX!r}")
+                raise Invalid(f"a builtin model needs a name after {quote(BUILTIN_PREFIX)}")
             return text
         return resolve(text)
 
@@ -154,7 +171,7 @@ def read_task(
         p = MappingReader(peft_raw, join(path, "peft"), errors, _PEFT_KEYS)
         peft = PeftSpec(
             method=p.get("method", one_of(*PEFT_METHODS, what="PEFT method"), default("lora")),
-            r=p.get("r", positive_int, default(8)),
+            r=p.get("r", lora_rank, default(8)),
             alpha=p.get("alpha", positive_number_keep_int, default(16)),
             dropout=p.get("dropout", unit_interval, default(0.0)),
             target_modules=p.get("target_modules", identifier_list, default(("q_proj", "v_proj"))),
@@ -170,7 +187,7 @@ def read_task(
             format=d.get("format", one_of(*DATA_FORMATS)),
         )
 
-    steps = task.get("steps", positive_int, default(50))
+    steps = task.get("steps", step_count, default(50))
     schedule: Any = INVALID
     schedule_raw = _nested(task, "schedule", require_all)
     if schedule_raw is not INVALID:
@@ -192,16 +209,16 @@ def read_task(
         name=name,
         peft=peft,
         data=data,
-        max_seq_len=task.get("max_seq_len", positive_int, default(128)),
-        batch_size=task.get("batch_size", positive_int, default(8)),
+        max_seq_len=task.get("max_seq_len", sequence_length, default(128)),
+        batch_size=task.get("batch_size", batch_size, default(8)),
         lr=task.get("lr", positive_number, default(2e-4)),
         weight_decay=task.get("weight_decay", non_negative_number, default(0.0)),
         max_grad_norm=task.get("max_grad_norm", positive_number, default(1.0)),
         schedule=schedule,
         steps=steps,
-        seed=task.get("seed", non_negative_int, default(0)),
+        seed=task.get("seed", seed, default(0)),
         init_from=task.get("init_from", optional(init_checker), default(None)),
-        save_every=task.get("save_every", non_negative_int, default(0)),
+        save_every=task.get("save_every", step_interval, default(0)),
     )
     return spec, task
 
@@ -216,7 +233,7 @@ def check_task_names(names: Iterable[Any], path: str, errors: list[str]) -> None
             add_error(
                 errors,
                 join(at(path, index), "name"),
-                f"duplicate task name {name!r} (also {at(path, seen[name])})",
+                f"duplicate task name {quote(name)} (also {at(path, seen[name])})",
             )
         else:
             seen[name] = index
@@ -226,10 +243,10 @@ def _read_cluster(raw: Any, errors: list[str]) -> ClusterSpec:
     c = MappingReader(raw, "cluster", errors, _CLUSTER_KEYS)
     cluster = ClusterSpec(
         device=c.get("device", one_of(*DEVICES), "auto"),
-        num_devices=c.get("num_devices", positive_int, 1),
+        num_devices=c.get("num_devices", device_count, 1),
         memory_gb=c.get("memory_gb", auto_or(positive_number), "auto"),
-        pipeline_parallel=c.get("pipeline_parallel", auto_or(positive_int), "auto"),
-        tensor_parallel=c.get("tensor_parallel", auto_or(positive_int), "auto"),
+        pipeline_parallel=c.get("pipeline_parallel", auto_or(device_count), "auto"),
+        tensor_parallel=c.get("tensor_parallel", auto_or(device_count), "auto"),
     )
     degrees = [d for d in (cluster.pipeline_parallel, cluster.tensor_parallel) if isinstance(d, int)]
     if isinstance(cluster.num_devices, int) and degrees:
@@ -256,7 +273,7 @@ def parse_job_spec(raw: Any, base_dir: Path | str | None = None, overrides: Sequ
     if overrides:
         raw = apply_overrides(raw, overrides, errors)
     if not isinstance(raw, dict):
-        raise SpecError([*errors, f"job spec: must be a mapping, got {raw!r}"])
+        raise SpecError([*errors, f"job spec: must be a mapping, got {quote(raw)}"])
     job = MappingReader(raw, "", errors, _JOB_KEYS)
     model = job.get("model", model_checker(base, check_paths=True))
     dtype = job.get("dtype", one_of(*DTYPES), "fp32")
@@ -269,7 +286,7 @@ def parse_job_spec(raw: Any, base_dir: Path | str | None = None, overrides: Sequ
     if raw_tasks is MISSING:
         add_error(errors, "tasks", "missing required key")
     elif not isinstance(raw_tasks, list):
-        add_error(errors, "tasks", f"must be a list of task mappings, got {raw_tasks!r}")
+        add_error(errors, "tasks", f"must be a list of task mappings, got {quote(raw_tasks)}")
     elif not raw_tasks:
         add_error(errors, "tasks", "at least one task is required")
     else:
@@ -282,28 +299,13 @@ def parse_job_spec(raw: Any, base_dir: Path | str | None = None, overrides: Sequ
     return JobSpec(model=model, dtype=dtype, output_dir=output_dir, cluster=cluster, tasks=tuple(tasks))
 
 
-def read_yaml_file(path: Path | str, error_type: type[ValueError]) -> Any:
-    """``yaml.safe_load`` a file; a missing file or bad YAML raises ``error_type([message])``."""
-    file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error_type([f"{file}: file not found"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise error_type([f"{file}: cannot read: {exc}"]) from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(file)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise error_type([f"{where}: invalid YAML: {problem}"]) from None
-
-
 def load_job_spec(path: Path | str, overrides: Sequence[str] = ()) -> JobSpec:
     """Read, override and validate a job spec file; relative paths are against its folder."""
     file = Path(path)
-    raw = read_yaml_file(file, SpecError)
+    try:
+        raw = read_yaml_file(file)
+    except YamlInputError as exc:
+        raise SpecError([str(exc)]) from None
     if raw is None:
         raise SpecError([f"{file}: the job spec is empty"])
     if not isinstance(raw, dict):

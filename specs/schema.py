@@ -17,8 +17,18 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "a40", "a100", "h100", "h200"
 PEFT_METHODS: tuple[str, ...] = ("lora",)
 """PEFT methods this spec version accepts; more are added as the runtime supports them."""
 
-TASK_NAME_PATTERN = r"[a-z0-9_-]+"
+TASK_NAME_PATTERN = r"[a-z0-9_-]{1,64}"
+"""Task names are also folder names: short, no separators or dots."""
 BUILTIN_PREFIX = "builtin:"
+
+# Largest values a spec may ask for: beyond them a job cannot be served (a global batch of
+# 10^12 sequences is a 10^12-element list), so they are refused when the spec is read.
+MAX_BATCH_SIZE = 65_536
+MAX_SEQ_LEN = 1_048_576
+MAX_LORA_RANK = 65_536
+MAX_STEPS = 2**31 - 1
+MAX_SEED = 2**63 - 1
+MAX_DEVICES = 65_536
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from muxtune.common.cli import run_command
 from muxtune.compiler.compile import compile_job
 from muxtune.compiler.errors import CompileError
 from muxtune.plans import PlanError, save_plan
@@ -19,9 +20,9 @@ from muxtune.runtime.adapters import load_adapter
 from muxtune.runtime.backbone import greedy_generate, load_model
 from muxtune.runtime.cli import USER_ERRORS, format_summary
 from muxtune.runtime.engine import MultiTaskEngine
-from muxtune.runtime.executor import RUN_RECORD, PlanExecutor, task_training
+from muxtune.runtime.executor import PlanExecutor, task_training
+from muxtune.runtime.run_folder import is_muxtune_run
 from muxtune.specs import SpecError, load_job_spec
-from muxtune.specs.cli_support import run_command
 
 from .make_datasets import make_examples
 
@@ -34,7 +35,7 @@ def fresh_output_dir(path: Path) -> None:
     """Clear a previous quickstart run (only a folder MuxTune made); refuse anything else."""
     if not path.exists():
         return
-    if not (path / RUN_RECORD).is_file():
+    if not is_muxtune_run(path):
         raise SpecError([f"output_dir: {path} exists and is not a MuxTune run; choose another --output-dir"])
     shutil.rmtree(path)
 

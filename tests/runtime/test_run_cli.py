@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from user_path import default_tasks, read_jsonl, run_cli, snapshot, write_job
 
 from muxtune.runtime.adapters import WEIGHTS_NAME
+from muxtune.runtime.checkpoint import JOB_RECORD
 
 
 def compile_and_run(
@@ -86,7 +87,7 @@ def test_resume_after_sigkill_equals_uninterrupted(reference_run: Path, tmp_path
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    first_checkpoint = tmp_path / "out" / "qa" / "checkpoints" / "step-000001"
+    first_checkpoint = tmp_path / "out" / JOB_RECORD
     deadline = time.monotonic() + 300
     while not first_checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)

@@ -101,10 +101,10 @@ def test_valid_base_spec(job_dir: Path) -> None:
         ),
         (_task(1, data={"format": "text"}), "tasks[1].data.path: missing required key"),
         (_task(1, data="data/qa.jsonl"), "tasks[1].data: must be a mapping, got 'data/qa.jsonl'"),
-        (_task(1, name="QA"), "tasks[1].name: must match [a-z0-9_-]+, got 'QA'"),
-        (_task(1, name="../x"), "tasks[1].name: must match [a-z0-9_-]+, got '../x'"),
-        (_task(1, name="a/b"), "tasks[1].name: must match [a-z0-9_-]+, got 'a/b'"),
-        (_task(1, name=""), "tasks[1].name: must match [a-z0-9_-]+, got ''"),
+        (_task(1, name="QA"), "tasks[1].name: must match [a-z0-9_-]{1,64}, got 'QA'"),
+        (_task(1, name="../x"), "tasks[1].name: must match [a-z0-9_-]{1,64}, got '../x'"),
+        (_task(1, name="a/b"), "tasks[1].name: must match [a-z0-9_-]{1,64}, got 'a/b'"),
+        (_task(1, name=""), "tasks[1].name: must match [a-z0-9_-]{1,64}, got ''"),
         (_task(1, name="sentiment"), "tasks[1].name: duplicate task name 'sentiment' (also tasks[0])"),
         (_task(1, btach_size=4), "tasks[1].btach_size: unknown key (did you mean 'batch_size'?)"),
         (_task(1, colour=4), "tasks[1].colour: unknown key"),
@@ -165,7 +165,7 @@ def test_data_path_must_exist_as_a_file(errors_for: Callable[..., list[str]], jo
     errors = errors_for(_task(0, data={"path": "data/nope.jsonl", "format": "text"}))
     assert errors == [f"tasks[0].data.path: file not found: {job_dir / 'data' / 'nope.jsonl'}"]
     errors = errors_for(_task(0, data={"path": "data", "format": "text"}))
-    assert errors == [f"tasks[0].data.path: file not found: {job_dir / 'data'}"]
+    assert errors == [f"tasks[0].data.path: is a directory, not a file: {job_dir / 'data'}"]
 
 
 def test_init_from_must_be_a_directory(errors_for: Callable[..., list[str]], job_dir: Path) -> None:
