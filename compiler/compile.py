@@ -33,7 +33,8 @@ from muxtune.plans import (
 from muxtune.runtime.adapters import AdapterError, load_adapter
 from muxtune.runtime.data import DataError, TokenizedDataset, load_dataset
 from muxtune.runtime.model_sources import ModelSourceError, resolve_model_dir
-from muxtune.runtime.models import BackboneConfig, build_model, read_hf_config
+from muxtune.runtime.models import BackboneConfig, BackboneForCausalLM, build_model, read_hf_config
+from muxtune.runtime.models.loading import build_model_checked, check_checkpoint
 from muxtune.runtime.peft import find_anchors
 from muxtune.runtime.peft.attach import is_anchorable
 from muxtune.runtime.tokenizer import TextTokenizer, load_tokenizer
@@ -70,17 +71,26 @@ def compile_job(
         model_dir = resolve_model_dir(spec.model)
         config = read_hf_config(model_dir)
         tokenizer = load_tokenizer(model_dir)
+        meta_model = build_model_checked(config, model_dir / "config.json")
     except (ModelSourceError, FileNotFoundError, ValueError) as exc:
         raise CompileError([f"model: {exc}"]) from None
     errors: list[str] = []
-    datasets = check_tasks(spec, config, tokenizer, errors)
+    try:
+        check_checkpoint(model_dir, meta_model)
+    except (FileNotFoundError, ValueError) as exc:
+        errors.append(f"model: {exc}")
+    datasets = check_tasks(spec, config, tokenizer, errors, meta_model=meta_model)
     if errors:
         raise CompileError(errors)
-    notes = ignored_cluster_fields(spec) + tuple(
-        f"tasks.{t.name}: {datasets[t.name].num_targetless} of {len(datasets[t.name].examples)} examples keep no "
-        f"target token within max_seq_len={t.max_seq_len} and are skipped"
-        for t in spec.tasks
-        if datasets[t.name].num_targetless
+    notes = (
+        ignored_cluster_fields(spec)
+        + rank_notes(spec, meta_model)
+        + tuple(
+            f"tasks.{t.name}: {datasets[t.name].num_targetless} of {len(datasets[t.name].examples)} examples keep no "
+            f"target token within max_seq_len={t.max_seq_len} and are skipped"
+            for t in spec.tasks
+            if datasets[t.name].num_targetless
+        )
     )
     tasks = tuple(
         TaskPlan.from_spec(
@@ -112,10 +122,17 @@ def compile_job(
 
 
 def check_tasks(
-    spec: JobSpec, config: BackboneConfig, tokenizer: TextTokenizer, errors: list[str]
+    spec: JobSpec,
+    config: BackboneConfig,
+    tokenizer: TextTokenizer,
+    errors: list[str],
+    *,
+    meta_model: BackboneForCausalLM | None = None,
 ) -> dict[str, TokenizedDataset]:
-    """Check each task against the backbone and tokenize its data; appends to `errors`."""
-    meta_model = build_model(config, device="meta")
+    """Check each task against the backbone (`meta_model`: built on the meta device; built here
+    when not given) and tokenize its data; appends to `errors`."""
+    if meta_model is None:
+        meta_model = build_model(config, device="meta")
     datasets = {}
     for i, task in enumerate(spec.tasks):
         where = f"tasks[{i}]"
@@ -136,7 +153,37 @@ def check_tasks(
             datasets[task.name] = load_dataset(task.data.path, task.data.format, tokenizer, task.max_seq_len)
         except DataError as exc:
             errors.append(f"{where}.data.path: {exc}")
+            continue
+        examples = datasets[task.name].examples
+        beyond = next((e for e in examples if max(e.input_ids, default=0) >= config.vocab_size), None)
+        if beyond is not None:
+            errors.append(
+                f"{where}.data.path: {task.data.path}:{beyond.index + 1}: tokenizes to id {max(beyond.input_ids)}, "
+                f"beyond the model's vocab_size {config.vocab_size} (the tokenizer and config.json disagree)"
+            )
     return datasets
+
+
+def rank_notes(spec: JobSpec, meta_model: BackboneForCausalLM) -> tuple[str, ...]:
+    """Notes for tasks whose LoRA rank exceeds the width (smaller of in and out features) of a
+    layer they target; peft accepts such ranks, the extra rank just adds no capacity."""
+    notes = []
+    for task in spec.tasks:
+        narrow = []
+        for name in find_anchors(meta_model, tuple(task.peft.target_modules)):
+            module = meta_model.get_submodule(name)
+            fan_in, fan_out = module.in_features, module.out_features
+            if task.peft.r > min(fan_in, fan_out):
+                narrow.append((min(fan_in, fan_out), name, fan_in, fan_out))
+        if not narrow:
+            continue
+        width, name, fan_in, fan_out = min(narrow, key=lambda layer: layer[0])
+        more = f" and of {len(narrow) - 1} more targeted layers" if len(narrow) > 1 else ""
+        notes.append(
+            f"tasks.{task.name}.peft.r: {task.peft.r} exceeds the width of {name} ({fan_in} -> {fan_out}){more}; "
+            f"ranks above {width} add parameters without adding capacity"
+        )
+    return tuple(notes)
 
 
 def check_init_from(task: TaskSpec, where: str, errors: list[str]) -> None:

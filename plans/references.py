@@ -7,10 +7,25 @@ from typing import Any
 from muxtune.common.text import quote
 from muxtune.specs.checks import INVALID, add_error, at, did_you_mean, join
 
-from .instructions import OptimizerStep
-from .schema import HTask, Plan, TaskPlan
+from .instructions import (
+    BuildTasks,
+    Checkpoint,
+    ExportAdapters,
+    ForwardBackward,
+    LoadBackbone,
+    OptimizerStep,
+)
+from .schema import HTask, Plan, RankProgram, TaskPlan
 
 _SECTIONS = ("prologue", "round", "epilogue")
+_ALLOWED_SECTIONS: dict[type, tuple[str, ...]] = {
+    LoadBackbone: ("prologue",),
+    BuildTasks: ("prologue",),
+    ForwardBackward: ("round",),
+    OptimizerStep: ("round",),
+    Checkpoint: ("round", "epilogue"),
+    ExportAdapters: ("epilogue",),
+}
 
 
 def _unknown_task(name: str, tasks: dict[str, TaskPlan]) -> str:
@@ -103,20 +118,94 @@ def check_programs(plan: Plan, tasks: dict[str, TaskPlan], errors: list[str]) ->
                         add_error(errors, join(where, "tasks"), _unknown_task(name, tasks))
 
 
-def check_progress(plan: Plan, tasks: dict[str, TaskPlan], errors: list[str]) -> None:
-    """Every task is stepped by some round, or replaying the rounds would never end."""
-    stepped: set[str] = set()
-    for program in plan.programs:
-        for instruction in program.round:
-            if isinstance(instruction, OptimizerStep):
-                stepped.update(instruction.tasks)
-    never = [name for name in tasks if name not in stepped]
-    if never:
+def _check_section_ops(program: RankProgram, path: str, errors: list[str]) -> None:
+    """Each opcode only in the sections that can run it."""
+    for section in _SECTIONS:
+        for i, instruction in enumerate(getattr(program, section)):
+            allowed = _ALLOWED_SECTIONS[type(instruction)]
+            if section not in allowed:
+                add_error(
+                    errors,
+                    at(join(path, section), i),
+                    f"{instruction.op.value} cannot run in the {section} (only in: {', '.join(allowed)})",
+                )
+
+
+def _check_setup(program: RankProgram, path: str, names: list[str], errors: list[str]) -> None:
+    """The prologue loads the backbone once, first, then builds every task exactly once."""
+    prologue = program.prologue
+    loads = [i for i, instruction in enumerate(prologue) if isinstance(instruction, LoadBackbone)]
+    if not loads:
+        add_error(errors, join(path, "prologue"), "must load the backbone (load_backbone) before anything else")
+    elif loads[0] != 0 or len(loads) > 1:
+        add_error(errors, join(path, "prologue"), "must start with the one load_backbone and hold no other")
+    built: dict[str, int] = {}
+    for i, instruction in enumerate(prologue):
+        if not isinstance(instruction, BuildTasks):
+            continue
+        for name in instruction.tasks:
+            if name in built:
+                add_error(
+                    errors,
+                    at(join(path, "prologue"), i),
+                    f"builds task {quote(name)} again (already built by prologue[{built[name]}])",
+                )
+            built[name] = i
+    missing = [name for name in names if name not in built]
+    if missing:
+        add_error(errors, join(path, "prologue"), f"never builds task(s) {_names(missing)}")
+
+
+def _check_round(plan: Plan, program: RankProgram, path: str, names: list[str], errors: list[str]) -> None:
+    """Every task is passed forward once and stepped once per round, the pass first."""
+    forwarded: dict[str, int] = {}
+    stepped: dict[str, int] = {}
+    where = join(path, "round")
+    for i, instruction in enumerate(program.round):
+        if isinstance(instruction, ForwardBackward):
+            for name in plan.htasks[instruction.htask].tasks:
+                if name in forwarded:
+                    add_error(errors, at(where, i), f"passes task {quote(name)} forward twice in one round")
+                forwarded[name] = i
+        elif isinstance(instruction, OptimizerStep):
+            for name in instruction.tasks:
+                if name in stepped:
+                    add_error(errors, at(where, i), f"steps task {quote(name)} twice in one round")
+                elif name in forwarded:
+                    stepped[name] = i
+                else:
+                    add_error(
+                        errors,
+                        at(where, i),
+                        f"steps task {quote(name)} before its forward_backward in the round",
+                    )
+                    stepped[name] = i
+    never_forward = [name for name in names if name not in forwarded]
+    if never_forward:
+        add_error(errors, where, f"has no forward_backward for task(s) {_names(never_forward)}")
+    never_stepped = [name for name in names if name not in stepped]
+    if never_stepped:
         add_error(
             errors,
-            "programs",
-            f"no round has an optimizer_step for task(s) {', '.join(map(repr, never))}; they would never finish",
+            where,
+            f"has no optimizer_step for task(s) {_names(never_stepped)}; they would never finish",
         )
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(quote(name) for name in names)
+
+
+def check_program_structure(plan: Plan, errors: list[str]) -> None:
+    """A plan that loads always runs: per rank, the backbone is loaded first and once, every task
+    is built once after it, and each round passes every task forward and then steps it once
+    (a round without them would never end, or step a task without a batch)."""
+    names = [t.name for t in plan.tasks]
+    for index, program in enumerate(plan.programs):
+        path = at("programs", index)
+        _check_section_ops(program, path, errors)
+        _check_setup(program, path, names, errors)
+        _check_round(plan, program, path, names, errors)
 
 
 def check_references(plan: Plan, errors: list[str]) -> None:
@@ -125,4 +214,4 @@ def check_references(plan: Plan, errors: list[str]) -> None:
     check_htasks(plan, tasks, errors)
     check_programs(plan, tasks, errors)
     if not errors:
-        check_progress(plan, tasks, errors)
+        check_program_structure(plan, errors)

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
+
+from muxtune.common.text import clip_line, quote
 
 from .tokenizer import TextTokenizer
 
 FORMAT_FIELDS = {"text": ("text",), "prompt_completion": ("prompt", "completion")}
+MAX_INT_DIGITS = 4300
+"""Digits a JSON integer may have (Python's default limit for converting decimal text to int)."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataError(ValueError):
@@ -67,32 +73,86 @@ def tokenize_record(record: dict, data_format: str, tokenizer: TextTokenizer, ma
 
 
 def read_jsonl(path: Path, data_format: str) -> list[dict]:
-    """Parse a JSONL file, checking every line has the format's string fields."""
+    """Parse a JSONL file, checking every line has the format's string fields.
+
+    Lines end at ``\\n``, ``\\r\\n`` or ``\\r``; each is decoded as UTF-8 on its own, so every problem
+    (bad bytes, bad JSON, numbers too long, nesting too deep, lone surrogates) is a DataError
+    naming the file and line."""
     if data_format not in FORMAT_FIELDS:
-        raise DataError(f"{path}: unknown data format {data_format!r}; expected one of {sorted(FORMAT_FIELDS)}")
-    if not path.is_file():
+        raise DataError(f"{path}: unknown data format {quote(data_format)}; expected one of {sorted(FORMAT_FIELDS)}")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a data file")
+    if not path.exists():
         raise DataError(f"{path}: data file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
     records: list[dict] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                raise DataError(f"{path}:{line_number}: empty line (every line must be one JSON object)")
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_number}: invalid JSON: {exc.msg}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            for name in FORMAT_FIELDS[data_format]:
-                if not isinstance(record.get(name), str):
-                    problem = (
-                        "missing" if name not in record else f"must be a string, got {type(record[name]).__name__}"
-                    )
-                    raise DataError(f"{path}:{line_number}: field {name!r} {problem} (format {data_format})")
-            records.append(record)
+    try:
+        with path.open("rb") as handle:
+            for line_number, raw_line in enumerate(_lines(handle), start=1):
+                records.append(_parse_line(raw_line, path, line_number, data_format))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the data file: {exc.strerror or exc}") from None
     if not records:
         raise DataError(f"{path}: the dataset is empty")
     return records
+
+
+def _lines(handle: BinaryIO) -> Iterator[bytes]:
+    """The lines of a binary file without their endings (``\\n``, ``\\r\\n`` or ``\\r``, as text mode reads)."""
+    for chunk in handle:
+        yield from chunk.splitlines()
+
+
+class _NumberTooLong(Exception):
+    """Raised by `_parse_int` to stop parsing a line at an integer literal that is too long."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise _NumberTooLong(digits)
+    return int(text)
+
+
+def _parse_line(raw: bytes, path: Path, line_number: int, data_format: str) -> dict:
+    """One JSONL line as a record holding the format's fields as valid Unicode strings."""
+    where = f"{path}:{line_number}"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{where}: not valid UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line)"
+        ) from None
+    if not line.strip():
+        raise DataError(f"{where}: empty line (every line must be one JSON object)")
+    try:
+        record = json.loads(line, parse_int=_parse_int)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except _NumberTooLong as exc:
+        raise DataError(f"{where}: a number has {exc.digits} digits (at most {MAX_INT_DIGITS} are accepted)") from None
+    except RecursionError:
+        raise DataError(f"{where}: invalid JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise DataError(f"{where}: invalid JSON: {clip_line(str(exc), 200)}") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for name in FORMAT_FIELDS[data_format]:
+        value = record.get(name)
+        if not isinstance(value, str):
+            problem = "missing" if name not in record else f"must be a string, got {type(value).__name__}"
+            raise DataError(f"{where}: field {name!r} {problem} (format {data_format})")
+        surrogate = _SURROGATE.search(value)
+        if surrogate:
+            raise DataError(
+                f"{where}: field {name!r} holds a lone surrogate \\u{ord(surrogate.group()):04x} at character "
+                f"{surrogate.start() + 1}, which is not valid Unicode text"
+            )
+    return record
 
 
 def load_dataset(path: str | Path, data_format: str, tokenizer: TextTokenizer, max_seq_len: int) -> TokenizedDataset:

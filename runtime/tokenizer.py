@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer
+
+from muxtune.common.text import clip_line, quote
+
+from .models.loading import read_json_object
 
 
 class TextTokenizer:
@@ -36,23 +39,31 @@ def load_tokenizer(model_dir: str | Path) -> TextTokenizer:
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises its own exception type
-        raise ValueError(f"{path}: not a valid tokenizer file: {exc}") from None
+        raise ValueError(f"{path}: not a valid tokenizer file: {clip_line(str(exc), 300)}") from None
     return TextTokenizer(tokenizer, _eos_token_id(model_dir, tokenizer))
 
 
 def _eos_token_id(model_dir: Path, tokenizer: Tokenizer) -> int | None:
+    """EOS from tokenizer_config.json's `eos_token`, else config.json's `eos_token_id`; ValueError
+    names the file when it is not a JSON object or the id is not in the tokenizer's vocabulary."""
     config_path = model_dir / "tokenizer_config.json"
     if config_path.is_file():
-        eos = json.loads(config_path.read_text()).get("eos_token")
+        eos = read_json_object(config_path).get("eos_token")
         if isinstance(eos, dict):
             eos = eos.get("content")
         if isinstance(eos, str) and tokenizer.token_to_id(eos) is not None:
             return tokenizer.token_to_id(eos)
     model_config = model_dir / "config.json"
     if model_config.is_file():
-        eos_id = json.loads(model_config.read_text()).get("eos_token_id")
+        eos_id = read_json_object(model_config).get("eos_token_id")
         if isinstance(eos_id, list):
             eos_id = eos_id[0] if eos_id else None
-        if isinstance(eos_id, int):
+        if isinstance(eos_id, int) and not isinstance(eos_id, bool):
+            vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+            if not 0 <= eos_id < vocab_size:
+                raise ValueError(
+                    f"{model_config}: eos_token_id {quote(eos_id)} is not a token id of the tokenizer "
+                    f"(0 to {vocab_size - 1})"
+                )
             return eos_id
     return None

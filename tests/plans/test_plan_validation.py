@@ -241,7 +241,71 @@ def test_task_that_never_steps_is_refused(plan: Plan) -> None:
             program["round"][2]["tasks"] = ["a", "b"]
 
     errors = _errors(_edited(plan, edit))
-    assert errors == ["programs: no round has an optimizer_step for task(s) 'c-2'; they would never finish"]
+    assert errors == [
+        f"programs[{rank}].round: has no optimizer_step for task(s) 'c-2'; they would never finish" for rank in (0, 1)
+    ]
+
+
+def _rank0(edit: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    """``edit`` applied to rank 0's program only."""
+    return lambda d: edit(d["programs"][0])
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            _rank0(lambda p: p["round"].pop(1)),
+            "programs[0].round: has no forward_backward for task(s) 'c-2'",
+        ),
+        (
+            _rank0(lambda p: p["round"].__setitem__(slice(0, 2), [])),
+            "programs[0].round: has no forward_backward for task(s) 'a', 'b', 'c-2'",
+        ),
+        (
+            _rank0(lambda p: p["round"].insert(0, p["round"].pop(2))),
+            "programs[0].round[0]: steps task 'a' before its forward_backward in the round",
+        ),
+        (
+            _rank0(lambda p: p["round"].insert(1, {"op": "forward_backward", "htask": 0})),
+            "programs[0].round[1]: passes task 'a' forward twice in one round",
+        ),
+        (
+            _rank0(lambda p: p["round"].insert(3, {"op": "optimizer_step", "tasks": ["b"]})),
+            "programs[0].round[3]: steps task 'b' twice in one round",
+        ),
+        (
+            _rank0(lambda p: p["prologue"].reverse()),
+            "programs[0].prologue: must start with the one load_backbone and hold no other",
+        ),
+        (
+            _rank0(lambda p: p["prologue"].pop(0)),
+            "programs[0].prologue: must load the backbone (load_backbone) before anything else",
+        ),
+        (
+            _rank0(lambda p: p["prologue"].pop(1)),
+            "programs[0].prologue: never builds task(s) 'a', 'b', 'c-2'",
+        ),
+        (
+            _rank0(lambda p: p["prologue"].append({"op": "build_tasks", "tasks": ["b"]})),
+            "programs[0].prologue[2]: builds task 'b' again (already built by prologue[1])",
+        ),
+        (
+            _rank0(lambda p: p["prologue"].__setitem__(1, {"op": "build_tasks", "tasks": ["a", "b"]})),
+            "programs[0].prologue: never builds task(s) 'c-2'",
+        ),
+        (
+            _rank0(lambda p: p["round"].append({"op": "export_adapters"})),
+            "programs[0].round[4]: export_adapters cannot run in the round (only in: epilogue)",
+        ),
+        (
+            _rank0(lambda p: p["epilogue"].append({"op": "build_tasks", "tasks": ["a"]})),
+            "programs[0].epilogue[1]: build_tasks cannot run in the epilogue (only in: prologue)",
+        ),
+    ],
+)
+def test_program_that_cannot_run_is_refused(plan: Plan, edit: Callable[[dict[str, Any]], None], message: str) -> None:
+    assert message in _errors(_edited(plan, edit))
 
 
 def test_duplicate_task_names(plan: Plan) -> None:
