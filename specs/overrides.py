@@ -23,8 +23,10 @@ def parse_override_value(text: str) -> Any:
     try:
         value = parse_yaml_text(text, "value")
     except YamlInputError as exc:
-        problem = str(exc).split(": ", 1)[-1].removeprefix("invalid YAML: ")
-        raise Invalid(f"value is not valid YAML: {problem}") from None
+        problem = str(exc).split(": ", 1)[-1]
+        if problem.startswith("invalid YAML: "):
+            raise Invalid(f"value is not valid YAML: {problem.removeprefix('invalid YAML: ')}") from None
+        raise Invalid(f"value: {problem}") from None
     if isinstance(value, str) and looks_numeric(value):
         return float(value)
     return value
