@@ -29,6 +29,12 @@ def dir_mode() -> int:
     return 0o777 & ~current_umask()
 
 
+def apply_umask_mode(path: Path | str) -> None:
+    """Give a file written by a library that creates it 0600 (safetensors does) the mode
+    the umask gives new files."""
+    os.chmod(path, file_mode())
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so
     readers see the old file or the new one, never a part. Returns the path."""

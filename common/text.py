@@ -18,7 +18,7 @@ def _size(value: Any) -> str:
     if isinstance(value, (str, bytes)):
         return f"{type(value).__name__} of {len(value)} characters"
     if isinstance(value, (list, tuple, dict, set)):
-        return f"{type(value).__name__} of {len(value)} items"
+        return f"{type(value).__name__} of {len(value)} item{'s' if len(value) != 1 else ''}"
     return type(value).__name__
 
 

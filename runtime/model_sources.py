@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from muxtune.common.files import make_temp_dir
+from muxtune.common.files import apply_umask_mode, make_temp_dir
 
 BUILTIN_MODELS = ("tiny-llama", "smollm2-135m")
 TINY_LLAMA_VERSION = "v1"
@@ -94,6 +94,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    apply_umask_mode(out_dir / "model.safetensors")
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
@@ -183,4 +184,5 @@ def write_tiny_llama(out_dir: Path) -> None:
             value = 0.08 * torch.randn(param.shape, generator=generator)
         tensors[name] = value.contiguous()
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    apply_umask_mode(out_dir / "model.safetensors")
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
