@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 
+from muxtune.common.files import atomic_write_bytes
 from muxtune.plans import (
     BuildTasks,
     Checkpoint,
@@ -29,13 +30,14 @@ from muxtune.plans import (
     compute_fingerprint,
 )
 
-from .adapters import atomic_write_bytes, load_adapter, save_adapter
+from .adapters import load_adapter, save_adapter
 from .backbone import LoadedBackbone, load_model
 from .checkpoint import (
     CHECKPOINTS,
     prune_checkpoints,
-    read_job_record,
+    remove_partial_checkpoints,
     restore_checkpoint,
+    resume_record,
     save_checkpoint,
     write_job_record,
 )
@@ -43,14 +45,10 @@ from .data import DataError, Example, batch_indices, load_dataset
 from .engine import MultiTaskEngine, StepResult, TaskStatus, TaskTraining
 from .peft import TaskPeftConfig
 from .progress import ProgressDisplay
+from .run_folder import RunError, RunFolder
 from .run_logs import StepLog
 
-RUN_RECORD = "run.json"
 SUMMARY = "summary.json"
-
-
-class RunError(ValueError):
-    """A plan that cannot be run here (changed data, a foreign output folder, ...)."""
 
 
 def task_training(task: TaskPlan) -> TaskTraining:
@@ -107,25 +105,30 @@ class PlanExecutor:
         self.backbone: LoadedBackbone | None = None
         self.engine: MultiTaskEngine | None = None
         self.runs: dict[str, TaskRun] = {}
+        self.folder: RunFolder | None = None
+        self.last_job_record: dict | None = None  # what the next checkpoint keeps as the previous record
         self.round_index = 0
         self.started = time.perf_counter()
         self.training_started = self.started
 
     def run(self) -> dict:
         """Execute prologue, rounds until every task is done, epilogue; returns the summary."""
-        self._check_output_dir()
-        for instruction in self.program.prologue:
-            self.execute(instruction)
-        self.training_started = time.perf_counter()
-        self.progress.restart_clock()
-        while self.engine is not None and self._active():
-            self.round_index += 1
-            for instruction in self.program.round:
+        with RunFolder(self.plan, resume=self.resume) as folder:
+            self.folder = folder
+            if folder.restarted:
+                self.progress.message(f"{self.output_dir}: the last attempt left no checkpoint; starting over")
+            for instruction in self.program.prologue:
                 self.execute(instruction)
-        for instruction in self.program.epilogue:
-            self.execute(instruction)
-        self.progress.close()
-        return self._write_summary()
+            self.training_started = time.perf_counter()
+            self.progress.restart_clock()
+            while self.engine is not None and self._active():
+                self.round_index += 1
+                for instruction in self.program.round:
+                    self.execute(instruction)
+            for instruction in self.program.epilogue:
+                self.execute(instruction)
+            self.progress.close()
+            return self._write_summary()
 
     def execute(self, instruction: Instruction) -> None:
         """Dispatch one instruction to its handler."""
@@ -143,23 +146,6 @@ class PlanExecutor:
         assert self.engine is not None
         names = names if names is not None else tuple(self.engine.tasks)
         return [n for n in names if self.engine.tasks[n].status is TaskStatus.ACTIVE]
-
-    def _run_record(self) -> dict:
-        """What `run.json` says: which plan made the run in this output folder."""
-        return {"fingerprint": self.plan.fingerprint, "tasks": [t.name for t in self.plan.tasks]}
-
-    def _check_output_dir(self) -> None:
-        record_path = self.output_dir / RUN_RECORD
-        if record_path.is_file():
-            existing = json.loads(record_path.read_text())
-            if not self.resume:
-                raise RunError(
-                    f"{self.output_dir}: already holds a run; pass --resume to continue it, or set another output_dir"
-                )
-            if existing != self._run_record():
-                raise RunError(f"{record_path}: the run in this folder was made from a different plan")
-        elif self.resume and self.output_dir.exists() and any(self.output_dir.iterdir()):
-            raise RunError(f"{self.output_dir}: nothing to resume here ({RUN_RECORD} is missing)")
 
     def _load_backbone(self, _: LoadBackbone) -> None:
         try:
@@ -191,9 +177,12 @@ class PlanExecutor:
             if stats != (task.num_examples, task.num_targetless_examples, task.num_tokens):
                 raise DataError(f"{task.data.path}: the dataset changed since the plan was compiled; compile again")
             datasets[name] = dataset
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.output_dir / RUN_RECORD, (json.dumps(self._run_record(), indent=2) + "\n").encode())
-        job_record = read_job_record(self.output_dir) if self.resume else None
+        assert self.folder is not None, "build_tasks runs inside run()"
+        self.folder.write_record()
+        job_record, notes = resume_record(self.output_dir) if self.resume else (None, [])
+        for note in notes:
+            self.progress.message(note)
+        self.last_job_record = job_record
         if job_record is not None:
             self.round_index = int(job_record["round"])
         for name in instruction.tasks:
@@ -205,6 +194,7 @@ class PlanExecutor:
         init_state = load_adapter(task.init_from)[1] if task.init_from else None
         state = self.engine.add_task(task_training(task), init_state=init_state)
         directory = self.output_dir / task.name
+        remove_partial_checkpoints(directory)
         run = TaskRun(
             plan=task,
             directory=directory,
@@ -215,7 +205,7 @@ class PlanExecutor:
         )
         if resume_from is not None and resume_from["checkpoint"] is not None:
             run.checkpoint = directory / CHECKPOINTS / resume_from["checkpoint"]
-            restore_checkpoint(run.checkpoint, state)
+            restore_checkpoint(run.checkpoint, state, root=self.output_dir)
             for _ in range(state.step):
                 next(run.batches)
         logged_steps = state.step
@@ -290,23 +280,25 @@ class PlanExecutor:
         self.progress.step(name, result.step, result.loss, result.num_tokens, status)
 
     def _checkpoint(self, _: Checkpoint) -> None:
-        """When any task reached a multiple of its save_every, checkpoint the whole round."""
+        """When any task reached a multiple of its save_every or took its last step, checkpoint
+        the whole round; the job keeps this round's record and the one before it."""
         assert self.engine is not None
         states = self.engine.tasks
-        due = any(
-            self.runs[n].plan.save_every > 0
-            and s.status is not TaskStatus.DIVERGED
-            and s.step > self._saved_step(n)
-            and s.step % self.runs[n].plan.save_every == 0
-            for n, s in states.items()
-        )
-        if not due:
+
+        def due(name: str) -> bool:
+            plan, state = self.runs[name].plan, states[name]
+            if state.status is TaskStatus.DIVERGED or state.step <= self._saved_step(name):
+                return False
+            return state.step == plan.steps or (plan.save_every > 0 and state.step % plan.save_every == 0)
+
+        if not any(due(name) for name in states):
             return
         for name, state in states.items():
             run = self.runs[name]
             if state.status is not TaskStatus.DIVERGED and state.step > self._saved_step(name):
                 run.checkpoint = save_checkpoint(run.directory, state)
-        write_job_record(
+        previous = self.last_job_record
+        self.last_job_record = write_job_record(
             self.output_dir,
             self.round_index,
             {
@@ -317,10 +309,11 @@ class PlanExecutor:
                 }
                 for name, run in self.runs.items()
             },
+            previous=previous,
         )
-        for run in self.runs.values():
-            if run.checkpoint is not None:
-                prune_checkpoints(run.directory, keep=run.checkpoint)
+        kept = [record["tasks"] for record in (previous, self.last_job_record) if record is not None]
+        for name, run in self.runs.items():
+            prune_checkpoints(run.directory, keep={tasks[name]["checkpoint"] for tasks in kept if name in tasks})
 
     def _saved_step(self, name: str) -> int:
         checkpoint = self.runs[name].checkpoint

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -74,6 +76,21 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
     }
     command = [sys.executable, "-m", modules[args[0]], *args[1:]]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def kill_run_when(plan: Path, marker: Path, *args: str) -> None:
+    """Start `muxtune-run plan`, SIGKILL it as soon as `marker` exists, and check it was killed."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "muxtune.runtime.cli", str(plan), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

@@ -4,16 +4,13 @@ resume after SIGKILL; a diverging task stopped without touching the others."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from user_path import default_tasks, read_jsonl, run_cli, snapshot, write_job
+from user_path import default_tasks, kill_run_when, read_jsonl, run_cli, snapshot, write_job
 
 from muxtune.runtime.adapters import WEIGHTS_NAME
 from muxtune.runtime.checkpoint import JOB_RECORD
@@ -82,18 +79,7 @@ def test_exported_adapters_load_in_peft(reference_run: Path) -> None:
 def test_resume_after_sigkill_equals_uninterrupted(reference_run: Path, tmp_path: Path) -> None:
     job = write_job(tmp_path)
     assert run_cli("compile", str(job), "-o", str(tmp_path / "plan.yaml")).returncode == 0
-    process = subprocess.Popen(
-        [sys.executable, "-m", "muxtune.runtime.cli", str(tmp_path / "plan.yaml")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    first_checkpoint = tmp_path / "out" / JOB_RECORD
-    deadline = time.monotonic() + 300
-    while not first_checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_run_when(tmp_path / "plan.yaml", tmp_path / "out" / JOB_RECORD)
     assert not (tmp_path / "out" / "summary.json").exists()
 
     refused = run_cli("run", str(tmp_path / "plan.yaml"))
