@@ -50,6 +50,15 @@ class _CheckedLoader(yaml.SafeLoader):
         finally:
             self.depth -= 1
 
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except YamlInputError:
+            raise
+        except (ValueError, OverflowError) as exc:
+            reason = str(exc).split(";")[0]
+            raise YamlInputError(f"{_where(self.file, node.start_mark)}: unreadable value: {reason}") from None
+
     def construct_mapping(self, node: Node, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, MappingNode):
             seen: dict[Any, int] = {}

@@ -78,6 +78,20 @@ def test_deeply_nested_spec(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert "job.yaml:1" in err and "nested more than" in err
 
 
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("1" * 5000, "job.yaml:{line}:10: unreadable value"),
+        ("2001-13-45", "job.yaml:{line}:10: unreadable value"),
+        ("0x" + "f" * 5000, "tasks[0].steps: must be at most 2147483647, got an integer of about 6020 digits"),
+    ],
+)
+def test_unreadable_scalars(value: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    text = spec_text(tmp_path).replace("steps: 6\n", f"steps: {value}\n", 1)
+    line = text.splitlines().index(f"  steps: {value}") + 1
+    assert message.format(line=line) in compile_fails(tmp_path, text, capsys)
+
+
 def test_duplicate_keys_name_the_key_and_both_lines(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     text = spec_text(tmp_path).replace("steps: 6\n", "steps: 6\n  steps: 60\n", 1)
     first = text.splitlines().index("  steps: 6") + 1
