@@ -1,49 +1,52 @@
-"""The first, non-optimizing compiler: job spec -> plan.
+"""The compiler driver: job spec -> plan (schema 2), on one device.
 
 It resolves the backbone, checks every task against it (targets, sequence caps, `init_from`
-adapters), tokenizes every dataset (so data errors surface now, with file and line), forms
-hTasks (all tasks fused in one, or one per task), gives each task a per-micro-batch token
-budget, and emits one rank's program. Deterministic: the same inputs give the same plan.
+adapters, weight files), tokenizes every dataset (so data errors surface now, with file and
+line), then runs the passes: trace (backbone + PEFT hosts on the meta device), partition
+(subgraphs), align (phases, budgets, exact micro-batch counts), emit (the rank's program).
+Deterministic: the same inputs give the same plan.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from muxtune.plans import (
     Alignment,
-    BuildTasks,
-    Checkpoint,
-    ClusterPlan,
-    ExportAdapters,
-    ForwardBackward,
-    HTask,
     JobSummary,
-    LoadBackbone,
-    OptimizerStep,
+    Partition,
+    Placement,
     Plan,
     Predictions,
-    RankProgram,
+    Stage,
+    Subgraph,
     TaskPlan,
     compute_fingerprint,
 )
 from muxtune.runtime.adapters import AdapterError, load_adapter
 from muxtune.runtime.data import DataError, TokenizedDataset, load_dataset
+from muxtune.runtime.execution import PartitionDescription
 from muxtune.runtime.model_sources import ModelSourceError, resolve_model_dir
 from muxtune.runtime.models import BackboneConfig, BackboneForCausalLM, build_model, read_hf_config
 from muxtune.runtime.models.loading import build_model_checked, check_checkpoint
-from muxtune.runtime.peft import find_anchors
+from muxtune.runtime.peft import TaskPeftConfig, find_anchors
 from muxtune.runtime.peft.attach import is_anchorable
+from muxtune.runtime.task_runs import task_training
 from muxtune.runtime.tokenizer import TextTokenizer, load_tokenizer
 from muxtune.specs import JobSpec, TaskSpec
 
 from .errors import CompileError
+from .passes.align import CHUNK_SIZE, mean_length, plan_phases
+from .passes.emit import single_rank_program
+from .passes.partition import partition as partition_pass
+from .passes.partition import policy_from_name
+from .passes.trace import trace_model
 
 DEFAULT_TASK_TOKENS = 1024
-CHUNK_SIZE = 1
+DEFAULT_POLICY = "per_layers(1024)"
+"""One subgraph for all decoder layers: on one device there is no reason to cut."""
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,13 @@ def compile_job(
     *,
     fuse: bool = True,
     task_tokens: int = DEFAULT_TASK_TOKENS,
+    policy: str = DEFAULT_POLICY,
     spec_path: str | None = None,
 ) -> CompileResult:
     """Compile a validated job spec into a plan; raises CompileError listing every problem.
 
-    `task_tokens` caps the tokens one task brings to one micro-batch.
+    `task_tokens` caps the tokens one task brings to one micro-batch; `policy` names how the
+    traced graph is cut into subgraphs (`per_layers(N)` or `fine`).
     """
     if task_tokens <= 0:
         raise CompileError([f"task_tokens: must be a positive integer, got {task_tokens}"])
@@ -101,20 +106,23 @@ def compile_job(
         )
         for t in spec.tasks
     )
-    groups = [tuple(t.name for t in tasks)] if fuse else [(t.name,) for t in tasks]
-    htasks = tuple(make_htask(i, group, tasks, datasets, task_tokens) for i, group in enumerate(groups))
+    device = resolve_device(spec.cluster.device)
+    phases = plan_phases(tasks, datasets, fuse=fuse, task_tokens=task_tokens)
+    traced = trace_model(config, {t.name: task_peft_config(t) for t in tasks})
+    partition = plan_partition(partition_pass(traced, policy_from_name(policy)))
     backbone = config.to_dict()
     plan = Plan(
         job=JobSummary(model=spec.model, dtype=spec.dtype, output_dir=spec.output_dir, spec_path=spec_path),
-        fingerprint=compute_fingerprint(backbone, tasks, htasks),
+        fingerprint=compute_fingerprint(backbone, tasks, phases, partition),
         backbone=backbone,
-        cluster=ClusterPlan(device=resolve_device(spec.cluster.device), num_devices=1, num_ranks=1),
+        placement=single_device_placement(device, config.num_layers),
+        partition=partition,
         tasks=tasks,
-        htasks=htasks,
         alignment=Alignment(chunk_size=CHUNK_SIZE),
-        programs=(emit_program(tasks, htasks, resolve_device(spec.cluster.device)),),
+        phases=phases,
+        programs=(single_rank_program(tasks, phases, partition, device),),
         predictions=Predictions(
-            num_rounds=max(t.steps for t in tasks),
+            num_rounds=phases[-1].last_round,
             tokens_per_round=sum(round(mean_length(datasets[t.name]) * t.batch_size) for t in tasks),
         ),
     )
@@ -202,47 +210,6 @@ def check_init_from(task: TaskSpec, where: str, errors: list[str]) -> None:
         )
 
 
-def mean_length(dataset: TokenizedDataset) -> float:
-    usable = dataset.usable
-    return sum(len(e.input_ids) for e in usable) / len(usable)
-
-
-def make_htask(
-    htask_id: int,
-    names: tuple[str, ...],
-    tasks: tuple[TaskPlan, ...],
-    datasets: dict[str, TokenizedDataset],
-    task_tokens: int,
-) -> HTask:
-    """An hTask whose tasks each bring at most `task_tokens` tokens to a micro-batch (never less
-    than their longest sequence, never more than their expected global batch).
-
-    A task's budget depends on the task alone, so adding, removing or changing another task
-    leaves the task's micro-batch split, and so its result, bit for bit the same.
-    """
-    by_name = {t.name: t for t in tasks}
-    budgets = []
-    for name in names:
-        longest = max(len(e.input_ids) for e in datasets[name].usable)
-        expected_batch = math.ceil(mean_length(datasets[name]) * by_name[name].batch_size)
-        budget = max(longest, min(task_tokens, expected_batch))
-        budgets.append(CHUNK_SIZE * math.ceil(budget / CHUNK_SIZE))
-    return HTask(id=htask_id, tasks=names, micro_batch_tokens=sum(budgets), token_budgets=tuple(budgets))
-
-
-def emit_program(tasks: tuple[TaskPlan, ...], htasks: tuple[HTask, ...], device: str) -> RankProgram:
-    """Rank 0's program: load, build, then per round every hTask's forward/backward, every
-    task's optimizer step and due checkpoints; finally export the adapters."""
-    names = tuple(t.name for t in tasks)
-    return RankProgram(
-        rank=0,
-        device=device,
-        prologue=(LoadBackbone(), BuildTasks(tasks=names)),
-        round=tuple(ForwardBackward(htask=h.id) for h in htasks) + (OptimizerStep(tasks=names), Checkpoint()),
-        epilogue=(ExportAdapters(),),
-    )
-
-
 def ignored_cluster_fields(spec: JobSpec) -> tuple[str, ...]:
     """Cluster settings this (single-device) compiler cannot honour yet, as notes."""
     cluster = spec.cluster
@@ -263,3 +230,46 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def task_peft_config(task: TaskPlan) -> TaskPeftConfig:
+    """The runtime's PEFT configuration of a planned task."""
+    return task_training(task).peft
+
+
+def plan_partition(description: PartitionDescription) -> Partition:
+    """The partition pass's description as plan data (everything on stage 0)."""
+    return Partition(
+        policy=description.policy,
+        inputs=description.inputs,
+        outputs=description.outputs,
+        subgraphs=tuple(
+            Subgraph(
+                id=sub.id,
+                kind=sub.kind,
+                stage=0,
+                first_layer=sub.layers[0],
+                last_layer=sub.layers[1],
+                first_node=sub.first_node,
+                last_node=sub.last_node,
+                num_nodes=sub.num_nodes,
+                digest=sub.digest,
+                inputs=sub.inputs,
+                outputs=sub.outputs,
+            )
+            for sub in description.subgraphs
+        ),
+    )
+
+
+def single_device_placement(device: str, num_layers: int) -> Placement:
+    """Everything on one rank: one stage of every layer."""
+    return Placement(
+        device=device,
+        num_devices=1,
+        num_ranks=1,
+        pipeline_parallel=1,
+        tensor_parallel=1,
+        data_parallel=1,
+        stages=(Stage(id=0, ranks=(0,), first_layer=0, last_layer=num_layers - 1),),
+    )

@@ -21,14 +21,31 @@ _SCALARS = (str, int, float, bool, type(None))
 
 
 class _PlanDumper(yaml.SafeDumper):
-    """Block style, except instructions and lists of scalars, which are written on one line."""
+    """Block style, except instructions, each on one line however long, and lists of scalars
+    (flow style, wrapped at the width)."""
+
+    _one_line = False
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
 
+    def expect_flow_mapping(self) -> None:
+        if not self.flow_level:
+            self._one_line = True
+        super().expect_flow_mapping()
+
+    def expect_flow_sequence(self) -> None:
+        if not self.flow_level:
+            self._one_line = False
+        super().expect_flow_sequence()
+
+    def write_indent(self) -> None:
+        if not (self.flow_level and self._one_line):
+            super().write_indent()
+
 
 class _FlowDict(dict):
-    """A mapping written in flow style (``{op: forward_backward, htask: 0}``)."""
+    """A mapping written in flow style (``{op: load_batches, htask: 0}``)."""
 
 
 def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
@@ -48,8 +65,9 @@ def dump_plan(plan: Plan) -> str:
     """The plan file's text (validates first). The same plan always gives the same text."""
     data = plan_to_dict(validate_plan(plan))
     for program in data["programs"]:
-        for section in ("prologue", "round", "epilogue"):
-            program[section] = [_FlowDict(i) for i in program[section]]
+        program["prologue"] = [_FlowDict(i) for i in program["prologue"]]
+        program["phases"] = [[_FlowDict(i) for i in body] for body in program["phases"]]
+        program["epilogue"] = [_FlowDict(i) for i in program["epilogue"]]
     return yaml.dump(
         data,
         Dumper=_PlanDumper,

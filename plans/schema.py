@@ -1,4 +1,9 @@
-"""Plan schema v1: frozen dataclasses for everything the compiler decides (DESIGN section 6)."""
+"""Plan schema 2: frozen dataclasses for everything the compiler decides (DESIGN section 6).
+
+A plan is a complete, static program: the placement of layers on ranks, the subgraph
+partition each rank rebuilds, the phases (runs of rounds with a constant set of active tasks),
+each phase's hTasks with their exact number of micro-batches per round, and per rank one
+instruction list per phase."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from muxtune.specs import TaskSpec
 
 from .instructions import Instruction
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The plan schema this code reads and writes."""
 
 PACK_ORDERS: tuple[str, ...] = ("task_then_index",)
@@ -26,13 +31,65 @@ class JobSummary:
     spec_path: str | None = None
 
 
+SUBGRAPH_KINDS: tuple[str, ...] = ("backbone", "peft", "collective")
+
+
 @dataclass(frozen=True)
-class ClusterPlan:
-    """The device type planned for and the number of devices and ranks (processes)."""
+class Stage:
+    """A pipeline stage: decoder layers ``first_layer..last_layer`` on ``ranks`` (the stage's
+    tensor-parallel group, one rank per shard). The first stage also holds the embeddings, the
+    last one the final norm and the head."""
+
+    id: int
+    ranks: tuple[int, ...]
+    first_layer: int
+    last_layer: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The device mesh: ranks = pipeline x tensor x data parallel degrees."""
 
     device: str
     num_devices: int
     num_ranks: int
+    pipeline_parallel: int
+    tensor_parallel: int
+    data_parallel: int
+    stages: tuple[Stage, ...]
+
+
+@dataclass(frozen=True)
+class Subgraph:
+    """One part of the traced backbone (+ PEFT hosts) graph: its kind, the stage that runs it,
+    the decoder layers it covers (``-1`` for the embeddings before layer 0 and ``num_layers``
+    for what follows the last), its graph nodes ``first_node..last_node`` (``num_nodes`` in
+    graph order; ``digest`` hashes their names, ops, targets and arguments, so a rank rebuilding
+    the partition on its own model can check it got the same subgraph), and the names of the
+    values it reads and of those it writes for later subgraphs or the graph's output."""
+
+    id: int
+    kind: str
+    stage: int
+    first_layer: int
+    last_layer: int
+    first_node: str
+    last_node: str
+    num_nodes: int
+    digest: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The subgraphs in execution order, the graph's inputs (placeholders, given by each
+    micro-batch) and outputs, and the policy that cut them (for the record)."""
+
+    policy: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    subgraphs: tuple[Subgraph, ...]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,22 +118,47 @@ class TaskPlan(TaskSpec):
 
 @dataclass(frozen=True)
 class HTask:
-    """A fusion group: these tasks' tokens share backbone calls. ``id`` is the hTask's
-    position in `Plan.htasks`.
+    """A fusion group of one phase: these tasks' tokens share backbone calls. ``id`` is the
+    hTask's position in its phase.
 
     Each task's global batch is split, in order, into pieces of at most its entry in
     ``token_budgets`` tokens (a longer sequence forms a piece alone); micro-batch i holds
-    piece i of every active task. ``micro_batch_tokens`` is the sum of the budgets.
+    piece i of every task. ``micro_batch_tokens`` is the sum of the budgets; every round of the
+    phase has exactly ``num_microbatches`` micro-batches (some task pieces may be empty).
     """
 
     id: int
     tasks: tuple[str, ...]
     micro_batch_tokens: int
     token_budgets: tuple[int, ...]
+    num_microbatches: int
 
     def budget_of(self, name: str) -> int:
         """Task ``name``'s token budget per micro-batch."""
         return self.token_budgets[self.tasks.index(name)]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Rounds ``first_round..first_round + num_rounds - 1`` (1-based, global), in which exactly
+    ``tasks`` are active: each takes one optimizer step per round."""
+
+    id: int
+    first_round: int
+    num_rounds: int
+    tasks: tuple[str, ...]
+    htasks: tuple[HTask, ...]
+
+    @property
+    def last_round(self) -> int:
+        return self.first_round + self.num_rounds - 1
+
+    def htask_of(self, name: str) -> HTask:
+        """The hTask of this phase that holds task ``name`` (KeyError if none does)."""
+        for htask in self.htasks:
+            if name in htask.tasks:
+                return htask
+        raise KeyError(name)
 
 
 @dataclass(frozen=True)
@@ -90,13 +172,14 @@ class Alignment:
 
 @dataclass(frozen=True)
 class RankProgram:
-    """One rank's instructions: ``prologue`` once, ``round`` until all tasks are done,
-    then ``epilogue`` once."""
+    """One rank's instructions: ``prologue`` once, then for each phase its round body once per
+    round of the phase (``phases[i]`` belongs to `Plan.phases[i]`), then ``epilogue`` once."""
 
     rank: int
     device: str
+    stage: int
     prologue: tuple[Instruction, ...]
-    round: tuple[Instruction, ...]
+    phases: tuple[tuple[Instruction, ...], ...]
     epilogue: tuple[Instruction, ...]
 
 
@@ -118,10 +201,11 @@ class Plan:
     job: JobSummary
     fingerprint: str
     backbone: dict[str, Any]
-    cluster: ClusterPlan
+    placement: Placement
+    partition: Partition
     tasks: tuple[TaskPlan, ...]
-    htasks: tuple[HTask, ...]
     alignment: Alignment
+    phases: tuple[Phase, ...]
     programs: tuple[RankProgram, ...]
     predictions: Predictions
 
@@ -132,9 +216,7 @@ class Plan:
                 return task
         raise KeyError(name)
 
-    def htask_of(self, name: str) -> HTask:
-        """The hTask that holds task ``name`` (KeyError if none does)."""
-        for htask in self.htasks:
-            if name in htask.tasks:
-                return htask
-        raise KeyError(name)
+    @property
+    def num_rounds(self) -> int:
+        """Rounds of the whole job (the last phase's last round)."""
+        return self.phases[-1].last_round if self.phases else 0

@@ -1,8 +1,8 @@
 """Plan <-> plain data, with full validation on the way in.
 
 `plan_from_dict` checks the schema version first (a plan of another version is not read any
-further), then every field, the cross references and finally the fingerprint. All errors
-are collected and raised as one `PlanError`.
+further), then every field, the cross references and the rank programs (`references`), and
+finally the fingerprint. All errors are collected and raised as one `PlanError`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ from muxtune.common.text import quote
 from muxtune.specs import DTYPES
 from muxtune.specs.checks import (
     INVALID,
+    MAX_INT,
+    Checker,
     Invalid,
     MappingReader,
     add_error,
     as_is,
     at,
     did_you_mean,
+    int_in_range,
     integer,
     join,
     non_empty_str,
@@ -49,25 +52,42 @@ from .references import check_references
 from .schema import (
     PACK_ORDERS,
     SCHEMA_VERSION,
+    SUBGRAPH_KINDS,
     Alignment,
-    ClusterPlan,
     HTask,
     JobSummary,
+    Partition,
+    Phase,
+    Placement,
     Plan,
     Predictions,
     RankProgram,
+    Stage,
+    Subgraph,
     TaskPlan,
 )
 
 _PLAN_KEYS = tuple(f.name for f in dataclasses.fields(Plan))
 _STAT_KEYS = ("num_examples", "num_targetless_examples", "num_tokens")
-_SECTIONS = ("prologue", "round", "epilogue")
 _OPS = tuple(op.value for op in Opcode)
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{16,64}")
+_EVENT_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 
 
 def _keys(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _program_to_dict(program: RankProgram) -> dict[str, Any]:
+    return {
+        "rank": program.rank,
+        "device": program.device,
+        "stage": program.stage,
+        "prologue": [instruction_to_dict(i) for i in program.prologue],
+        "phases": [[instruction_to_dict(i) for i in body] for body in program.phases],
+        "epilogue": [instruction_to_dict(i) for i in program.epilogue],
+    }
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
@@ -76,14 +96,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     for name in _PLAN_KEYS:
         value = getattr(plan, name)
         if name == "programs":
-            out[name] = [
-                {
-                    "rank": p.rank,
-                    "device": p.device,
-                    **{s: [instruction_to_dict(i) for i in getattr(p, s)] for s in _SECTIONS},
-                }
-                for p in value
-            ]
+            out[name] = [_program_to_dict(p) for p in value]
         elif name == "backbone":
             out[name] = copy.deepcopy(value)
         else:
@@ -121,16 +134,69 @@ def _name_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _int_list(value: Any) -> tuple[int, ...]:
+    """A non-empty list of distinct non-negative integers (ranks, rounds)."""
+
+    def ok(item: Any) -> bool:
+        return isinstance(item, int) and not isinstance(item, bool) and 0 <= item <= MAX_INT
+
+    if not isinstance(value, list) or not value or not all(ok(item) for item in value):
+        raise Invalid(f"must be a non-empty list of non-negative integers, got {quote(value)}")
+    if len(set(value)) != len(value):
+        raise Invalid(f"must not repeat a number, got {quote(value)}")
+    return tuple(value)
+
+
 def _budget_list(value: Any) -> tuple[int, ...]:
     def ok(item: Any) -> bool:
-        return isinstance(item, int) and not isinstance(item, bool) and item > 0
+        return isinstance(item, int) and not isinstance(item, bool) and 0 < item <= MAX_INT
 
     if not isinstance(value, list) or not value or not all(ok(item) for item in value):
         raise Invalid(f"must be a non-empty list of positive integers, got {quote(value)}")
     return tuple(value)
 
 
-_PAYLOAD_CHECKERS = {int: non_negative_int, tuple[str, ...]: _name_list}
+def _str_list(what: str, allow_empty: bool = False) -> Checker:
+    """A list of distinct non-empty strings (graph value names)."""
+
+    def check(value: Any) -> tuple[str, ...]:
+        ok = isinstance(value, list) and (allow_empty or value)
+        if not ok or not all(isinstance(item, str) and item.strip() for item in value):
+            kind = "list" if allow_empty else "non-empty list"
+            raise Invalid(f"must be a {kind} of {what} (non-empty strings), got {quote(value)}")
+        if len(set(value)) != len(value):
+            raise Invalid(f"must not repeat a name, got {quote(value)}")
+        return tuple(value)
+
+    return check
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(f"must be true or false, got {quote(value)}")
+    return value
+
+
+def _event_name(value: Any) -> str:
+    if not isinstance(value, str) or not _EVENT_RE.fullmatch(value):
+        raise Invalid(f"must be an event name (1-128 letters, digits, '_', '.', ':', '/', '-'), got {quote(value)}")
+    return value
+
+
+def _sha256_hex(value: Any) -> str:
+    if not isinstance(value, str) or not _SHA256_RE.fullmatch(value):
+        raise Invalid(f"must be a sha256 hex digest (64 lowercase hex digits), got {quote(value)}")
+    return value
+
+
+_PAYLOAD_CHECKERS: dict[Any, Checker] = {
+    int: non_negative_int,
+    bool: _boolean,
+    str: _event_name,
+    tuple[str, ...]: _name_list,
+    tuple[int, ...]: _int_list,
+}
+_layer = int_in_range(-1, MAX_INT)
 
 
 def _read_instruction(raw: Any, path: str, errors: list[str]) -> Instruction | Any:
@@ -153,21 +219,33 @@ def _read_instruction(raw: Any, path: str, errors: list[str]) -> Instruction | A
     return cls(**values)
 
 
+def _read_instructions(raw: Any, path: str, errors: list[str]) -> tuple[Instruction, ...] | Any:
+    if raw is INVALID:
+        return INVALID
+    if not isinstance(raw, list):
+        add_error(errors, path, f"must be a list of instructions, got {quote(raw)}")
+        return INVALID
+    return tuple(_read_instruction(item, at(path, i), errors) for i, item in enumerate(raw))
+
+
 def _read_program(raw: Any, path: str, errors: list[str]) -> RankProgram:
     r = MappingReader(raw, path, errors, _keys(RankProgram), "rank program mapping")
-    sections: dict[str, Any] = {}
-    for section in _SECTIONS:
-        items = r.get(section, as_is)
-        if items is INVALID:
-            sections[section] = INVALID
-        elif not isinstance(items, list):
-            add_error(errors, join(path, section), f"must be a list of instructions, got {quote(items)}")
-            sections[section] = INVALID
+    bodies: Any = r.get("phases", as_is)
+    if bodies is not INVALID:
+        if isinstance(bodies, list):
+            where = join(path, "phases")
+            bodies = tuple(_read_instructions(body, at(where, i), errors) for i, body in enumerate(bodies))
         else:
-            sections[section] = tuple(
-                _read_instruction(item, at(join(path, section), i), errors) for i, item in enumerate(items)
-            )
-    return RankProgram(rank=r.get("rank", non_negative_int), device=r.get("device", non_empty_str), **sections)
+            add_error(errors, join(path, "phases"), f"must be a list of round bodies, got {quote(bodies)}")
+            bodies = INVALID
+    return RankProgram(
+        rank=r.get("rank", non_negative_int),
+        device=r.get("device", non_empty_str),
+        stage=r.get("stage", non_negative_int),
+        prologue=_read_instructions(r.get("prologue", as_is), join(path, "prologue"), errors),
+        phases=bodies,
+        epilogue=_read_instructions(r.get("epilogue", as_is), join(path, "epilogue"), errors),
+    )
 
 
 def _read_task(raw: Any, path: str, errors: list[str]) -> TaskPlan:
@@ -185,12 +263,104 @@ def _read_task(raw: Any, path: str, errors: list[str]) -> TaskPlan:
     return TaskPlan.from_spec(spec, **stats)
 
 
-def _read_list(raw: Any, path: str, errors: list[str], what: str) -> list[Any]:
+def _read_list(raw: Any, path: str, errors: list[str], what: str) -> tuple[Any, ...] | Any:
+    """The items of a non-empty list; `INVALID` (error recorded) for anything else."""
     if not isinstance(raw, list) or not raw:
         if raw is not INVALID:
             add_error(errors, path, f"must be a non-empty list of {what}, got {quote(raw)}")
-        return []
-    return raw
+        return INVALID
+    return tuple(raw)
+
+
+def _read_placement(raw: Any, errors: list[str]) -> Placement:
+    p = MappingReader(raw, "placement", errors, _keys(Placement))
+    stages: Any = _read_list(p.get("stages", as_is), "placement.stages", errors, "stages")
+    if stages is not INVALID:
+        read = []
+        for i, item in enumerate(stages):
+            s = MappingReader(item, at("placement.stages", i), errors, _keys(Stage), "stage mapping")
+            read.append(
+                Stage(
+                    id=s.get("id", integer),
+                    ranks=s.get("ranks", _int_list),
+                    first_layer=s.get("first_layer", non_negative_int),
+                    last_layer=s.get("last_layer", non_negative_int),
+                )
+            )
+        stages = tuple(read)
+    return Placement(
+        device=p.get("device", non_empty_str),
+        num_devices=p.get("num_devices", positive_int),
+        num_ranks=p.get("num_ranks", positive_int),
+        pipeline_parallel=p.get("pipeline_parallel", positive_int),
+        tensor_parallel=p.get("tensor_parallel", positive_int),
+        data_parallel=p.get("data_parallel", positive_int),
+        stages=stages,
+    )
+
+
+def _digest(value: Any) -> str:
+    if not isinstance(value, str) or not _DIGEST_RE.fullmatch(value):
+        raise Invalid(f"must be a node digest ('sha256:' and 16-64 lowercase hex digits), got {quote(value)}")
+    return value
+
+
+def _read_partition(raw: Any, errors: list[str]) -> Partition:
+    p = MappingReader(raw, "partition", errors, _keys(Partition))
+    where = "partition.subgraphs"
+    subgraphs: Any = _read_list(p.get("subgraphs", as_is), where, errors, "subgraphs")
+    if subgraphs is not INVALID:
+        read = []
+        for i, item in enumerate(subgraphs):
+            s = MappingReader(item, at(where, i), errors, _keys(Subgraph), "subgraph mapping")
+            read.append(
+                Subgraph(
+                    id=s.get("id", integer),
+                    kind=s.get("kind", one_of(*SUBGRAPH_KINDS)),
+                    stage=s.get("stage", non_negative_int),
+                    first_layer=s.get("first_layer", _layer),
+                    last_layer=s.get("last_layer", _layer),
+                    first_node=s.get("first_node", non_empty_str),
+                    last_node=s.get("last_node", non_empty_str),
+                    num_nodes=s.get("num_nodes", positive_int),
+                    digest=s.get("digest", _digest),
+                    inputs=s.get("inputs", _str_list("value names", allow_empty=True)),
+                    outputs=s.get("outputs", _str_list("value names")),
+                )
+            )
+        subgraphs = tuple(read)
+    return Partition(
+        policy=p.get("policy", non_empty_str),
+        inputs=p.get("inputs", _str_list("value names")),
+        outputs=p.get("outputs", _str_list("value names")),
+        subgraphs=subgraphs,
+    )
+
+
+def _read_htask(raw: Any, path: str, errors: list[str]) -> HTask:
+    r = MappingReader(raw, path, errors, _keys(HTask), "hTask mapping")
+    return HTask(
+        id=r.get("id", integer),
+        tasks=r.get("tasks", _name_list),
+        micro_batch_tokens=r.get("micro_batch_tokens", positive_int),
+        token_budgets=r.get("token_budgets", _budget_list),
+        num_microbatches=r.get("num_microbatches", positive_int),
+    )
+
+
+def _read_phase(raw: Any, path: str, errors: list[str]) -> Phase:
+    r = MappingReader(raw, path, errors, _keys(Phase), "phase mapping")
+    where = join(path, "htasks")
+    htasks: Any = _read_list(r.get("htasks", as_is), where, errors, "hTasks")
+    if htasks is not INVALID:
+        htasks = tuple(_read_htask(h, at(where, i), errors) for i, h in enumerate(htasks))
+    return Phase(
+        id=r.get("id", integer),
+        first_round=r.get("first_round", positive_int),
+        num_rounds=r.get("num_rounds", positive_int),
+        tasks=r.get("tasks", _name_list),
+        htasks=htasks,
+    )
 
 
 def _check_version(raw: Any) -> None:
@@ -200,8 +370,10 @@ def _check_version(raw: Any) -> None:
         raise PlanError([f"schema_version: missing; this runtime reads plan schema {SCHEMA_VERSION}"])
     version = raw["schema_version"]
     if version != SCHEMA_VERSION or isinstance(version, bool):
-        reads = f"this runtime reads plan schema {SCHEMA_VERSION}"
-        raise PlanError([f"schema_version: {reads}, the file has {quote(version)}"])
+        message = f"schema_version: this runtime reads plan schema {SCHEMA_VERSION}, the file has {quote(version)}"
+        if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < SCHEMA_VERSION:
+            message += "; compile the job again (muxtune-compile)"
+        raise PlanError([message])
 
 
 def plan_from_dict(raw: Any) -> Plan:
@@ -210,11 +382,10 @@ def plan_from_dict(raw: Any) -> Plan:
     errors: list[str] = []
     top = MappingReader(raw, "", errors, _PLAN_KEYS)
     j = MappingReader(top.get("job", as_is), "job", errors, _keys(JobSummary))
-    absolute = path_checker(None, None)
     job = JobSummary(
         model=j.get("model", model_checker(None, check_paths=False)),
         dtype=j.get("dtype", one_of(*DTYPES)),
-        output_dir=j.get("output_dir", absolute),
+        output_dir=j.get("output_dir", path_checker(None, None)),
         spec_path=j.get("spec_path", optional(non_empty_str)),
     )
     fingerprint = top.get("fingerprint", _sha256_hex)
@@ -224,33 +395,24 @@ def plan_from_dict(raw: Any) -> Plan:
             _check_json_like(backbone, "backbone", errors)
         else:
             add_error(errors, "backbone", f"must be a mapping, got {quote(backbone)}")
-    c = MappingReader(top.get("cluster", as_is), "cluster", errors, _keys(ClusterPlan))
-    cluster = ClusterPlan(
-        device=c.get("device", non_empty_str),
-        num_devices=c.get("num_devices", positive_int),
-        num_ranks=c.get("num_ranks", positive_int),
-    )
-    raw_tasks = _read_list(top.get("tasks", as_is), "tasks", errors, "tasks")
-    tasks = tuple(_read_task(t, at("tasks", i), errors) for i, t in enumerate(raw_tasks))
-    check_task_names((t.name for t in tasks), "tasks", errors)
-    htasks = []
-    for i, h in enumerate(_read_list(top.get("htasks", as_is), "htasks", errors, "hTasks")):
-        r = MappingReader(h, at("htasks", i), errors, _keys(HTask), "hTask mapping")
-        htasks.append(
-            HTask(
-                id=r.get("id", integer),
-                tasks=r.get("tasks", _name_list),
-                micro_batch_tokens=r.get("micro_batch_tokens", positive_int),
-                token_budgets=r.get("token_budgets", _budget_list),
-            )
-        )
+            backbone = INVALID
+    placement = _read_placement(top.get("placement", as_is), errors)
+    partition = _read_partition(top.get("partition", as_is), errors)
+    tasks: Any = _read_list(top.get("tasks", as_is), "tasks", errors, "tasks")
+    if tasks is not INVALID:
+        tasks = tuple(_read_task(t, at("tasks", i), errors) for i, t in enumerate(tasks))
+        check_task_names((t.name for t in tasks), "tasks", errors)
     a = MappingReader(top.get("alignment", as_is), "alignment", errors, _keys(Alignment))
     alignment = Alignment(
         chunk_size=a.get("chunk_size", positive_int),
         pack_order=a.get("pack_order", one_of(*PACK_ORDERS)),
     )
-    raw_programs = _read_list(top.get("programs", as_is), "programs", errors, "rank programs")
-    programs = tuple(_read_program(p, at("programs", i), errors) for i, p in enumerate(raw_programs))
+    phases: Any = _read_list(top.get("phases", as_is), "phases", errors, "phases")
+    if phases is not INVALID:
+        phases = tuple(_read_phase(p, at("phases", i), errors) for i, p in enumerate(phases))
+    programs: Any = _read_list(top.get("programs", as_is), "programs", errors, "rank programs")
+    if programs is not INVALID:
+        programs = tuple(_read_program(p, at("programs", i), errors) for i, p in enumerate(programs))
     p = MappingReader(top.get("predictions", as_is), "predictions", errors, _keys(Predictions))
     predictions = Predictions(
         num_rounds=p.get("num_rounds", non_negative_int),
@@ -263,17 +425,18 @@ def plan_from_dict(raw: Any) -> Plan:
         job=job,
         fingerprint=fingerprint,
         backbone=backbone,
-        cluster=cluster,
+        placement=placement,
+        partition=partition,
         tasks=tasks,
-        htasks=tuple(htasks),
         alignment=alignment,
+        phases=phases,
         programs=programs,
         predictions=predictions,
     )
     check_references(plan, errors)
     if errors:
         raise PlanError(errors)
-    expected = compute_fingerprint(plan.backbone, plan.tasks, plan.htasks)
+    expected = compute_fingerprint(plan.backbone, plan.tasks, plan.phases, plan.partition)
     if fingerprint != expected:
         says, hashes = fingerprint[:12], expected[:12]
         raise PlanError(
@@ -283,12 +446,6 @@ def plan_from_dict(raw: Any) -> Plan:
             ]
         )
     return plan
-
-
-def _sha256_hex(value: Any) -> str:
-    if not isinstance(value, str) or not _SHA256_RE.fullmatch(value):
-        raise Invalid(f"must be a sha256 hex digest (64 lowercase hex digits), got {quote(value)}")
-    return value
 
 
 def validate_plan(plan: Plan) -> Plan:

@@ -1,30 +1,32 @@
-"""The plan executor: replays a rank's instruction program on the fused engine.
+"""The plan executor: replays one rank's program.
 
-The executor decides nothing: hTasks, token budgets and the order of operations come from the
-plan. It owns the run's files: per task `adapter_*` (PEFT format), `metrics.jsonl`,
-`manifest.jsonl` and `checkpoints/`, plus the job's `summary.json` and `run.json`.
+It decides nothing: phases, hTasks, micro-batch counts, the order of every forward and backward
+and the checkpoint rounds all come from the plan. `run` replays the prologue, each phase's round
+body once per round of the phase, and the epilogue, dispatching each instruction through one
+handler table built once: run-level handlers here (backbone, tasks, batches, optimizer steps,
+checkpoints, adapters), compute handlers in `execution.interpreter`. Around the loop: the run
+folder (lock, records), progress, logs and the summary.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import Any
 
 from muxtune.common.files import atomic_write_bytes
 from muxtune.plans import (
+    AllReduce,
     BuildTasks,
     Checkpoint,
     ExportAdapters,
-    ForwardBackward,
     Instruction,
     LoadBackbone,
+    LoadBatches,
     OptimizerStep,
+    Phase,
     Plan,
     TaskPlan,
     compute_fingerprint,
@@ -42,55 +44,18 @@ from .checkpoint import (
     write_job_record,
 )
 from .data import DataError, Example, batch_indices, load_dataset
-from .engine import MultiTaskEngine, StepResult, TaskStatus, TaskTraining
-from .peft import TaskPeftConfig
+from .engine import MultiTaskEngine, StepResult, TaskStatus
+from .execution import rebuild_partition
+from .execution.plan_partition import partition_description
+from .execution.interpreter import SubgraphInterpreter
+from .execution.streams import StreamSet
+from .packing import build_microbatch, split_task_batch
 from .progress import ProgressDisplay
 from .run_folder import RunError, RunFolder
 from .run_logs import StepLog
+from .task_runs import TaskRun, peak_memory_bytes, task_training
 
 SUMMARY = "summary.json"
-
-
-def task_training(task: TaskPlan) -> TaskTraining:
-    """The engine's view of a planned task."""
-    return TaskTraining(
-        name=task.name,
-        peft=TaskPeftConfig(
-            method=task.peft.method,
-            r=task.peft.r,
-            alpha=float(task.peft.alpha),
-            dropout=task.peft.dropout,
-            target_modules=tuple(task.peft.target_modules),
-            use_rslora=task.peft.use_rslora,
-        ),
-        lr=task.lr,
-        steps=task.steps,
-        weight_decay=task.weight_decay,
-        max_grad_norm=task.max_grad_norm,
-        schedule=task.schedule.name,
-        warmup_steps=task.schedule.warmup_steps,
-        seed=task.seed,
-    )
-
-
-@dataclass
-class TaskRun:
-    """A task's data stream and files during a run."""
-
-    plan: TaskPlan
-    directory: Path
-    examples: tuple[Example, ...]
-    batches: Iterator[list[int]]
-    metrics: StepLog
-    manifest: StepLog
-    current_batch: list[Example] = field(default_factory=list)
-    last_step_time: float = 0.0
-    first_loss: float | None = None
-    last_loss: float | None = None
-    tokens: int = 0  # over the whole run, resumed parts included
-    tokens_this_process: int = 0  # what throughput is measured on
-    diverged_at: int | None = None
-    checkpoint: Path | None = None
 
 
 class PlanExecutor:
@@ -108,11 +73,19 @@ class PlanExecutor:
         self.folder: RunFolder | None = None
         self.last_job_record: dict | None = None  # what the next checkpoint keeps as the previous record
         self.round_index = 0
+        self.interpreter: SubgraphInterpreter | None = None
+        self.handlers = self._handler_table()
+        self.executed = 0
         self.started = time.perf_counter()
         self.training_started = self.started
 
     def run(self) -> dict:
         """Execute prologue, rounds until every task is done, epilogue; returns the summary."""
+        if self.plan.placement.num_ranks > 1:
+            raise RunError(
+                f"the plan places the job on {self.plan.placement.num_ranks} ranks; this runtime runs single-rank "
+                "plans: compile for one device (cluster.num_devices: 1)"
+            )
         with RunFolder(self.plan, resume=self.resume) as folder:
             self.folder = folder
             if folder.restarted:
@@ -121,26 +94,33 @@ class PlanExecutor:
                 self.execute(instruction)
             self.training_started = time.perf_counter()
             self.progress.restart_clock()
-            while self.engine is not None and self._active():
-                self.round_index += 1
-                for instruction in self.program.round:
-                    self.execute(instruction)
+            resumed_after = self.round_index
+            for phase, body in zip(self.plan.phases, self.program.phases):
+                for round_index in range(max(phase.first_round, resumed_after + 1), phase.last_round + 1):
+                    self.round_index = round_index
+                    for instruction in body:
+                        self.execute(instruction)
             for instruction in self.program.epilogue:
                 self.execute(instruction)
             self.progress.close()
             return self._write_summary()
 
-    def execute(self, instruction: Instruction) -> None:
-        """Dispatch one instruction to its handler."""
-        handlers = {
+    def _handler_table(self) -> dict[type, Callable[[Any], None]]:
+        """The run-level handlers; the compute handlers join once the backbone is loaded."""
+        return {
             LoadBackbone: self._load_backbone,
             BuildTasks: self._build_tasks,
-            ForwardBackward: self._forward_backward,
+            LoadBatches: self._load_batches,
+            AllReduce: self._all_reduce,
             OptimizerStep: self._optimizer_step,
             Checkpoint: self._checkpoint,
             ExportAdapters: self._export_adapters,
         }
-        handlers[type(instruction)](instruction)
+
+    def execute(self, instruction: Instruction) -> None:
+        """Dispatch one instruction to its handler."""
+        self.handlers[type(instruction)](instruction)
+        self.executed += 1
 
     def _active(self, names: tuple[str, ...] | None = None) -> list[str]:
         assert self.engine is not None
@@ -160,12 +140,16 @@ class PlanExecutor:
                 if backbone_dict.get(k) != self.plan.backbone.get(k)
             )
             raise RunError(f"{self.plan.job.model}: the backbone differs from the plan's in {', '.join(differing)}")
-        fingerprint = compute_fingerprint(backbone_dict, self.plan.tasks, self.plan.htasks)
+        fingerprint = compute_fingerprint(backbone_dict, self.plan.tasks, self.plan.phases, self.plan.partition)
         if fingerprint != self.plan.fingerprint:
             raise RunError(
                 f"fingerprint: the plan says {self.plan.fingerprint}, this backbone and plan give {fingerprint}"
             )
-        self.engine = MultiTaskEngine(self.backbone.model, self.backbone.segment_table)
+        self.engine = MultiTaskEngine(self.backbone.model)
+        description = partition_description(self.plan.partition, self.backbone.config.num_layers)
+        graph = rebuild_partition(self.backbone.model, description)
+        self.interpreter = SubgraphInterpreter(graph, self.engine, StreamSet(self.engine.device))
+        self.handlers.update(self.interpreter.handlers())
 
     def _build_tasks(self, instruction: BuildTasks) -> None:
         assert self.backbone is not None and self.engine is not None, "build_tasks needs load_backbone first"
@@ -222,18 +206,36 @@ class PlanExecutor:
         self.progress.set_progress(task.name, state.step, "resumed" if state.step else "waiting")
         run.last_step_time = time.perf_counter()
 
-    def _forward_backward(self, instruction: ForwardBackward) -> None:
-        assert self.engine is not None
-        htask = self.plan.htasks[instruction.htask]
-        budgets = dict(zip(htask.tasks, htask.token_budgets))
-        active = self._active(htask.tasks)
-        batches = {}
-        for name in active:
+    def _load_batches(self, instruction: LoadBatches) -> None:
+        """Each active task's next global batch, split by its budget into the phase's exact
+        number of micro-batches (piece i of every task in micro-batch i)."""
+        assert self.engine is not None and self.interpreter is not None
+        htask = self._phase().htasks[instruction.htask]
+        pieces: dict[str, list[list[Example]]] = {}
+        for name in self._active(htask.tasks):
             run = self.runs[name]
             run.current_batch = [run.examples[i] for i in next(run.batches)]
-            batches[name] = run.current_batch
-        if batches:
-            self.engine.forward_backward(batches, {n: budgets[n] for n in batches})
+            self.engine.begin_batch(name, run.current_batch)
+            pieces[name] = split_task_batch(run.current_batch, htask.budget_of(name))
+            if len(pieces[name]) > htask.num_microbatches:
+                raise RunError(
+                    f"task {name}: round {self.round_index} needs {len(pieces[name])} micro-batches, the plan has "
+                    f"{htask.num_microbatches}; the data changed since the plan was compiled: compile again"
+                )
+        microbatches = [
+            build_microbatch(
+                [(name, e) for name, task_pieces in pieces.items() if i < len(task_pieces) for e in task_pieces[i]]
+            )
+            for i in range(htask.num_microbatches)
+        ]
+        self.interpreter.load(instruction.htask, microbatches)
+
+    def _phase(self) -> Phase:
+        return next(p for p in self.plan.phases if p.first_round <= self.round_index <= p.last_round)
+
+    def _all_reduce(self, instruction: AllReduce) -> None:
+        """A group of this rank alone holds the whole sum already."""
+        assert instruction.group == (self.program.rank,), "multi-rank plans are refused before they start"
 
     def _optimizer_step(self, instruction: OptimizerStep) -> None:
         assert self.engine is not None
@@ -279,20 +281,13 @@ class PlanExecutor:
         status = "done" if result.step >= run.plan.steps else "running"
         self.progress.step(name, result.step, result.loss, result.num_tokens, status)
 
-    def _checkpoint(self, _: Checkpoint) -> None:
-        """When any task reached a multiple of its save_every or took its last step, checkpoint
-        the whole round; the job keeps this round's record and the one before it."""
+    def _checkpoint(self, instruction: Checkpoint) -> None:
+        """In the rounds the plan lists, checkpoint every task that stepped since its last
+        checkpoint; the job keeps this round's record and the one before it."""
         assert self.engine is not None
-        states = self.engine.tasks
-
-        def due(name: str) -> bool:
-            plan, state = self.runs[name].plan, states[name]
-            if state.status is TaskStatus.DIVERGED or state.step <= self._saved_step(name):
-                return False
-            return state.step == plan.steps or (plan.save_every > 0 and state.step % plan.save_every == 0)
-
-        if not any(due(name) for name in states):
+        if self.round_index not in instruction.rounds:
             return
+        states = self.engine.tasks
         for name, state in states.items():
             run = self.runs[name]
             if state.status is not TaskStatus.DIVERGED and state.step > self._saved_step(name):
@@ -352,14 +347,8 @@ class PlanExecutor:
             "train_seconds": train,
             "tokens_per_second": sum(run.tokens_this_process for run in self.runs.values()) / train,
             "peak_memory_bytes": peak_memory_bytes(),
+            "instructions_executed": self.executed,
             "tasks": tasks,
         }
         atomic_write_bytes(self.output_dir / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
         return summary
-
-
-def peak_memory_bytes() -> int:
-    """Peak device memory on CUDA, else the process's peak resident set size."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -1,0 +1,138 @@
+"""The compute half of the plan interpreter: micro-batch buffers and the subgraph-level
+forward, loss and backward instructions.
+
+Buffers are held per (hTask, micro-batch) and named by graph value, as the plan's instructions
+name them. A subgraph's floating-point inputs coming from earlier subgraphs are detached into
+leaves, so its backward can run on its own: `Backward` back-propagates the subgraph's outputs
+with their accumulated gradients and hands the leaves' gradients to the subgraphs that produced
+them. Several micro-batches can be in flight at once: nothing is shared between them but the
+model's parameters.
+
+Legend: T tokens of the packed buffer, C hidden size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from muxtune.plans import Backward, Forward, Free, LossBackward, RecordEvent, WaitEvent
+
+from ..engine import MultiTaskEngine
+from ..packing import MicroBatch
+from .runner import PartitionedGraph
+from .streams import StreamSet
+
+
+@dataclass
+class MicroBatchBuffers:
+    """Everything one in-flight micro-batch holds."""
+
+    batch: MicroBatch
+    values: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    leaves: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return self.batch.num_tokens == 0
+
+
+def _needs_grad(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad
+
+
+class SubgraphInterpreter:
+    """Runs `Forward`, `LossBackward`, `Backward`, `Free` and the event instructions on the
+    partitioned backbone of this rank."""
+
+    def __init__(self, graph: PartitionedGraph, engine: MultiTaskEngine, streams: StreamSet) -> None:
+        self.graph = graph
+        self.engine = engine
+        self.streams = streams
+        self.device = engine.device
+        self.buffers: dict[tuple[int, int], MicroBatchBuffers] = {}
+        self.final_output = graph.description.outputs[0]
+
+    def handlers(self) -> Mapping[type, Callable[[Any], None]]:
+        """This half's entries of the executor's handler table."""
+        return {
+            Forward: self.forward,
+            LossBackward: self.loss_backward,
+            Backward: self.backward,
+            Free: self.free,
+            RecordEvent: lambda ins: self.streams.record(ins.event, ins.stream),
+            WaitEvent: lambda ins: self.streams.wait(ins.event, ins.stream),
+        }
+
+    def load(self, htask: int, microbatches: list[MicroBatch]) -> None:
+        """Install an hTask's micro-batches of this round (moved to the device once each)."""
+        for index, mb in enumerate(microbatches):
+            buffers = MicroBatchBuffers(mb)
+            if not buffers.empty:
+                inputs = (
+                    mb.input_ids_T.to(self.device, non_blocking=True),
+                    mb.position_ids_T.to(self.device, non_blocking=True),
+                    mb.layout,
+                )
+                buffers.values.update(zip(self.graph.description.inputs, inputs))
+            self.buffers[(htask, index)] = buffers
+
+    def forward(self, ins: Forward) -> None:
+        buffers = self.buffers[(ins.htask, ins.microbatch)]
+        if buffers.empty:
+            return
+        subgraph = self.graph.subgraphs[ins.subgraph]
+        args, leaves = [], {}
+        for name in subgraph.description.inputs:
+            value = buffers.values[name]
+            if _needs_grad(value):
+                value = value.detach().requires_grad_(True)
+                leaves[name] = value
+            args.append(value)
+        with self.streams.on(ins.stream):
+            outputs = subgraph.module(*args)
+        buffers.leaves[ins.subgraph] = leaves
+        buffers.outputs[ins.subgraph] = outputs
+        buffers.values.update(zip(subgraph.description.outputs, outputs))
+
+    def loss_backward(self, ins: LossBackward) -> None:
+        buffers = self.buffers[(ins.htask, ins.microbatch)]
+        if buffers.empty:
+            return
+        hidden_TC = buffers.values[self.final_output]
+        leaf_TC = hidden_TC.detach().requires_grad_(hidden_TC.requires_grad)
+        with self.streams.on(ins.stream):
+            total = self.engine.segment_losses(leaf_TC, buffers.batch)
+            if total is not None and total.requires_grad:
+                total.backward()
+        if leaf_TC.grad is not None:
+            buffers.grads[self.final_output] = leaf_TC.grad
+
+    def backward(self, ins: Backward) -> None:
+        buffers = self.buffers[(ins.htask, ins.microbatch)]
+        if buffers.empty:
+            return
+        names = self.graph.subgraphs[ins.subgraph].description.outputs
+        pairs = [
+            (out, buffers.grads[name])
+            for name, out in zip(names, buffers.outputs.pop(ins.subgraph))
+            if _needs_grad(out) and name in buffers.grads
+        ]
+        leaves = buffers.leaves.pop(ins.subgraph)
+        if not pairs:
+            return
+        with self.streams.on(ins.stream):
+            torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+        for name, leaf in leaves.items():
+            if leaf.grad is None:
+                continue
+            previous = buffers.grads.get(name)
+            buffers.grads[name] = leaf.grad if previous is None else previous + leaf.grad
+
+    def free(self, ins: Free) -> None:
+        del self.buffers[(ins.htask, ins.microbatch)]
