@@ -165,7 +165,7 @@ class PlanExecutor:
             raise RunError(
                 f"fingerprint: the plan says {self.plan.fingerprint}, this backbone and plan give {fingerprint}"
             )
-        self.engine = MultiTaskEngine(self.backbone.model, self.backbone.segment_table)
+        self.engine = MultiTaskEngine(self.backbone.model)
 
     def _build_tasks(self, instruction: BuildTasks) -> None:
         assert self.backbone is not None and self.engine is not None, "build_tasks needs load_backbone first"
