@@ -1,1 +1,27 @@
-"""muxtune.kernels"""
+"""muxtune.kernels: segmented multi-task LoRA (Triton kernels, torch references, dispatch).
+
+Importing this package never imports Triton; `segmented_lora` loads it on first use.
+"""
+
+from .lora_dispatch import (
+    BACKEND_ENV,
+    SegmentedLoraFunction,
+    chosen_backend,
+    lora_expand,
+    lora_shrink,
+    lora_weight_grad,
+    segmented_lora,
+)
+from .lora_layout import LoraSlots, SegmentLayout
+
+__all__ = [
+    "BACKEND_ENV",
+    "LoraSlots",
+    "SegmentLayout",
+    "SegmentedLoraFunction",
+    "chosen_backend",
+    "lora_expand",
+    "lora_shrink",
+    "lora_weight_grad",
+    "segmented_lora",
+]

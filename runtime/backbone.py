@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .layout import MicroBatchLayout
 from .model_sources import resolve_model_dir
 from .models import BackboneConfig, load_backbone
-from .peft import Segment, SegmentTable
 from .tokenizer import TextTokenizer, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -18,13 +18,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class LoadedBackbone:
-    """A frozen backbone ready for PEFT attachment, with its tokenizer and segment table."""
+    """A frozen backbone ready for PEFT attachment, with its tokenizer."""
 
     model: nn.Module
     config: BackboneConfig
     tokenizer: TextTokenizer
     model_dir: Path
-    segment_table: SegmentTable
 
 
 def torch_device(device: str) -> torch.device:
@@ -46,7 +45,7 @@ def load_model(model: str, dtype: str = "fp32", device: str = "cpu") -> LoadedBa
     backbone.eval()
     for param in backbone.parameters():
         param.requires_grad_(False)
-    return LoadedBackbone(backbone, config, tokenizer, model_dir, SegmentTable())
+    return LoadedBackbone(backbone, config, tokenizer, model_dir)
 
 
 @torch.no_grad()
@@ -58,14 +57,11 @@ def greedy_generate(loaded: LoadedBackbone, prompt: str, *, task: str | None = N
     for _ in range(max_new_tokens):
         seq = ids + new
         length = len(seq)
-        if task is not None:
-            loaded.segment_table.set((Segment(task, 0, length),))
         logits = loaded.model(
             torch.tensor(seq, dtype=torch.long, device=device),
             torch.arange(length, dtype=torch.long, device=device),
-            torch.tensor([0, length], dtype=torch.long),
+            MicroBatchLayout.for_sequences([length], [task]),
         )
-        loaded.segment_table.set(())
         token = int(logits[-1].argmax())
         if token == loaded.tokenizer.eos_token_id:
             break

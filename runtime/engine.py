@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Example
+from .layout import MicroBatchLayout
 from .packing import IGNORE_INDEX, MicroBatch, pack_microbatches
-from .peft import OperatorPeftModule, Segment, SegmentTable, TaskPeftConfig, attach_task, detach_task
+from .peft import OperatorPeftModule, TaskPeftConfig, attach_task, detach_task
 from .schedules import lr_multiplier
 
 ADAMW_BETAS = (0.9, 0.999)
@@ -93,9 +94,8 @@ class TaskState:
 class MultiTaskEngine:
     """Trains any number of tasks' PEFT modules on one frozen backbone."""
 
-    def __init__(self, model: nn.Module, segment_table: SegmentTable, *, param_dtype: torch.dtype = torch.float32):
+    def __init__(self, model: nn.Module, *, param_dtype: torch.dtype = torch.float32):
         self.model = model
-        self.segment_table = segment_table
         self.param_dtype = param_dtype
         self.tasks: dict[str, TaskState] = {}
         self.device = next(model.parameters()).device
@@ -111,7 +111,6 @@ class MultiTaskEngine:
             self.model,
             config.name,
             config.peft,
-            self.segment_table,
             seed=config.seed,
             dropout_generator=dropout_generator,
             dtype=self.param_dtype,
@@ -153,12 +152,20 @@ class MultiTaskEngine:
         return microbatches
 
     def _run_microbatch(self, mb: MicroBatch) -> None:
-        self.segment_table.set(mb.segments)
+        loss = self.forward_microbatch(mb)
+        if loss is not None and loss.requires_grad:
+            loss.backward()
+
+    def forward_microbatch(self, mb: MicroBatch) -> torch.Tensor | None:
+        """Forward one micro-batch and return the sum of its tasks' normalized losses (None when
+        no token is scored); the caller runs its backward, possibly after other micro-batches'
+        forwards, since the layout travels with the micro-batch. Records each task's pending
+        loss and token counts; the tasks' normalizers must be set (see `forward_backward`)."""
         input_ids_T, position_ids_T = mb.input_ids_T.to(self.device), mb.position_ids_T.to(self.device)
         targets_T = mb.targets_T.to(self.device)
-        hidden_TD = self.model.hidden_states(input_ids_T, position_ids_T, mb.cu_seqlens_S1)
+        hidden_TD = self.model.hidden_states(input_ids_T, position_ids_T, mb.layout)
         total = None
-        for seg in mb.segments:
+        for seg in mb.layout.segments:
             # Logits only for scored rows, and one head call per task: a task's loss then never
             # depends on how many rows other tasks bring (small GEMMs pick other BLAS kernels).
             state = self.tasks[seg.task]
@@ -170,15 +177,12 @@ class MultiTaskEngine:
             state.pending_target_tokens += num_scored
             if num_scored == 0:
                 continue
-            self.segment_table.set((Segment(seg.task, 0, num_scored),))
-            logits_NV = self.model.lm_head(hidden_ND)
+            logits_NV = self.model.lm_head(hidden_ND, MicroBatchLayout.single_task(seg.task, num_scored))
             task_nll = F.cross_entropy(logits_NV.float(), targets_S[scored_S], reduction="sum")
             state.pending_loss += float(task_nll.detach())
             term = task_nll / state.normalizer
             total = term if total is None else total + term
-        self.segment_table.set(())
-        if total is not None and total.requires_grad:
-            total.backward()
+        return total
 
     def optimizer_step(self, task: str) -> StepResult:
         """Clip, schedule and step one task after its global batch.

@@ -1,6 +1,6 @@
 """Packing whole sequences of several tasks into micro-batches (no padding between them).
 
-Tensor suffixes: `_T` per token of the packed buffer, `_S1` per sequence boundary (S + 1).
+Tensor suffixes: `_T` per token of the packed buffer.
 """
 
 from __future__ import annotations
@@ -10,24 +10,23 @@ from dataclasses import dataclass
 import torch
 
 from .data import Example
-from .peft import Segment
+from .layout import MicroBatchLayout
 
 IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """A packed token buffer; each task's sequences are contiguous (one segment per task)."""
+    """A packed token buffer and its layout; each task's sequences are contiguous (one segment per task)."""
 
     input_ids_T: torch.Tensor
     position_ids_T: torch.Tensor
-    cu_seqlens_S1: torch.Tensor
     targets_T: torch.Tensor  # next-token id scored at each position, IGNORE_INDEX elsewhere
-    segments: tuple[Segment, ...]
+    layout: MicroBatchLayout
 
     @property
     def num_tokens(self) -> int:
-        return int(self.input_ids_T.shape[0])
+        return self.layout.num_tokens
 
 
 def build_microbatch(batch: list[tuple[str, Example]]) -> MicroBatch:
@@ -35,25 +34,17 @@ def build_microbatch(batch: list[tuple[str, Example]]) -> MicroBatch:
     input_ids: list[int] = []
     positions: list[int] = []
     targets: list[int] = []
-    cu_seqlens = [0]
-    segments: list[Segment] = []
-    for task, example in batch:
-        if not segments or segments[-1].task != task:
-            assert all(s.task != task for s in segments), f"task {task} sequences are not contiguous"
-            segments.append(Segment(task, len(input_ids), len(input_ids)))
+    for _, example in batch:
         ids = example.input_ids
         input_ids.extend(ids)
         positions.extend(range(len(ids)))
         targets.extend(ids[i + 1] if example.is_target[i + 1] else IGNORE_INDEX for i in range(len(ids) - 1))
         targets.append(IGNORE_INDEX)
-        cu_seqlens.append(len(input_ids))
-        segments[-1] = Segment(task, segments[-1].start, len(input_ids))
     return MicroBatch(
         input_ids_T=torch.tensor(input_ids, dtype=torch.long),
         position_ids_T=torch.tensor(positions, dtype=torch.long),
-        cu_seqlens_S1=torch.tensor(cu_seqlens, dtype=torch.long),
         targets_T=torch.tensor(targets, dtype=torch.long),
-        segments=tuple(segments),
+        layout=MicroBatchLayout.for_sequences([len(e.input_ids) for _, e in batch], [task for task, _ in batch]),
     )
 
 

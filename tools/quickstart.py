@@ -43,7 +43,7 @@ def fresh_output_dir(path: Path) -> None:
 def show_generations(plan, max_new_tokens: int = 24) -> None:
     """One unseen example per task: expected answer, base model, adapted model."""
     loaded = load_model(plan.job.model, plan.job.dtype)
-    engine = MultiTaskEngine(loaded.model, loaded.segment_table)
+    engine = MultiTaskEngine(loaded.model)
     for task in plan.tasks:
         _, state = load_adapter(Path(plan.job.output_dir) / task.name)
         engine.add_task(task_training(task), init_state=state)

@@ -5,7 +5,7 @@ from .attention import packed_causal_attention
 from .build import MODEL_CLASSES, build_model
 from .config import BackboneConfig
 from .gpt2 import GPT2LMHeadModel
-from .layers import BackboneForCausalLM, Conv1D, RMSNorm, RotaryEmbedding
+from .layers import BackboneForCausalLM, Conv1D, HostConv1D, HostLinear, RMSNorm, RotaryEmbedding
 from .llama import LlamaForCausalLM
 from .loading import assign_weights, load_backbone, read_hf_config
 from .opt import OPTForCausalLM
@@ -15,6 +15,8 @@ __all__ = [
     "BackboneForCausalLM",
     "Conv1D",
     "GPT2LMHeadModel",
+    "HostConv1D",
+    "HostLinear",
     "LlamaForCausalLM",
     "MODEL_CLASSES",
     "OPTForCausalLM",

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..layout import MicroBatchLayout
 from . import attention
 from .config import BackboneConfig
-from .layers import BackboneForCausalLM, Conv1D, activation
+from .layers import BackboneForCausalLM, HostConv1D, HostLinear, activation
 
 
 class GPT2Attention(nn.Module):
@@ -25,19 +26,19 @@ class GPT2Attention(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:
             scaling /= float(layer_idx + 1)
         self.scaling = scaling
-        self.c_attn = Conv1D(config.hidden_size, 3 * config.hidden_size)
-        self.c_proj = Conv1D(config.hidden_size, config.hidden_size)
+        self.c_attn = HostConv1D(config.hidden_size, 3 * config.hidden_size)
+        self.c_proj = HostConv1D(config.hidden_size, config.hidden_size)
 
-    def forward(self, x_TC: Tensor, cu_seqlens: Tensor) -> Tensor:
-        q_TC, k_TC, v_TC = self.c_attn(x_TC).split(self.hidden_size, dim=1)
+    def forward(self, x_TC: Tensor, layout: MicroBatchLayout) -> Tensor:
+        q_TC, k_TC, v_TC = self.c_attn(x_TC, layout).split(self.hidden_size, dim=1)
         out_THD = attention.packed_causal_attention(
             q_TC.view(-1, self.num_heads, self.head_dim),
             k_TC.view(-1, self.num_heads, self.head_dim),
             v_TC.view(-1, self.num_heads, self.head_dim),
-            cu_seqlens,
+            layout.cu_seqlens_S1,
             scale=self.scaling,
         )
-        return self.c_proj(out_THD.reshape(-1, self.hidden_size))
+        return self.c_proj(out_THD.reshape(-1, self.hidden_size), layout)
 
 
 class GPT2MLP(nn.Module):
@@ -45,12 +46,12 @@ class GPT2MLP(nn.Module):
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
-        self.c_fc = Conv1D(config.hidden_size, config.intermediate_size)
-        self.c_proj = Conv1D(config.intermediate_size, config.hidden_size)
+        self.c_fc = HostConv1D(config.hidden_size, config.intermediate_size)
+        self.c_proj = HostConv1D(config.intermediate_size, config.hidden_size)
         self.act = activation(config.activation)
 
-    def forward(self, x_TC: Tensor) -> Tensor:
-        return self.c_proj(self.act(self.c_fc(x_TC)))
+    def forward(self, x_TC: Tensor, layout: MicroBatchLayout) -> Tensor:
+        return self.c_proj(self.act(self.c_fc(x_TC, layout)), layout)
 
 
 class GPT2Block(nn.Module):
@@ -63,9 +64,9 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = GPT2MLP(config)
 
-    def forward(self, x_TC: Tensor, cu_seqlens: Tensor) -> Tensor:
-        x_TC = x_TC + self.attn(self.ln_1(x_TC), cu_seqlens)
-        return x_TC + self.mlp(self.ln_2(x_TC))
+    def forward(self, x_TC: Tensor, layout: MicroBatchLayout) -> Tensor:
+        x_TC = x_TC + self.attn(self.ln_1(x_TC), layout)
+        return x_TC + self.mlp(self.ln_2(x_TC), layout)
 
 
 class GPT2Model(nn.Module):
@@ -78,10 +79,10 @@ class GPT2Model(nn.Module):
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
-        x_TC = self.wte(input_ids) + self.wpe(position_ids)
+    def forward(self, input_ids_T: Tensor, position_ids_T: Tensor, layout: MicroBatchLayout) -> Tensor:
+        x_TC = self.wte(input_ids_T) + self.wpe(position_ids_T)
         for block in self.h:
-            x_TC = block(x_TC, cu_seqlens)
+            x_TC = block(x_TC, layout)
         return self.ln_f(x_TC)
 
 
@@ -95,11 +96,11 @@ class GPT2LMHeadModel(BackboneForCausalLM):
             raise ValueError(f"GPT2LMHeadModel needs family 'gpt2', got {config.family!r}")
         super().__init__(config)
         self.transformer = GPT2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = HostLinear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def input_embeddings(self) -> nn.Embedding:
         return self.transformer.wte
 
-    def hidden_states(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
-        return self.transformer(input_ids, position_ids, cu_seqlens)
+    def hidden_states(self, input_ids_T: Tensor, position_ids_T: Tensor, layout: MicroBatchLayout) -> Tensor:
+        return self.transformer(input_ids_T, position_ids_T, layout)

@@ -1,6 +1,6 @@
 """Building blocks shared by the backbone families.
 
-Legend: T tokens of a packed buffer, H heads, D head dim.
+Legend: T tokens of a packed buffer, I / O input / output features, H heads, D head dim.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layout import MicroBatchLayout
+from ..peft.base import PeftHost
 from .config import BackboneConfig
 
 
@@ -66,6 +68,31 @@ class Conv1D(nn.Module):
     def extra_repr(self) -> str:
         bias = self.bias is not None
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
+
+
+class HostLinear(PeftHost, nn.Linear):
+    """A frozen linear operator that hosts tasks' PEFT modules (weight keys stay `weight`, `bias`;
+    a task's module lives at `adapters.<task>`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.adapters = nn.ModuleDict()
+
+    def forward(self, x_TI: Tensor, layout: MicroBatchLayout) -> Tensor:
+        """The linear once over all tokens, then each task of `layout` adapts its segment."""
+        return self.adapt_segments(x_TI, F.linear(x_TI, self.weight, self.bias), layout)
+
+
+class HostConv1D(PeftHost, Conv1D):
+    """GPT-2's Conv1D as a PEFT host (see `HostLinear`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.adapters = nn.ModuleDict()
+
+    def forward(self, x_TI: Tensor, layout: MicroBatchLayout) -> Tensor:
+        """The transposed linear once over all tokens, then each task of `layout` adapts its segment."""
+        return self.adapt_segments(x_TI, F.linear(x_TI, self.weight.t(), self.bias), layout)
 
 
 def _gelu_new(x: Tensor) -> Tensor:
@@ -163,13 +190,13 @@ def apply_rotary(q_THD: Tensor, k_THD: Tensor, cos_TD: Tensor, sin_TD: Tensor) -
 class BackboneForCausalLM(nn.Module, abc.ABC):
     """Common interface of the backbone families.
 
-    Subclasses define `hidden_states(input_ids, position_ids, cu_seqlens)`,
-    `input_embeddings()` and an `lm_head` linear; `base_model_prefix` is the name of the
+    Subclasses define `hidden_states(input_ids_T, position_ids_T, layout)`,
+    `input_embeddings()` and an `lm_head` host; `base_model_prefix` is the name of the
     body module in Hugging Face checkpoints ("model" or "transformer").
     """
 
     base_model_prefix: str = "model"
-    lm_head: nn.Linear
+    lm_head: HostLinear
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
@@ -180,16 +207,16 @@ class BackboneForCausalLM(nn.Module, abc.ABC):
         """The token embedding module."""
 
     @abc.abstractmethod
-    def hidden_states(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
+    def hidden_states(self, input_ids_T: Tensor, position_ids_T: Tensor, layout: MicroBatchLayout) -> Tensor:
         """Final hidden states [T, hidden] (before lm_head) of a packed buffer."""
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
+    def forward(self, input_ids_T: Tensor, position_ids_T: Tensor, layout: MicroBatchLayout) -> Tensor:
         """Logits [T, vocab] of a packed buffer of sequences.
 
-        input_ids, position_ids: [T] int64, positions restarting at 0 for each sequence;
-        cu_seqlens: [S+1] int64 CPU tensor of sequence boundaries.
+        input_ids_T, position_ids_T: int64, positions restarting at 0 for each sequence;
+        layout: the buffer's sequence boundaries and task segments.
         """
-        return self.lm_head(self.hidden_states(input_ids, position_ids, cu_seqlens))
+        return self.lm_head(self.hidden_states(input_ids_T, position_ids_T, layout), layout)
 
     def tied_weight_keys(self) -> tuple[str, ...]:
         """state_dict keys that alias another parameter (absent from checkpoints)."""

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..layout import MicroBatchLayout
 from . import attention
 from .config import BackboneConfig
-from .layers import BackboneForCausalLM, activation
+from .layers import BackboneForCausalLM, HostLinear, activation
 
 
 class OPTLearnedPositionalEmbedding(nn.Embedding):
@@ -35,17 +36,17 @@ class OPTAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scaling = config.head_dim**-0.5
         c = config.hidden_size
-        self.k_proj = nn.Linear(c, c, bias=config.attention_bias)
-        self.v_proj = nn.Linear(c, c, bias=config.attention_bias)
-        self.q_proj = nn.Linear(c, c, bias=config.attention_bias)
-        self.out_proj = nn.Linear(c, c, bias=config.attention_out_bias)
+        self.k_proj = HostLinear(c, c, bias=config.attention_bias)
+        self.v_proj = HostLinear(c, c, bias=config.attention_bias)
+        self.q_proj = HostLinear(c, c, bias=config.attention_bias)
+        self.out_proj = HostLinear(c, c, bias=config.attention_out_bias)
 
-    def forward(self, x_TC: Tensor, cu_seqlens: Tensor) -> Tensor:
-        q_THD = (self.q_proj(x_TC) * self.scaling).view(-1, self.num_heads, self.head_dim)
-        k_THD = self.k_proj(x_TC).view(-1, self.num_heads, self.head_dim)
-        v_THD = self.v_proj(x_TC).view(-1, self.num_heads, self.head_dim)
-        out_THD = attention.packed_causal_attention(q_THD, k_THD, v_THD, cu_seqlens, scale=1.0)
-        return self.out_proj(out_THD.reshape(-1, self.hidden_size))
+    def forward(self, x_TC: Tensor, layout: MicroBatchLayout) -> Tensor:
+        q_THD = (self.q_proj(x_TC, layout) * self.scaling).view(-1, self.num_heads, self.head_dim)
+        k_THD = self.k_proj(x_TC, layout).view(-1, self.num_heads, self.head_dim)
+        v_THD = self.v_proj(x_TC, layout).view(-1, self.num_heads, self.head_dim)
+        out_THD = attention.packed_causal_attention(q_THD, k_THD, v_THD, layout.cu_seqlens_S1, scale=1.0)
+        return self.out_proj(out_THD.reshape(-1, self.hidden_size), layout)
 
 
 class OPTDecoderLayer(nn.Module):
@@ -57,17 +58,17 @@ class OPTDecoderLayer(nn.Module):
         self.do_layer_norm_before = config.do_layer_norm_before
         self.self_attn = OPTAttention(config, layer_idx)
         self.self_attn_layer_norm = nn.LayerNorm(c, eps=config.norm_eps, elementwise_affine=affine)
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.fc1 = HostLinear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.fc2 = HostLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.final_layer_norm = nn.LayerNorm(c, eps=config.norm_eps, elementwise_affine=affine)
         self.activation_fn = activation(config.activation)
 
-    def forward(self, x_TC: Tensor, cu_seqlens: Tensor) -> Tensor:
+    def forward(self, x_TC: Tensor, layout: MicroBatchLayout) -> Tensor:
         if self.do_layer_norm_before:
-            x_TC = x_TC + self.self_attn(self.self_attn_layer_norm(x_TC), cu_seqlens)
-            return x_TC + self.fc2(self.activation_fn(self.fc1(self.final_layer_norm(x_TC))))
-        x_TC = self.self_attn_layer_norm(x_TC + self.self_attn(x_TC, cu_seqlens))
-        return self.final_layer_norm(x_TC + self.fc2(self.activation_fn(self.fc1(x_TC))))
+            x_TC = x_TC + self.self_attn(self.self_attn_layer_norm(x_TC), layout)
+            return x_TC + self.fc2(self.activation_fn(self.fc1(self.final_layer_norm(x_TC), layout)), layout)
+        x_TC = self.self_attn_layer_norm(x_TC + self.self_attn(x_TC, layout))
+        return self.final_layer_norm(x_TC + self.fc2(self.activation_fn(self.fc1(x_TC, layout)), layout))
 
 
 class OPTDecoder(nn.Module):
@@ -78,8 +79,8 @@ class OPTDecoder(nn.Module):
         c, e = config.hidden_size, config.word_embed_proj_dim
         self.embed_tokens = nn.Embedding(config.vocab_size, e)
         self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings, c)
-        self.project_out = nn.Linear(c, e, bias=False) if e != c else None
-        self.project_in = nn.Linear(e, c, bias=False) if e != c else None
+        self.project_out = HostLinear(c, e, bias=False) if e != c else None
+        self.project_in = HostLinear(e, c, bias=False) if e != c else None
         self.final_layer_norm = (
             nn.LayerNorm(c, eps=config.norm_eps, elementwise_affine=config.layer_norm_elementwise_affine)
             if config.final_layer_norm
@@ -87,17 +88,17 @@ class OPTDecoder(nn.Module):
         )
         self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_layers))
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
-        x = self.embed_tokens(input_ids)
+    def forward(self, input_ids_T: Tensor, position_ids_T: Tensor, layout: MicroBatchLayout) -> Tensor:
+        x = self.embed_tokens(input_ids_T)
         if self.project_in is not None:
-            x = self.project_in(x)
-        x_TC = x + self.embed_positions(position_ids)
+            x = self.project_in(x, layout)
+        x_TC = x + self.embed_positions(position_ids_T)
         for layer in self.layers:
-            x_TC = layer(x_TC, cu_seqlens)
+            x_TC = layer(x_TC, layout)
         if self.final_layer_norm is not None:
             x_TC = self.final_layer_norm(x_TC)
         if self.project_out is not None:
-            x_TC = self.project_out(x_TC)
+            x_TC = self.project_out(x_TC, layout)
         return x_TC
 
 
@@ -108,8 +109,8 @@ class OPTModel(nn.Module):
         super().__init__()
         self.decoder = OPTDecoder(config)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
-        return self.decoder(input_ids, position_ids, cu_seqlens)
+    def forward(self, input_ids_T: Tensor, position_ids_T: Tensor, layout: MicroBatchLayout) -> Tensor:
+        return self.decoder(input_ids_T, position_ids_T, layout)
 
 
 class OPTForCausalLM(BackboneForCausalLM):
@@ -122,11 +123,11 @@ class OPTForCausalLM(BackboneForCausalLM):
             raise ValueError(f"OPTForCausalLM needs family 'opt', got {config.family!r}")
         super().__init__(config)
         self.model = OPTModel(config)
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = HostLinear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.tie_weights()
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.decoder.embed_tokens
 
-    def hidden_states(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
-        return self.model(input_ids, position_ids, cu_seqlens)
+    def hidden_states(self, input_ids_T: Tensor, position_ids_T: Tensor, layout: MicroBatchLayout) -> Tensor:
+        return self.model(input_ids_T, position_ids_T, layout)

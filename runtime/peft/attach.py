@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import AnchoredOperator, OperatorPeftModule, SegmentTable
+from .base import OperatorPeftModule, PeftHost
 from .lora import LoraConfig, LoraModule
 
 SUPPORTED_METHODS = ("lora",)
@@ -29,10 +29,8 @@ class TaskPeftConfig:
 
 
 def is_anchorable(module: nn.Module) -> bool:
-    """True for operators an operator-level PEFT module can wrap (linear-like, with feature sizes)."""
-    return isinstance(module, AnchoredOperator) or (
-        hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight")
-    )
+    """True for the backbone operators an operator-level PEFT module can attach to: PEFT hosts."""
+    return isinstance(module, PeftHost)
 
 
 def matches_target(name: str, target_modules: tuple[str, ...]) -> bool:
@@ -41,29 +39,10 @@ def matches_target(name: str, target_modules: tuple[str, ...]) -> bool:
 
 
 def find_anchors(model: nn.Module, target_modules: tuple[str, ...]) -> list[str]:
-    """Names of the anchorable operators selected by `target_modules`, in model order."""
-    names: list[str] = []
-    hosts: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(host + ".") for host in hosts):
-            continue
-        if isinstance(module, AnchoredOperator):
-            hosts.append(name)
-        if is_anchorable(module) and matches_target(name, target_modules):
-            names.append(name)
-    return names
-
-
-def _anchor_host(model: nn.Module, name: str, segment_table: SegmentTable) -> AnchoredOperator:
-    """The host at `name`, wrapping the plain operator there on first use."""
-    module = model.get_submodule(name)
-    if isinstance(module, AnchoredOperator):
-        return module
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    host = AnchoredOperator(module, segment_table)
-    setattr(parent, child, host)
-    return host
+    """Names of the hosts selected by `target_modules`, in model order."""
+    return [
+        name for name, module in model.named_modules() if is_anchorable(module) and matches_target(name, target_modules)
+    ]
 
 
 def build_peft_module(
@@ -79,7 +58,6 @@ def attach_task(
     model: nn.Module,
     task: str,
     config: TaskPeftConfig,
-    segment_table: SegmentTable,
     *,
     seed: int,
     dropout_generator: torch.Generator,
@@ -99,9 +77,9 @@ def attach_task(
     generator = torch.Generator().manual_seed(seed)
     modules: dict[str, OperatorPeftModule] = {}
     for name in anchors:
-        host = _anchor_host(model, name, segment_table)
-        device = host.base.weight.device
-        module = build_peft_module(config, host.base, dtype, device if device.type != "meta" else torch.device("cpu"))
+        host = model.get_submodule(name)
+        device = host.weight.device
+        module = build_peft_module(config, host, dtype, device if device.type != "meta" else torch.device("cpu"))
         module.reset_parameters(generator)
         module.set_dropout_generator(dropout_generator)
         host.add_adapter(task, module)
@@ -110,7 +88,7 @@ def attach_task(
 
 
 def detach_task(model: nn.Module, task: str) -> None:
-    """Remove `task`'s modules from every host (hosts stay; they pass tokens through)."""
+    """Remove `task`'s modules from every host (the others' modules stay)."""
     for module in model.modules():
-        if isinstance(module, AnchoredOperator):
+        if isinstance(module, PeftHost):
             module.remove_adapter(task)

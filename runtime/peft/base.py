@@ -2,19 +2,23 @@
 
 Every PEFT method is a (dispatch, adapter, aggregate) triple around a base operator. The kinds
 (DESIGN section 3) are listed in `AttachmentKind`. Operator-level kinds (parallel, serial, scale,
-bias) share one host, `AnchoredOperator`, which runs the base operator once over the whole packed
-micro-batch and lets each task's module adapt its own token segment. The prefix kinds attach to
-attention and embedding hosts instead; they plug into the same segment table.
+bias) attach to hosts (`PeftHost`): backbone operators that run once over the whole packed
+micro-batch and let each task's module adapt its own token segment, as given by the micro-batch's
+`MicroBatchLayout`. The prefix kinds attach to attention and embedding hosts instead and read the
+same layout.
+
+Legend: T tokens of the packed buffer, I input features, O output features of a host.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ..layout import MicroBatchLayout
 
 
 class AttachmentKind(str, enum.Enum):
@@ -29,37 +33,6 @@ class AttachmentKind(str, enum.Enum):
 
 
 OPERATOR_KINDS = frozenset({AttachmentKind.PARALLEL, AttachmentKind.SERIAL, AttachmentKind.SCALE, AttachmentKind.BIAS})
-
-
-@dataclass(frozen=True)
-class Segment:
-    """The contiguous token range [start, end) of one task inside a packed micro-batch."""
-
-    task: str
-    start: int
-    end: int
-
-
-@dataclass
-class SegmentTable:
-    """Which task owns which token range of the micro-batch being computed.
-
-    One table is shared by every PEFT host of a model; the engine sets it before each forward
-    pass. Segments are sorted, disjoint, and each task has at most one segment.
-    """
-
-    segments: tuple[Segment, ...] = field(default_factory=tuple)
-
-    def set(self, segments: tuple[Segment, ...]) -> None:
-        """Install the segments of the next micro-batch."""
-        cursor = 0
-        seen: set[str] = set()
-        for seg in segments:
-            assert seg.start >= cursor and seg.end > seg.start, f"bad segment order: {segments}"
-            assert seg.task not in seen, f"task {seg.task} has two segments"
-            seen.add(seg.task)
-            cursor = seg.end
-        self.segments = tuple(segments)
 
 
 class OperatorPeftModule(nn.Module, abc.ABC):
@@ -84,26 +57,17 @@ class OperatorPeftModule(nn.Module, abc.ABC):
         """Return the adapted output for one task's segment."""
 
 
-class AnchoredOperator(nn.Module):
-    """A frozen base operator plus the operator-level PEFT modules of any number of tasks.
+class PeftHost(nn.Module):
+    """Mixin for a frozen backbone operator that hosts the operator-level PEFT modules of any
+    number of tasks in its `adapters` ModuleDict (keyed by task).
 
-    The base runs once over all tokens; each task present in the segment table with a module
-    here adapts its own segment. Tokens of tasks without a module at this anchor pass through.
+    A host class (e.g. `HostLinear`) runs its frozen operator once over all tokens of the packed
+    micro-batch and passes the result through `adapt_segments`, where each task of the
+    micro-batch's layout with a module here adapts its own segment. Tokens of tasks without a
+    module here, and tokens outside every segment, pass through.
     """
 
-    def __init__(self, base: nn.Module, segment_table: SegmentTable) -> None:
-        super().__init__()
-        self.base = base
-        self.adapters = nn.ModuleDict()
-        self._segment_table = segment_table
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
+    adapters: nn.ModuleDict
 
     def add_adapter(self, task: str, module: OperatorPeftModule) -> None:
         """Attach `task`'s module at this anchor."""
@@ -116,11 +80,11 @@ class AnchoredOperator(nn.Module):
         if task in self.adapters:
             del self.adapters[task]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        segments = self._segment_table.segments
+    def adapt_segments(self, x_TI: torch.Tensor, y_TO: torch.Tensor, layout: MicroBatchLayout) -> torch.Tensor:
+        """The frozen output `y_TO` of input `x_TI`, with each task's segment adapted by its module."""
+        segments = layout.segments
         if not any(s.task in self.adapters for s in segments):
-            return y
+            return y_TO
         # Cut the buffer into [gap, segment, gap, segment, ..., tail] with torch.split: its
         # backward assembles each gradient once (slicing would add one full-size zero tensor
         # per segment).
@@ -132,11 +96,11 @@ class AnchoredOperator(nn.Module):
             sizes.append(seg.end - seg.start)
             owners.append(seg.task if seg.task in self.adapters else None)
             cursor = seg.end
-        if cursor < y.shape[0]:
-            sizes.append(y.shape[0] - cursor)
+        if cursor < y_TO.shape[0]:
+            sizes.append(y_TO.shape[0] - cursor)
             owners.append(None)
         pieces = [
             piece_y if task is None else self.adapters[task].adapt(piece_x, piece_y)
-            for task, piece_x, piece_y in zip(owners, x.split(sizes), y.split(sizes))
+            for task, piece_x, piece_y in zip(owners, x_TI.split(sizes), y_TO.split(sizes))
         ]
         return torch.cat(pieces, dim=0)

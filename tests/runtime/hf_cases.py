@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 import transformers
 
+from muxtune.runtime.layout import MicroBatchLayout
+
 transformers.logging.set_verbosity_error()
 
 SEQ_LENS = (5, 11, 3)
@@ -123,16 +125,16 @@ def hf_model(case: str) -> transformers.PreTrainedModel:
     return model.eval()
 
 
-def packed_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def packed_inputs(tasks: tuple[str | None, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, MicroBatchLayout]:
+    """Token ids, position ids and layout of SEQ_LENS packed; sequence i belongs to `tasks[i]`."""
     gen = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, VOCAB, (sum(SEQ_LENS),), generator=gen)
     position_ids = torch.cat([torch.arange(n) for n in SEQ_LENS])
-    cu_seqlens = torch.tensor([0, *torch.tensor(SEQ_LENS).cumsum(0).tolist()], dtype=torch.int64)
-    return input_ids, position_ids, cu_seqlens
+    return input_ids, position_ids, MicroBatchLayout.for_sequences(SEQ_LENS, tasks)
 
 
 @torch.no_grad()
-def reference_logits(hf: transformers.PreTrainedModel, ids: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+def reference_logits(hf: transformers.PreTrainedModel, ids: torch.Tensor, layout: MicroBatchLayout) -> torch.Tensor:
     """transformers' logits for each packed sequence run alone, concatenated."""
-    bounds = cu.tolist()
+    bounds = layout.cu_seqlens_S1.tolist()
     return torch.cat([hf(ids[None, a:b]).logits[0] for a, b in zip(bounds[:-1], bounds[1:])])

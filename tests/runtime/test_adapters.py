@@ -14,7 +14,7 @@ from peft import PeftModel
 from muxtune.runtime.adapters import AdapterError, load_adapter, save_adapter
 from muxtune.runtime.engine import MultiTaskEngine, TaskTraining
 from muxtune.runtime.models import load_backbone
-from muxtune.runtime.peft import AnchoredOperator, Segment, SegmentTable, TaskPeftConfig
+from muxtune.runtime.peft import PeftHost, TaskPeftConfig
 from muxtune.runtime.tracing import trace_backbone
 
 FAMILY_TARGETS = {
@@ -27,7 +27,7 @@ FAMILY_TARGETS = {
 
 def engine_with_task(path: Path, targets: tuple[str, ...], rank: int = 4) -> tuple[MultiTaskEngine, str]:
     model, _ = load_backbone(path, torch.float32)
-    engine = MultiTaskEngine(model, SegmentTable())
+    engine = MultiTaskEngine(model)
     config = TaskTraining("task", TaskPeftConfig("lora", rank, 2.0 * rank, 0.0, targets), lr=1e-3, steps=1)
     state = engine.add_task(config)
     generator = torch.Generator().manual_seed(5)
@@ -52,13 +52,12 @@ def test_exported_adapter_loads_in_peft_with_same_logits(case: str, tmp_path: Pa
         fan_in_fan_out=fan_in_fan_out,
     )
 
-    input_ids, position_ids, cu = packed_inputs()
-    engine.segment_table.set((Segment(task, 0, int(cu[-1])),))
+    input_ids, position_ids, layout = packed_inputs((task, task, task))
     with torch.no_grad():
-        ours = engine.model(input_ids, position_ids, cu)
-        base_logits = reference_logits(hf, input_ids, cu)
+        ours = engine.model(input_ids, position_ids, layout)
+        base_logits = reference_logits(hf, input_ids, layout)
         peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
-        theirs = reference_logits(peft_model, input_ids, cu)
+        theirs = reference_logits(peft_model, input_ids, layout)
     assert (theirs - base_logits).abs().max() > 1e-2, "the adapter must change the logits"
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
@@ -68,26 +67,33 @@ def test_fx_trace_with_lora_hosts(case: str, tmp_path: Path) -> None:
     hf_model(case).save_pretrained(tmp_path)
     engine, task = engine_with_task(tmp_path, FAMILY_TARGETS[case])
     traced = trace_backbone(engine.model)
-    hosts = [
-        n
+    adapted = [
+        n.target
         for n in traced.graph.nodes
-        if n.op == "call_module" and isinstance(traced.get_submodule(n.target), AnchoredOperator)
+        if n.op == "call_module"
+        and isinstance(host := traced.get_submodule(n.target), PeftHost)
+        and task in host.adapters
     ]
-    assert len(hosts) == len(engine.tasks[task].modules) > 0
-    input_ids, position_ids, cu = packed_inputs()
+    assert sorted(adapted) == sorted(engine.tasks[task].modules) and adapted
     # The adapter covers the middle sequence only; the others pass through the frozen backbone.
-    bounds = cu.tolist()
-    engine.segment_table.set((Segment(task, bounds[1], bounds[2]),))
+    input_ids, position_ids, layout = packed_inputs((None, task, None))
+    _, _, plain = packed_inputs()
     with torch.no_grad():
-        torch.testing.assert_close(
-            traced(input_ids, position_ids, cu), engine.model(input_ids, position_ids, cu), atol=0, rtol=0
-        )
+        ours = engine.model(input_ids, position_ids, layout)
+        torch.testing.assert_close(traced(input_ids, position_ids, layout), ours, atol=0, rtol=0)
+        base = traced(input_ids, position_ids, plain)
+    bounds = layout.cu_seqlens_S1.tolist()
+    assert torch.equal(ours[: bounds[1]], base[: bounds[1]]) and torch.equal(ours[bounds[2] :], base[bounds[2] :])
+    assert not torch.allclose(ours[bounds[1] : bounds[2]], base[bounds[1] : bounds[2]])
 
 
 def test_adapter_round_trip_and_peft_key_names(tmp_path: Path) -> None:
     hf_model("llama_tied_gqa_bias").save_pretrained(tmp_path / "base")
     engine, task = engine_with_task(tmp_path / "base", ("q_proj", "v_proj"), rank=3)
     state = engine.tasks[task]
+    params = dict(engine.model.named_parameters())
+    assert "model.layers.0.self_attn.q_proj.weight" in params
+    assert "model.layers.0.self_attn.q_proj.adapters.task.lora_A.weight" in params
     save_adapter(tmp_path / "a", state.config.peft, state.adapter_state(), base_model="base")
     config, tensors = load_adapter(tmp_path / "a")
     assert config == state.config.peft

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from muxtune.runtime.data import DataError, batch_indices, load_dataset
+from muxtune.runtime.layout import Segment
 from muxtune.runtime.packing import IGNORE_INDEX, build_microbatch, split_task_batch
 from muxtune.runtime.tokenizer import load_tokenizer
 
@@ -70,7 +71,8 @@ def test_packing_targets_positions_and_splits(tokenizer, tmp_path: Path) -> None
     examples = list(load_dataset(path, "prompt_completion", tokenizer, 64).examples)
     mb = build_microbatch([("x", examples[0]), ("x", examples[1])])
     lengths = [len(e.input_ids) for e in examples]
-    assert mb.cu_seqlens_S1.tolist() == [0, lengths[0], sum(lengths)]
+    assert mb.layout.cu_seqlens_S1.tolist() == [0, lengths[0], sum(lengths)]
+    assert mb.layout.segments == (Segment("x", 0, sum(lengths)),) and mb.num_tokens == sum(lengths)
     assert mb.position_ids_T.tolist() == list(range(lengths[0])) + list(range(lengths[1]))
     for start, e in zip((0, lengths[0]), examples):
         for i in range(len(e.input_ids)):

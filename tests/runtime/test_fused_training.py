@@ -102,7 +102,7 @@ def make_batches(case: TaskCase, vocab_size: int, data_seed: int) -> list[list[E
 def init_adapters(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """peft adapter directories with non-zero B, one per task, used as `init_from`."""
     loaded = load_model(str(tiny_llama_dir))
-    engine = MultiTaskEngine(loaded.model, loaded.segment_table)
+    engine = MultiTaskEngine(loaded.model)
     root = tmp_path_factory.mktemp("init-adapters")
     generator = torch.Generator().manual_seed(99)
     paths = {}
@@ -126,7 +126,7 @@ def train_muxtune(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Train `cases` together (fused rounds) and return each task's final adapter state."""
     loaded = load_model(str(model_dir))
-    engine = MultiTaskEngine(loaded.model, loaded.segment_table)
+    engine = MultiTaskEngine(loaded.model)
     for case in cases:
         _, state = load_adapter(init[case.training.name])
         engine.add_task(case.training, init_state=state)

