@@ -10,7 +10,7 @@ from muxtune.common.cli import run_command
 from muxtune.plans import PlanError, save_plan
 from muxtune.specs import SpecError, load_job_spec
 
-from .compile import DEFAULT_TASK_TOKENS, compile_job
+from .compile import DEFAULT_POLICY, DEFAULT_TASK_TOKENS, compile_job
 from .errors import CompileError
 
 PROG = "muxtune-compile"
@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TASK_TOKENS,
         help=f"most tokens one task brings to a micro-batch (default {DEFAULT_TASK_TOKENS})",
     )
+    parser.add_argument(
+        "--partition",
+        default=DEFAULT_POLICY,
+        help=f"how the backbone graph is cut into subgraphs: per_layers(N) or fine (default {DEFAULT_POLICY})",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 
@@ -50,13 +55,15 @@ def main(argv: list[str] | None = None) -> int:
             spec,
             fuse=not args.no_fuse,
             task_tokens=args.task_tokens,
+            policy=args.partition,
             spec_path=str(Path(args.spec).resolve()),
         )
         for note in result.notes:
             print(f"note: {note}", file=sys.stderr)
         plan = result.plan
         summary = (
-            f"{len(plan.tasks)} tasks in {len(plan.htasks)} hTask(s), "
+            f"{len(plan.tasks)} tasks, {len(plan.phases)} phase(s), "
+            f"{len(plan.phases[0].htasks)} hTask(s) in the first, {len(plan.partition.subgraphs)} subgraphs, "
             f"{plan.predictions.num_rounds} rounds, ~{plan.predictions.tokens_per_round} tokens per round"
         )
         if args.validate:

@@ -108,8 +108,12 @@ def compile_job(
     )
     device = resolve_device(spec.cluster.device)
     phases = plan_phases(tasks, datasets, fuse=fuse, task_tokens=task_tokens)
-    traced = trace_model(config, {t.name: task_peft_config(t) for t in tasks})
-    partition = plan_partition(partition_pass(traced, policy_from_name(policy)))
+    try:
+        partition_policy = policy_from_name(policy)
+    except ValueError as exc:
+        raise CompileError([f"partition: {exc}"]) from None
+    traced = trace_model(config, {t.name: task_peft_config(t) for t in tasks}, head=False)
+    partition = plan_partition(partition_pass(traced, partition_policy))
     backbone = config.to_dict()
     plan = Plan(
         job=JobSummary(model=spec.model, dtype=spec.dtype, output_dir=spec.output_dir, spec_path=spec_path),

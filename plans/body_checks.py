@@ -55,6 +55,7 @@ class _Body:
         self.phase = plan.phases[phase]
         self.flow = flow
         self.stage = program.stage
+        self.last_stage = len(plan.placement.stages) - 1
         self.local = flow.on_stage(program.stage)
         self.path = path
         self.errors = errors
@@ -173,6 +174,13 @@ class _Body:
         if micro.loss:
             self.error(index, f"runs {describe(instruction)} a second time")
             return
+        if self.stage != self.last_stage:
+            self.error(
+                index,
+                f"{describe(instruction)}: the loss runs on the last stage ({self.last_stage}, which holds the "
+                f"head), not this rank's {self.stage}",
+            )
+            return
         missing = [v for v in self.flow.graph_outputs if v not in micro.available]
         if missing:
             makers = sorted({self.flow.producer[v] for v in missing})
@@ -254,7 +262,7 @@ class _Body:
         micro = self.open(index, instruction)
         key = (instruction.subgraph, instruction.grad)
         if key in micro.received:
-            self.error(index, f"{describe(instruction)}: received already (at [{micro.received[key]}])")
+            self.error(index, f"{describe(instruction)} again (already at [{micro.received[key]}])")
             return
         micro.received[key] = index
         values = self.crossing(index, instruction, own_stage=instruction.grad)

@@ -6,7 +6,7 @@ blocks, an all-reduce waits for every rank of its group)."""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 
 from muxtune.common.text import quote
 from muxtune.specs.checks import add_error, at, join
@@ -62,17 +62,22 @@ class _Exchange:
             add_error(self.errors, path if index is None else at(path, index), message)
 
     def check_matching(self) -> None:
-        """Every send has its recv and every recv its send."""
+        """Every send has exactly one recv and every recv exactly one send."""
         for pair in sorted(set(self.sends) | set(self.recvs)):
             src, dst = pair
-            sent = {key for key, _ in self.sends.get(pair, [])}
-            received = {key for key, _ in self.recvs.get(pair, [])}
-            for key, index in self.sends.get(pair, []):
-                if key not in received:
+            sends, recvs = self.sends.get(pair, []), self.recvs.get(pair, [])
+            unreceived = Counter(key for key, _ in recvs)
+            for key, index in sends:
+                if unreceived[key]:
+                    unreceived[key] -= 1
+                else:
                     instruction = self.bodies[src][index]
                     self.error(src, index, f"{describe(instruction)} has no matching recv in {self.body_path(dst)}")
-            for key, index in self.recvs.get(pair, []):
-                if key not in sent:
+            unsent = Counter(key for key, _ in sends)
+            for key, index in recvs:
+                if unsent[key]:
+                    unsent[key] -= 1
+                else:
                     instruction = self.bodies[dst][index]
                     self.error(dst, index, f"{describe(instruction)} has no matching send in {self.body_path(src)}")
 

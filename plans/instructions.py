@@ -46,8 +46,8 @@ class Opcode(str, enum.Enum):
 
 @dataclass(frozen=True)
 class LoadBackbone:
-    """Load this rank's stage of the frozen backbone (the plan's model and dtype) and rebuild
-    the plan's subgraph partition on it."""
+    """Load this rank's stage of the frozen backbone (the plan's model and dtype); once every
+    task is built, the rank rebuilds the plan's subgraph partition on it."""
 
     op: ClassVar[Opcode] = Opcode.LOAD_BACKBONE
     stage: int

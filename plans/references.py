@@ -163,7 +163,7 @@ def check_partition(
     Stages are checked only against a valid ``placement``."""
     if partition.subgraphs is INVALID:
         return
-    before = len(errors)
+    num_errors = len(errors)
     producer: dict[str, int] = {}
     for index, subgraph in enumerate(partition.subgraphs):
         for name in subgraph.outputs if _valid(subgraph.outputs) else ():
@@ -212,7 +212,7 @@ def check_partition(
                     at(join(path, "inputs"), j),
                     f"reads {quote(value)}, which no subgraph produces and which is not in partition.inputs",
                 )
-    if len(errors) == before and _valid(partition.outputs) and all(_valid(s.inputs) for s in partition.subgraphs):
+    if len(errors) == num_errors and _valid(partition.outputs) and all(_valid(s.inputs) for s in partition.subgraphs):
         _check_crossings(partition, producer, errors)
 
 

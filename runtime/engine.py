@@ -142,14 +142,18 @@ class MultiTaskEngine:
         tokens in its whole global batch, so splitting into micro-batches changes nothing.
         """
         for task, batch in task_batches.items():
-            state = self.tasks[task]
-            assert state.status is TaskStatus.ACTIVE, f"task {task} is {state.status.value}"
-            state.normalizer = sum(e.num_targets for e in batch)
-            assert state.normalizer > 0, f"task {task}: a global batch without target tokens"
+            self.begin_batch(task, batch)
         microbatches = pack_microbatches(task_batches, token_budgets)
         for microbatch in microbatches:
             self._run_microbatch(microbatch)
         return microbatches
+
+    def begin_batch(self, task: str, batch: list[Example]) -> None:
+        """Start a task's global batch: its loss normalizer is the target tokens of all of it."""
+        state = self.tasks[task]
+        assert state.status is TaskStatus.ACTIVE, f"task {task} is {state.status.value}"
+        state.normalizer = sum(e.num_targets for e in batch)
+        assert state.normalizer > 0, f"task {task}: a global batch without target tokens"
 
     def _run_microbatch(self, mb: MicroBatch) -> None:
         loss = self.forward_microbatch(mb)
@@ -162,8 +166,12 @@ class MultiTaskEngine:
         forwards, since the layout travels with the micro-batch. Records each task's pending
         loss and token counts; the tasks' normalizers must be set (see `forward_backward`)."""
         input_ids_T, position_ids_T = mb.input_ids_T.to(self.device), mb.position_ids_T.to(self.device)
+        return self.segment_losses(self.model.hidden_states(input_ids_T, position_ids_T, mb.layout), mb)
+
+    def segment_losses(self, hidden_TC: torch.Tensor, mb: MicroBatch) -> torch.Tensor | None:
+        """The sum of the micro-batch's tasks' normalized losses from its final hidden states
+        (None when no token is scored), recording each task's pending loss and token counts."""
         targets_T = mb.targets_T.to(self.device)
-        hidden_TD = self.model.hidden_states(input_ids_T, position_ids_T, mb.layout)
         total = None
         for seg in mb.layout.segments:
             # Logits only for scored rows, and one head call per task: a task's loss then never
@@ -171,13 +179,13 @@ class MultiTaskEngine:
             state = self.tasks[seg.task]
             targets_S = targets_T[seg.start : seg.end]
             scored_S = targets_S != IGNORE_INDEX
-            hidden_ND = hidden_TD[seg.start : seg.end][scored_S]
-            num_scored = int(hidden_ND.shape[0])
+            hidden_NC = hidden_TC[seg.start : seg.end][scored_S]
+            num_scored = int(hidden_NC.shape[0])
             state.pending_tokens += seg.end - seg.start
             state.pending_target_tokens += num_scored
             if num_scored == 0:
                 continue
-            logits_NV = self.model.lm_head(hidden_ND, MicroBatchLayout.single_task(seg.task, num_scored))
+            logits_NV = self.model.lm_head(hidden_NC, MicroBatchLayout.single_task(seg.task, num_scored))
             task_nll = F.cross_entropy(logits_NV.float(), targets_S[scored_S], reduction="sum")
             state.pending_loss += float(task_nll.detach())
             term = task_nll / state.normalizer

@@ -46,8 +46,8 @@ from .checkpoint import (
 from .data import DataError, Example, batch_indices, load_dataset
 from .engine import MultiTaskEngine, StepResult, TaskStatus
 from .execution import rebuild_partition
-from .execution.plan_partition import partition_description
 from .execution.interpreter import SubgraphInterpreter
+from .execution.plan_partition import partition_description
 from .execution.streams import StreamSet
 from .packing import build_microbatch, split_task_batch
 from .progress import ProgressDisplay
@@ -146,10 +146,6 @@ class PlanExecutor:
                 f"fingerprint: the plan says {self.plan.fingerprint}, this backbone and plan give {fingerprint}"
             )
         self.engine = MultiTaskEngine(self.backbone.model)
-        description = partition_description(self.plan.partition, self.backbone.config.num_layers)
-        graph = rebuild_partition(self.backbone.model, description)
-        self.interpreter = SubgraphInterpreter(graph, self.engine, StreamSet(self.engine.device))
-        self.handlers.update(self.interpreter.handlers())
 
     def _build_tasks(self, instruction: BuildTasks) -> None:
         assert self.backbone is not None and self.engine is not None, "build_tasks needs load_backbone first"
@@ -172,6 +168,17 @@ class PlanExecutor:
         for name in instruction.tasks:
             entry = job_record["tasks"].get(name) if job_record is not None else None
             self._build_task(self.plan.task(name), datasets[name].usable, entry)
+        if len(self.runs) == len(self.plan.tasks):
+            self._build_interpreter()
+
+    def _build_interpreter(self) -> None:
+        """Rebuild the plan's partition on this rank's model, all tasks attached (a host carrying
+        PEFT modules is a PEFT subgraph), and join the compute handlers to the table."""
+        assert self.backbone is not None and self.engine is not None
+        description = partition_description(self.plan.partition, self.backbone.config.num_layers)
+        graph = rebuild_partition(self.backbone.model, description, head=False)
+        self.interpreter = SubgraphInterpreter(graph, self.engine, StreamSet(self.engine.device))
+        self.handlers.update(self.interpreter.handlers())
 
     def _build_task(self, task: TaskPlan, examples: tuple[Example, ...], resume_from: dict | None) -> None:
         assert self.engine is not None

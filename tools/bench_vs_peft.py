@@ -25,10 +25,11 @@ from muxtune.compiler.compile import compile_job
 from muxtune.plans import load_plan, save_plan
 from muxtune.runtime.backbone import DTYPES
 from muxtune.runtime.data import batch_indices, load_dataset
-from muxtune.runtime.executor import PlanExecutor, task_training
+from muxtune.runtime.executor import PlanExecutor
 from muxtune.runtime.model_sources import resolve_model_dir
 from muxtune.runtime.progress import ProgressDisplay
 from muxtune.runtime.schedules import lr_multiplier
+from muxtune.runtime.task_runs import task_training
 from muxtune.runtime.tokenizer import load_tokenizer
 from muxtune.specs import load_job_spec
 

@@ -20,8 +20,9 @@ from muxtune.runtime.adapters import load_adapter
 from muxtune.runtime.backbone import greedy_generate, load_model
 from muxtune.runtime.cli import USER_ERRORS, format_summary
 from muxtune.runtime.engine import MultiTaskEngine
-from muxtune.runtime.executor import PlanExecutor, task_training
+from muxtune.runtime.executor import PlanExecutor
 from muxtune.runtime.run_folder import is_muxtune_run
+from muxtune.runtime.task_runs import task_training
 from muxtune.specs import SpecError, load_job_spec
 
 from .make_datasets import make_examples
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {note}", file=sys.stderr)
         fresh_output_dir(output_dir)
         plan_path = save_plan(result.plan, output_dir.with_name(output_dir.name + ".plan.yaml"))
-        print(f"plan: {plan_path} ({len(result.plan.tasks)} tasks, {len(result.plan.htasks)} hTask)")
+        print(f"plan: {plan_path} ({len(result.plan.tasks)} tasks, {len(result.plan.phases)} phase(s))")
         summary = PlanExecutor(result.plan).run()
         print(format_summary(summary))
         show_generations(result.plan)

@@ -14,21 +14,29 @@ from muxtune.runtime.tracing import trace_backbone
 
 
 def trace_model(
-    backbone: BackboneConfig, tasks: Mapping[str, TaskPeftConfig], dtype: torch.dtype = torch.float32
+    backbone: BackboneConfig,
+    tasks: Mapping[str, TaskPeftConfig],
+    dtype: torch.dtype = torch.float32,
+    *,
+    head: bool = True,
 ) -> torch.fx.GraphModule:
     """Build `backbone` on the meta device (no weights), attach each task's PEFT modules in the
-    given order and trace it; PEFT hosts are `call_module` leaves. Raises ValueError for a task
+    given order and trace it (its logits, or with ``head=False`` its hidden states, where a task
+    adapting only the head has no module); PEFT hosts are `call_module` leaves. Raises ValueError for a task
     whose target modules match nothing or are never called."""
     model = build_model(backbone, dtype=dtype, device="meta")
+    head_only = set()
     for name, config in tasks.items():
-        attach_task(model, name, config, seed=0, dropout_generator=torch.Generator(), dtype=dtype)
-    traced = trace_backbone(model)
+        modules = attach_task(model, name, config, seed=0, dropout_generator=torch.Generator(), dtype=dtype)
+        if all(anchor == "lm_head" for anchor in modules):
+            head_only.add(name)
+    traced = trace_backbone(model, head=head)
     called: set[str] = set()
     for node in traced.graph.nodes:
         host = traced.get_submodule(str(node.target)) if node.op == "call_module" else None
         if host is not None and carries_peft(host):
             called.update(host.adapters)
-    missing = [name for name in tasks if name not in called]
+    missing = [name for name in tasks if name not in called and (head or name not in head_only)]
     if missing:
         raise ValueError(f"tasks {missing}: their PEFT modules are never called by the model's forward pass")
     return traced

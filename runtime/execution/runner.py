@@ -89,7 +89,7 @@ def split_graph(gm: torch.fx.GraphModule, policy: PartitionPolicy) -> Partitione
     return PartitionedGraph(gm, describe(gm, policy))
 
 
-def rebuild_partition(model: nn.Module, description: PartitionDescription) -> PartitionedGraph:
+def rebuild_partition(model: nn.Module, description: PartitionDescription, *, head: bool = True) -> PartitionedGraph:
     """Re-trace `model` (backbone with its PEFT modules attached) and cut it as `description` says;
     raises `PartitionMismatchError` naming the first difference when the model's graph differs."""
-    return PartitionedGraph(trace_backbone(model), description)
+    return PartitionedGraph(trace_backbone(model, head=head), description)

@@ -147,7 +147,19 @@ def edit_plan(text: str, old: str, new: str) -> str:
 
 PLAN_CASES = {
     "missing plan file": (None, ["plan.yaml"]),
-    "version changed": (lambda t: edit_plan(t, "schema_version: 1", "schema_version: 2"), ["schema_version"]),
+    "version changed": (lambda t: edit_plan(t, "schema_version: 2", "schema_version: 3"), ["schema_version"]),
+    "schema 1 plan": (
+        lambda t: edit_plan(t, "schema_version: 2", "schema_version: 1"),
+        ["schema_version: this runtime reads plan schema 2, the file has 1; compile the job again"],
+    ),
+    "step before its micro-batches": (
+        lambda t: edit_plan(
+            t,
+            "  phases:\n  - - {op: load_batches, htask: 0}",
+            "  phases:\n  - - {op: optimizer_step, tasks: [qa]}\n    - {op: load_batches, htask: 0}",
+        ),
+        ["programs[0].phases[0][0]"],
+    ),
     "fingerprint changed": (lambda t: edit_plan(t, "fingerprint: ", "fingerprint: 0"), ["fingerprint"]),
     "field removed": (lambda t: edit_plan(t, "  max_grad_norm: 1.0\n", ""), ["max_grad_norm"]),
     "unknown opcode": (lambda t: edit_plan(t, "op: checkpoint", "op: teleport"), ["teleport"]),

@@ -9,7 +9,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from plan_helpers import Edit, build_data_parallel_plan, build_pipeline_plan, build_plan, edited, errors_of
+from plan_helpers import (
+    PARTITION,
+    Edit,
+    build_data_parallel_plan,
+    build_pipeline_plan,
+    build_plan,
+    edited,
+    errors_of,
+)
 
 from muxtune.plans import (
     AllReduce,
@@ -20,12 +28,17 @@ from muxtune.plans import (
     Forward,
     LoadBackbone,
     LoadBatches,
+    LossBackward,
     OptimizerStep,
     Plan,
+    Recv,
     Send,
     instruction_to_dict,
     plan_from_dict,
+    plan_to_dict,
+    references,
 )
+from muxtune.plans.dataflow import Dataflow
 
 Body = list[dict[str, Any]]
 
@@ -294,6 +307,11 @@ def test_prologue_sets_up_once(plan: Plan, edit: Edit, message: str) -> None:
             id="backward-before-forward",
         ),
         pytest.param(
+            body(0, insert(8, LossBackward(0, 0, 0))),
+            ["programs[0].phases[0][8]: runs loss_backward (hTask 0, micro-batch 0) a second time"],
+            id="loss-twice",
+        ),
+        pytest.param(
             body(0, insert(5, Forward(0, 0, 0, 1))),
             ["programs[0].phases[0][5]: runs forward of subgraph 0 (hTask 0, micro-batch 0) a second time"],
             id="forward-twice",
@@ -526,6 +544,42 @@ def _wait_for_gradient_first(items: Body) -> None:
             id="recv-of-own-stage",
         ),
         pytest.param(
+            _rank_body(0, 0, insert(2, Forward(0, 0, 1, 0))),
+            [
+                "programs[0].phases[0][2]: forward of subgraph 1 (hTask 0, micro-batch 0): subgraph 1 runs on stage 1, "
+                "not this rank's 0"
+            ],
+            id="forward-of-another-stage",
+        ),
+        pytest.param(
+            _rank_body(0, 0, insert(2, LossBackward(0, 0, 0))),
+            [
+                "programs[0].phases[0][2]: loss_backward (hTask 0, micro-batch 0): the loss runs on the last stage "
+                "(1, which holds the head), not this rank's 0"
+            ],
+            id="loss-on-another-stage",
+        ),
+        pytest.param(
+            _rank_body(0, 0, insert(3, Send(0, 0, 0, False, 1))),
+            [
+                "programs[0].phases[0][3]: send of the activation after subgraph 0 (hTask 0, micro-batch 0) to rank 1 "
+                "again (already at [2])",
+                "programs[0].phases[0][3]: send of the activation after subgraph 0 (hTask 0, micro-batch 0) to rank 1 "
+                "has no matching recv in programs[1].phases[0]",
+            ],
+            id="send-twice",
+        ),
+        pytest.param(
+            _rank_body(1, 0, insert(2, Recv(0, 0, 0, False, 0))),
+            [
+                "programs[1].phases[0][2]: recv of the activation after subgraph 0 (hTask 0, micro-batch 0) from "
+                "rank 0 again (already at [1])",
+                "programs[1].phases[0][2]: recv of the activation after subgraph 0 (hTask 0, micro-batch 0) from "
+                "rank 0 has no matching send in programs[0].phases[0]",
+            ],
+            id="recv-twice",
+        ),
+        pytest.param(
             _rank_body(1, 0, update(7, grad=False)),
             [
                 "programs[1].phases[0][7]: send of the activation after subgraph 0 (hTask 0, micro-batch 0) to "
@@ -568,4 +622,20 @@ def test_all_reduces_must_agree() -> None:
     ]
     assert errors_of(edited(plan, _rank_body(1, 0, update(19, group=[0])))) == [
         "programs[1].phases[0][19].group: must include this program's rank 1, got [0]"
+    ]
+
+
+def test_dataflow_of_the_partition() -> None:
+    flow = Dataflow.of(PARTITION)
+    assert flow.producer == {"h0": 0, "lora_1": 1, "hidden": 2}
+    assert flow.readers["h0"] == (1, 2)
+    assert flow.readers["hidden"] == (flow.loss,) == (3,)
+    assert flow.boundaries == (("h0",), ("h0", "lora_1"), ("hidden",))
+    assert Dataflow.of(build_pipeline_plan().partition).on_stage(1) == (1, 2)
+
+
+def test_partition_size_is_bounded(plan: Plan, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(references, "MAX_CROSSINGS", 3)
+    assert errors_of(plan_to_dict(plan)) == [
+        "partition: its values cross 4 cuts between subgraphs in all, more than the 3 a plan may hold"
     ]

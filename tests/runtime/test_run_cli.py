@@ -152,3 +152,15 @@ def test_init_from_and_validate(reference_run: Path, tmp_path: Path) -> None:
     first_loss = read_jsonl(tmp_path / "out" / "qa" / "metrics.jsonl")[0]["loss"]
     reference_losses = [m["loss"] for m in read_jsonl(reference_run / "out" / "qa" / "metrics.jsonl")]
     assert first_loss < reference_losses[0], "starting from the trained adapter starts lower"
+
+
+def test_run_takes_exactly_the_planned_instructions(reference_run: Path) -> None:
+    from muxtune.plans import load_plan
+
+    plan = load_plan(reference_run / "plan.yaml")
+    program = plan.programs[0]
+    assert len(plan.phases) == 3, "tasks of 6, 5 and 7 steps: one phase per active set"
+    planned = len(program.prologue) + len(program.epilogue)
+    planned += sum(phase.num_rounds * len(body) for phase, body in zip(plan.phases, program.phases))
+    summary = json.loads((reference_run / "out" / "summary.json").read_text())
+    assert summary["instructions_executed"] == planned
