@@ -37,6 +37,7 @@ from muxtune.runtime.task_runs import task_training
 from muxtune.runtime.tokenizer import TextTokenizer, load_tokenizer
 from muxtune.specs import JobSpec, TaskSpec
 
+from .driver import PassDriver
 from .errors import CompileError
 from .passes.align import CHUNK_SIZE, mean_length, plan_phases
 from .passes.emit import single_rank_program
@@ -107,13 +108,15 @@ def compile_job(
         for t in spec.tasks
     )
     device = resolve_device(spec.cluster.device)
-    phases = plan_phases(tasks, datasets, fuse=fuse, task_tokens=task_tokens)
     try:
         partition_policy = policy_from_name(policy)
     except ValueError as exc:
         raise CompileError([f"partition: {exc}"]) from None
-    traced = trace_model(config, {t.name: task_peft_config(t) for t in tasks}, head=False)
-    partition = plan_partition(partition_pass(traced, partition_policy))
+    passes = PassDriver()
+    traced = passes.run("trace", trace_model, config, {t.name: task_peft_config(t) for t in tasks}, head=False)
+    partition = plan_partition(passes.run("partition", partition_pass, traced, partition_policy))
+    phases = passes.run("align", plan_phases, tasks, datasets, fuse=fuse, task_tokens=task_tokens)
+    program = passes.run("emit", single_rank_program, tasks, phases, partition, device)
     backbone = config.to_dict()
     plan = Plan(
         job=JobSummary(model=spec.model, dtype=spec.dtype, output_dir=spec.output_dir, spec_path=spec_path),
@@ -124,7 +127,7 @@ def compile_job(
         tasks=tasks,
         alignment=Alignment(chunk_size=CHUNK_SIZE),
         phases=phases,
-        programs=(single_rank_program(tasks, phases, partition, device),),
+        programs=(program,),
         predictions=Predictions(
             num_rounds=phases[-1].last_round,
             tokens_per_round=sum(round(mean_length(datasets[t.name]) * t.batch_size) for t in tasks),

@@ -80,7 +80,8 @@ class PlanExecutor:
         self.training_started = self.started
 
     def run(self) -> dict:
-        """Execute prologue, rounds until every task is done, epilogue; returns the summary."""
+        """Replay the prologue, each phase's body once per round of the phase (after the resumed
+        round, when resuming), and the epilogue; returns the summary."""
         if self.plan.placement.num_ranks > 1:
             raise RunError(
                 f"the plan places the job on {self.plan.placement.num_ranks} ranks; this runtime runs single-rank "
@@ -106,7 +107,7 @@ class PlanExecutor:
             return self._write_summary()
 
     def _handler_table(self) -> dict[type, Callable[[Any], None]]:
-        """The run-level handlers; the compute handlers join once the backbone is loaded."""
+        """The run-level handlers; the compute handlers join once every task is built."""
         return {
             LoadBackbone: self._load_backbone,
             BuildTasks: self._build_tasks,

@@ -103,3 +103,14 @@ def test_targetless_examples_are_reported(tmp_path: Path) -> None:
     qa = result.plan.task("qa")
     assert qa.num_targetless_examples > 0
     assert any(note.startswith("tasks.qa:") and "keep no target token" in note for note in result.notes)
+
+
+def test_driver_names_the_failing_pass() -> None:
+    from muxtune.compiler.driver import CompilerPassError, PassDriver
+
+    passes = PassDriver()
+    assert passes.run("trace", lambda: 1) == 1
+    with pytest.raises(CompilerPassError, match="compiler pass 'partition' failed after pass 'trace': KeyError"):
+        passes.run("partition", {}.__getitem__, "x")
+    with pytest.raises(CompileError):
+        passes.run("align", lambda: (_ for _ in ()).throw(CompileError(["tasks: bad"])))
