@@ -1,6 +1,8 @@
 """The interpreter runs whatever order the plan gives: all micro-batches of an hTask in flight
 at once (every forward, then every backward) ends with the same adapters, bitwise, as one
-micro-batch after the other, since each micro-batch carries its own layout and buffers."""
+micro-batch after the other, since each micro-batch carries its own layout and buffers. A plan
+run equals the engine's monolithic rounds bitwise (so the fidelity tests against transformers +
+peft, written on the engine, hold for plans), and a task fused in a plan equals it alone."""
 
 from __future__ import annotations
 
@@ -15,9 +17,13 @@ from user_path import default_tasks, write_job
 
 from muxtune.compiler.compile import compile_job
 from muxtune.plans import MICROBATCH_OPS, Backward, Free, Instruction, Plan, load_plan, save_plan
-from muxtune.runtime.adapters import WEIGHTS_NAME
+from muxtune.runtime.adapters import PEFT_PREFIX, WEIGHTS_NAME
+from muxtune.runtime.backbone import load_model
+from muxtune.runtime.data import batch_indices, load_dataset
+from muxtune.runtime.engine import MultiTaskEngine
 from muxtune.runtime.executor import PlanExecutor
 from muxtune.runtime.progress import ProgressDisplay
+from muxtune.runtime.task_runs import task_training
 from muxtune.specs import load_job_spec
 
 
@@ -59,3 +65,35 @@ def test_all_microbatches_in_flight_equal_one_after_another(policy: str, tmp_pat
     for name, tensors in sequential.items():
         for key, value in tensors.items():
             assert torch.equal(together[name][key], value), f"{name}:{key}"
+
+
+def engine_run(plan: Plan) -> dict[str, dict[str, torch.Tensor]]:
+    """The same job through `MultiTaskEngine.train_round` (the path the fidelity tests against
+    transformers + peft exercise), on the plan's batches and budgets."""
+    loaded = load_model(plan.job.model, plan.job.dtype)
+    engine = MultiTaskEngine(loaded.model)
+    streams, examples = {}, {}
+    for task in plan.tasks:
+        engine.add_task(task_training(task))
+        examples[task.name] = load_dataset(task.data.path, task.data.format, loaded.tokenizer, task.max_seq_len).usable
+        streams[task.name] = batch_indices(len(examples[task.name]), task.batch_size, task.seed)
+    for phase in plan.phases:
+        for _ in range(phase.num_rounds):
+            batches = {name: [examples[name][i] for i in next(streams[name])] for name in phase.tasks}
+            budgets = {name: phase.htask_of(name).budget_of(name) for name in phase.tasks}
+            engine.train_round(batches, budgets)
+    return {name: state.adapter_state() for name, state in engine.tasks.items()}
+
+
+def test_plan_run_equals_engine_and_fused_equals_alone(tmp_path: Path) -> None:
+    tasks = [{**task, "steps": 3, "save_every": 0} for task in default_tasks()]
+    plan = compile_job(load_job_spec(write_job(tmp_path, tasks)), task_tokens=96).plan
+    fused = run_plan(plan, tmp_path / "fused")
+    reference = engine_run(plan)
+    for name, tensors in reference.items():
+        for key, value in tensors.items():
+            assert torch.equal(fused[name][PEFT_PREFIX + key], value), f"{name}:{key}"
+    alone_plan = compile_job(load_job_spec(write_job(tmp_path / "alone", tasks[1:2])), task_tokens=96).plan
+    alone = run_plan(alone_plan, tmp_path / "alone" / "out")["qa"]
+    for key, value in alone.items():
+        torch.testing.assert_close(fused["qa"][key], value, rtol=1e-5, atol=1e-7)
