@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from .errors import UserError
 from .text import clip_line
 
 USER_ERROR_EXIT = 2
@@ -32,19 +33,13 @@ def bounded_lines(message: str) -> list[str]:
     return [clip_line(line) for line in lines]
 
 
-def run_command(
-    prog: str,
-    main: Callable[[], int],
-    user_errors: tuple[type[BaseException], ...],
-    debug: bool,
-    interrupt_hint: str = "",
-) -> int:
-    """Run `main`; a user error (or an `OSError`) prints `prog: error: ...` (each line of a
+def run_command(prog: str, main: Callable[[], int], debug: bool, interrupt_hint: str = "") -> int:
+    """Run `main`; a `UserError` (or an `OSError`) prints `prog: error: ...` (each line of a
     multi-error message indented) and returns 2, unless `debug` asks for the traceback.
     Ctrl-C prints `interrupt_hint` (how to continue) and returns 130."""
     try:
         return main()
-    except (*user_errors, OSError) as exc:
+    except (UserError, OSError) as exc:
         if debug:
             raise
         if isinstance(exc, OSError) and exc.errno is not None:

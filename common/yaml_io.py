@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from .errors import UserError
+
 MAX_DEPTH = 64
 """Deepest nesting of mappings and lists a document may have."""
 
@@ -24,7 +26,7 @@ MAX_ALIAS_EXPANSION = 100_000
 DEFAULT_MAX_BYTES = 16 * 2**20
 
 
-class YamlInputError(ValueError):
+class YamlInputError(UserError):
     """A YAML file that cannot be read safely; the message names the file and line."""
 
 

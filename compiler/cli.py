@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 from muxtune.common.cli import run_command
-from muxtune.plans import PlanError, save_plan
-from muxtune.specs import SpecError, load_job_spec
+from muxtune.plans import save_plan
+from muxtune.specs import load_job_spec
 
 from .compile import DEFAULT_POLICY, DEFAULT_TASK_TOKENS, compile_job
-from .errors import CompileError
 
 PROG = "muxtune-compile"
 
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path}: {summary}")
         return 0
 
-    return run_command(PROG, compile_command, (SpecError, CompileError, PlanError), args.debug)
+    return run_command(PROG, compile_command, args.debug)
 
 
 if __name__ == "__main__":

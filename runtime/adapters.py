@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from muxtune.common.errors import UserError
 from muxtune.common.files import atomic_write_bytes
 
 from .peft import TaskPeftConfig
@@ -22,7 +23,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError):
     """An adapter directory that cannot be used, naming the file and what is wrong."""
 
 

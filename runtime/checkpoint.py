@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from muxtune.common.errors import UserError
 from muxtune.common.files import apply_umask_mode, atomic_write_bytes, make_temp_dir
 from muxtune.common.text import quote
 
@@ -49,7 +50,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _STATUSES = frozenset(status.value for status in TaskStatus)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint or job record that cannot be restored, naming the file."""
 
 

@@ -7,17 +7,12 @@ import argparse
 import sys
 
 from muxtune.common.cli import run_command
-from muxtune.plans import PlanError, load_plan
+from muxtune.plans import load_plan
 
-from .adapters import AdapterError
-from .checkpoint import CheckpointError
-from .data import DataError
-from .executor import PlanExecutor, RunError
-from .model_sources import ModelSourceError
+from .executor import PlanExecutor
 
 PROG = "muxtune-run"
 DIVERGED_EXIT = 3
-USER_ERRORS = (PlanError, RunError, DataError, AdapterError, CheckpointError, ModelSourceError)
 
 
 def format_summary(summary: dict) -> str:
@@ -56,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     hint = f"continue with: muxtune-run {args.plan} --resume"
-    return run_command(PROG, run, USER_ERRORS, args.debug, interrupt_hint=hint)
+    return run_command(PROG, run, args.debug, interrupt_hint=hint)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from muxtune.common.errors import UserError
 from muxtune.common.text import clip_line, quote
 
 from .tokenizer import TextTokenizer
@@ -24,7 +25,7 @@ MAX_INT_DIGITS = 4300
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset file that cannot be used, with the file (and line) named."""
 
 

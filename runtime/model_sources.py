@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
+from muxtune.common.errors import UserError
 from muxtune.common.files import apply_umask_mode, make_temp_dir
 
 BUILTIN_MODELS = ("tiny-llama", "smollm2-135m")
@@ -25,7 +26,7 @@ TINY_LLAMA_VERSION = "v1"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError):
     """A model reference that cannot be resolved, naming what is missing."""
 
 

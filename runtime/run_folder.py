@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from muxtune.common.errors import UserError
 from muxtune.common.files import atomic_write_bytes
 from muxtune.common.text import quote
 from muxtune.plans import Plan, plan_to_dict
@@ -34,7 +35,7 @@ RECORD_FORMAT = 2
 _MAX_LISTED = 8
 
 
-class RunError(ValueError):
+class RunError(UserError):
     """A plan that cannot be run here (changed data, a foreign or busy output folder, ...)."""
 
 

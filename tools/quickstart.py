@@ -14,11 +14,10 @@ from pathlib import Path
 
 from muxtune.common.cli import run_command
 from muxtune.compiler.compile import compile_job
-from muxtune.compiler.errors import CompileError
-from muxtune.plans import PlanError, save_plan
+from muxtune.plans import save_plan
 from muxtune.runtime.adapters import load_adapter
 from muxtune.runtime.backbone import greedy_generate, load_model
-from muxtune.runtime.cli import USER_ERRORS, format_summary
+from muxtune.runtime.cli import format_summary
 from muxtune.runtime.engine import MultiTaskEngine
 from muxtune.runtime.executor import PlanExecutor
 from muxtune.runtime.run_folder import is_muxtune_run
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nadapters, metrics and checkpoints in {output_dir}")
         return 0
 
-    return run_command(PROG, quickstart, (SpecError, CompileError, PlanError, *USER_ERRORS), args.debug)
+    return run_command(PROG, quickstart, args.debug)
 
 
 if __name__ == "__main__":
