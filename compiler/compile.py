@@ -16,18 +16,16 @@ import torch
 from muxtune.plans import (
     Alignment,
     JobSummary,
-    Partition,
     Placement,
     Plan,
     Predictions,
     Stage,
-    Subgraph,
     TaskPlan,
     compute_fingerprint,
 )
 from muxtune.runtime.adapters import AdapterError, load_adapter
 from muxtune.runtime.data import DataError, TokenizedDataset, load_dataset
-from muxtune.runtime.execution import PartitionDescription
+from muxtune.runtime.execution.plan_partition import plan_partition
 from muxtune.runtime.model_sources import ModelSourceError, resolve_model_dir
 from muxtune.runtime.models import BackboneConfig, BackboneForCausalLM, build_model, read_hf_config
 from muxtune.runtime.models.loading import build_model_checked, check_checkpoint
@@ -242,31 +240,6 @@ def resolve_device(device: str) -> str:
 def task_peft_config(task: TaskPlan) -> TaskPeftConfig:
     """The runtime's PEFT configuration of a planned task."""
     return task_training(task).peft
-
-
-def plan_partition(description: PartitionDescription) -> Partition:
-    """The partition pass's description as plan data (everything on stage 0)."""
-    return Partition(
-        policy=description.policy,
-        inputs=description.inputs,
-        outputs=description.outputs,
-        subgraphs=tuple(
-            Subgraph(
-                id=sub.id,
-                kind=sub.kind,
-                stage=0,
-                first_layer=sub.layers[0],
-                last_layer=sub.layers[1],
-                first_node=sub.first_node,
-                last_node=sub.last_node,
-                num_nodes=sub.num_nodes,
-                digest=sub.digest,
-                inputs=sub.inputs,
-                outputs=sub.outputs,
-            )
-            for sub in description.subgraphs
-        ),
-    )
 
 
 def single_device_placement(device: str, num_layers: int) -> Placement:

@@ -49,7 +49,7 @@ from .execution import rebuild_partition
 from .execution.interpreter import SubgraphInterpreter
 from .execution.plan_partition import partition_description
 from .execution.streams import StreamSet
-from .packing import build_microbatch, split_task_batch
+from .packing import pack_pieces, split_task_batch
 from .progress import ProgressDisplay
 from .run_folder import RunError, RunFolder
 from .run_logs import StepLog
@@ -230,13 +230,7 @@ class PlanExecutor:
                     f"task {name}: round {self.round_index} needs {len(pieces[name])} micro-batches, the plan has "
                     f"{htask.num_microbatches}; the data changed since the plan was compiled: compile again"
                 )
-        microbatches = [
-            build_microbatch(
-                [(name, e) for name, task_pieces in pieces.items() if i < len(task_pieces) for e in task_pieces[i]]
-            )
-            for i in range(htask.num_microbatches)
-        ]
-        self.interpreter.load(instruction.htask, microbatches)
+        self.interpreter.load(instruction.htask, pack_pieces(pieces, htask.num_microbatches))
 
     def _phase(self) -> Phase:
         return next(p for p in self.plan.phases if p.first_round <= self.round_index <= p.last_round)
@@ -248,12 +242,7 @@ class PlanExecutor:
     def _optimizer_step(self, instruction: OptimizerStep) -> None:
         assert self.engine is not None
         for name in self._active(instruction.tasks):
-            run = self.runs[name]
-            if not run.current_batch:
-                continue
-            result = self.engine.optimizer_step(name)
-            self._record_step(run, result)
-            run.current_batch = []
+            self._record_step(self.runs[name], self.engine.optimizer_step(name))
 
     def _record_step(self, run: TaskRun, result: StepResult) -> None:
         now = time.perf_counter()

@@ -71,7 +71,12 @@ def pack_microbatches(task_batches: dict[str, list[Example]], token_budgets: dic
     other tasks: this is what keeps tasks bitwise isolated from each other.
     """
     pieces = {task: split_task_batch(batch, token_budgets[task]) for task, batch in task_batches.items()}
-    num_microbatches = max((len(p) for p in pieces.values()), default=0)
+    return pack_pieces(pieces, max((len(p) for p in pieces.values()), default=0))
+
+
+def pack_pieces(pieces: dict[str, list[list[Example]]], num_microbatches: int) -> list[MicroBatch]:
+    """``num_microbatches`` micro-batches, micro-batch i holding piece i of every task (a task
+    with fewer pieces brings nothing to the last ones)."""
     return [
         build_microbatch(
             [(task, e) for task, task_pieces in pieces.items() if i < len(task_pieces) for e in task_pieces[i]]

@@ -1,11 +1,31 @@
-"""The plan's partition (plain plan data) as the description `rebuild_partition` checks a
-rank's model against."""
+"""The partition as plan data (`plans.Partition`) and as the description the partition pass
+writes and `rebuild_partition` checks a rank's model against: the two directions in one place."""
 
 from __future__ import annotations
 
-from muxtune.plans import Partition
+from muxtune.plans import Partition, Subgraph
 
 from .subgraphs import PartitionDescription, SubgraphDescription
+
+_SHARED_FIELDS = ("id", "kind", "first_node", "last_node", "num_nodes", "digest", "inputs", "outputs")
+
+
+def plan_partition(description: PartitionDescription, stage: int = 0) -> Partition:
+    """The partition pass's description as plan data, every subgraph on ``stage``."""
+    return Partition(
+        policy=description.policy,
+        inputs=description.inputs,
+        outputs=description.outputs,
+        subgraphs=tuple(
+            Subgraph(
+                **{name: getattr(sub, name) for name in _SHARED_FIELDS},
+                stage=stage,
+                first_layer=sub.layers[0],
+                last_layer=sub.layers[1],
+            )
+            for sub in description.subgraphs
+        ),
+    )
 
 
 def partition_description(partition: Partition, num_layers: int) -> PartitionDescription:
@@ -17,15 +37,8 @@ def partition_description(partition: Partition, num_layers: int) -> PartitionDes
         outputs=partition.outputs,
         subgraphs=tuple(
             SubgraphDescription(
-                id=sub.id,
-                kind=sub.kind,
+                **{name: getattr(sub, name) for name in _SHARED_FIELDS},
                 layers=(sub.first_layer, sub.last_layer),
-                first_node=sub.first_node,
-                last_node=sub.last_node,
-                num_nodes=sub.num_nodes,
-                digest=sub.digest,
-                inputs=sub.inputs,
-                outputs=sub.outputs,
             )
             for sub in partition.subgraphs
         ),

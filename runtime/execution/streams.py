@@ -40,8 +40,3 @@ class StreamSet:
         """Make stream ``index`` wait for ``event``."""
         if self.cuda:
             self._stream(index).wait_event(self._events[event])
-
-    def synchronize(self) -> None:
-        """Wait for all streams (before the host reads results, e.g. at an optimizer step)."""
-        if self.cuda:
-            torch.cuda.synchronize()
