@@ -9,6 +9,7 @@ Deterministic: the same inputs give the same plan.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +30,9 @@ from muxtune.runtime.execution.plan_partition import plan_partition
 from muxtune.runtime.model_sources import ModelSourceError, resolve_model_dir
 from muxtune.runtime.models import BackboneConfig, BackboneForCausalLM, build_model, read_hf_config
 from muxtune.runtime.models.loading import build_model_checked, check_checkpoint
-from muxtune.runtime.peft import TaskPeftConfig, find_anchors
-from muxtune.runtime.peft.attach import is_anchorable
-from muxtune.runtime.task_runs import task_training
+from muxtune.runtime.peft import PeftAttachError, attach_task, detach_task, find_anchors, prepare_examples
 from muxtune.runtime.tokenizer import TextTokenizer, load_tokenizer
-from muxtune.specs import JobSpec, TaskSpec
+from muxtune.specs import JobSpec, LoraSpec, TaskSpec
 
 from .driver import PassDriver
 from .errors import CompileError
@@ -111,9 +110,10 @@ def compile_job(
     except ValueError as exc:
         raise CompileError([f"partition: {exc}"]) from None
     passes = PassDriver()
-    traced = passes.run("trace", trace_model, config, {t.name: task_peft_config(t) for t in tasks}, head=False)
+    traced = passes.run("trace", trace_model, config, {t.name: t.peft for t in tasks}, head=False)
     partition = plan_partition(passes.run("partition", partition_pass, traced, partition_policy))
-    phases = passes.run("align", plan_phases, tasks, datasets, fuse=fuse, task_tokens=task_tokens)
+    laid_out = {t.name: laid_out_dataset(t, datasets[t.name]) for t in tasks}
+    phases = passes.run("align", plan_phases, tasks, laid_out, fuse=fuse, task_tokens=task_tokens)
     program = passes.run("emit", single_rank_program, tasks, phases, partition, device)
     backbone = config.to_dict()
     plan = Plan(
@@ -128,7 +128,7 @@ def compile_job(
         programs=(program,),
         predictions=Predictions(
             num_rounds=phases[-1].last_round,
-            tokens_per_round=sum(round(mean_length(datasets[t.name]) * t.batch_size) for t in tasks),
+            tokens_per_round=sum(round(mean_length(laid_out[t.name]) * t.batch_size) for t in tasks),
         ),
     )
     return CompileResult(plan=plan, notes=notes)
@@ -154,14 +154,7 @@ def check_tasks(
                 f"{where}.max_seq_len: {task.max_seq_len} exceeds the model's "
                 f"max_position_embeddings ({config.max_position_embeddings})"
             )
-        if not find_anchors(meta_model, tuple(task.peft.target_modules)):
-            names = sorted({n.rpartition(".")[2] for n, m in meta_model.named_modules() if is_anchorable(m)})
-            errors.append(
-                f"{where}.peft.target_modules: {list(task.peft.target_modules)} match no linear operator of the "
-                f"model; it has: {', '.join(names)}"
-            )
-        if task.init_from:
-            check_init_from(task, where, errors)
+        check_peft(task, where, meta_model, tokenizer, errors)
         try:
             datasets[task.name] = load_dataset(task.data.path, task.data.format, tokenizer, task.max_seq_len)
         except DataError as exc:
@@ -177,11 +170,42 @@ def check_tasks(
     return datasets
 
 
+def laid_out_dataset(task: TaskPlan, dataset: TokenizedDataset) -> TokenizedDataset:
+    """The dataset as the task's method lays its sequences out in micro-batches (prompt tuning's
+    virtual tokens count toward token budgets)."""
+    return dataclasses.replace(dataset, examples=tuple(prepare_examples(task.peft, list(dataset.examples))))
+
+
+def check_peft(
+    task: TaskSpec, where: str, meta_model: BackboneForCausalLM, tokenizer: TextTokenizer, errors: list[str]
+) -> None:
+    """Attach the task's PEFT modules to the meta backbone (errors name the config field) and
+    check `init_from` against the parameters they have."""
+    try:
+        modules = attach_task(
+            meta_model,
+            task.name,
+            task.peft,
+            seed=0,
+            dropout_generator=torch.Generator(),
+            encode=lambda text: tokenizer.encode(text, add_special_tokens=True),
+        )
+    except PeftAttachError as exc:
+        errors.append(f"{where}.peft.{exc.field}: {exc}")
+        return
+    detach_task(meta_model, task.name)
+    if task.init_from:
+        shapes = {f"{a}.{n}": tuple(p.shape) for a, m in modules.items() for n, p in m.named_parameters()}
+        check_init_from(task, where, shapes, errors)
+
+
 def rank_notes(spec: JobSpec, meta_model: BackboneForCausalLM) -> tuple[str, ...]:
     """Notes for tasks whose LoRA rank exceeds the width (smaller of in and out features) of a
     layer they target; peft accepts such ranks, the extra rank just adds no capacity."""
     notes = []
     for task in spec.tasks:
+        if not isinstance(task.peft, LoraSpec):
+            continue
         narrow = []
         for name in find_anchors(meta_model, tuple(task.peft.target_modules)):
             module = meta_model.get_submodule(name)
@@ -199,20 +223,27 @@ def rank_notes(spec: JobSpec, meta_model: BackboneForCausalLM) -> tuple[str, ...
     return tuple(notes)
 
 
-def check_init_from(task: TaskSpec, where: str, errors: list[str]) -> None:
-    """`init_from` must be a LoRA adapter with the task's rank and targets."""
+def check_init_from(task: TaskSpec, where: str, shapes: dict[str, tuple[int, ...]], errors: list[str]) -> None:
+    """`init_from` must be an adapter of the task's method whose tensors are exactly the task's
+    parameters (`shapes`, keyed `<anchor>.<param>`)."""
     try:
-        config, _ = load_adapter(task.init_from)
+        spec, state = load_adapter(task.init_from)
     except AdapterError as exc:
         errors.append(f"{where}.init_from: {exc}")
         return
-    if config.r != task.peft.r:
-        errors.append(f"{where}.init_from: the adapter has r={config.r}, the task has peft.r={task.peft.r}")
-    if set(config.target_modules) != set(task.peft.target_modules):
-        errors.append(
-            f"{where}.init_from: the adapter targets {sorted(config.target_modules)}, "
-            f"the task's peft.target_modules are {sorted(task.peft.target_modules)}"
-        )
+    if spec.method != task.peft.method:
+        errors.append(f"{where}.init_from: the adapter is a {spec.method} adapter, the task uses {task.peft.method}")
+        return
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
+    wrong = sorted(k for k in set(shapes) & set(state) if tuple(state[k].shape) != shapes[k])
+    for what, keys in (("lacks", missing), ("has extra tensors", unexpected), ("has other shapes for", wrong)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            errors.append(
+                f"{where}.init_from: the adapter {what} {', '.join(keys[:3])}{more} "
+                f"(its config: {spec}; the task's: {task.peft})"
+            )
 
 
 def ignored_cluster_fields(spec: JobSpec) -> tuple[str, ...]:
@@ -235,11 +266,6 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def task_peft_config(task: TaskPlan) -> TaskPeftConfig:
-    """The runtime's PEFT configuration of a planned task."""
-    return task_training(task).peft
 
 
 def single_device_placement(device: str, num_layers: int) -> Placement:

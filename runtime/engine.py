@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from muxtune.specs import PeftSpec
+
 from .data import Example
 from .layout import MicroBatchLayout
 from .packing import IGNORE_INDEX, MicroBatch, pack_microbatches
-from .peft import OperatorPeftModule, TaskPeftConfig, attach_task, detach_task
+from .peft import attach_task, detach_task, prepare_examples
 from .schedules import lr_multiplier
 
 ADAMW_BETAS = (0.9, 0.999)
@@ -33,7 +36,7 @@ class TaskTraining:
     """A task's trainable configuration as the engine needs it."""
 
     name: str
-    peft: TaskPeftConfig
+    peft: PeftSpec
     lr: float
     steps: int
     weight_decay: float = 0.0
@@ -68,7 +71,7 @@ class TaskState:
     """A task inside the engine: its modules, optimizer and progress."""
 
     config: TaskTraining
-    modules: dict[str, OperatorPeftModule]
+    modules: dict[str, nn.Module]
     optimizer: torch.optim.AdamW
     dropout_generator: torch.Generator
     step: int = 0
@@ -94,9 +97,17 @@ class TaskState:
 class MultiTaskEngine:
     """Trains any number of tasks' PEFT modules on one frozen backbone."""
 
-    def __init__(self, model: nn.Module, *, param_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        param_dtype: torch.dtype = torch.float32,
+        encode: Callable[[str], list[int]] | None = None,
+    ):
+        """`encode` is the job's tokenizer (methods initialized from text need it)."""
         self.model = model
         self.param_dtype = param_dtype
+        self.encode = encode
         self.tasks: dict[str, TaskState] = {}
         self.device = next(model.parameters()).device
         for p in model.parameters():
@@ -114,6 +125,7 @@ class MultiTaskEngine:
             seed=config.seed,
             dropout_generator=dropout_generator,
             dtype=self.param_dtype,
+            encode=self.encode,
         )
         if init_state is not None:
             load_task_state(config.name, modules, init_state)
@@ -141,12 +153,18 @@ class MultiTaskEngine:
         Each task's loss is the sum of its target-token NLL divided by the number of target
         tokens in its whole global batch, so splitting into micro-batches changes nothing.
         """
+        task_batches = {task: self.prepare(task, batch) for task, batch in task_batches.items()}
         for task, batch in task_batches.items():
             self.begin_batch(task, batch)
         microbatches = pack_microbatches(task_batches, token_budgets)
         for microbatch in microbatches:
             self._run_microbatch(microbatch)
         return microbatches
+
+    def prepare(self, task: str, batch: list[Example]) -> list[Example]:
+        """A task's sequences as its method lays them out in micro-batches (virtual tokens,
+        shifted positions); what `begin_batch` and packing take."""
+        return prepare_examples(self.tasks[task].config.peft, batch)
 
     def begin_batch(self, task: str, batch: list[Example]) -> None:
         """Start a task's global batch: its loss normalizer is the target tokens of all of it."""
@@ -235,7 +253,7 @@ class MultiTaskEngine:
         return [self.optimizer_step(task) for task in task_batches]
 
 
-def load_task_state(task: str, modules: dict[str, OperatorPeftModule], state: dict[str, torch.Tensor]) -> None:
+def load_task_state(task: str, modules: dict[str, nn.Module], state: dict[str, torch.Tensor]) -> None:
     """Copy `<anchor>.<param>` tensors into a task's modules; every parameter must be given."""
     expected = {f"{anchor}.{name}": p for anchor, module in modules.items() for name, p in module.named_parameters()}
     missing = sorted(set(expected) - set(state))

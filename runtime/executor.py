@@ -49,6 +49,7 @@ from .execution import rebuild_partition
 from .execution.interpreter import SubgraphInterpreter
 from .execution.plan_partition import partition_description
 from .execution.streams import StreamSet
+from .model_sources import base_model_name_or_path
 from .packing import pack_pieces, split_task_batch
 from .progress import ProgressDisplay
 from .run_folder import RunError, RunFolder
@@ -146,7 +147,10 @@ class PlanExecutor:
             raise RunError(
                 f"fingerprint: the plan says {self.plan.fingerprint}, this backbone and plan give {fingerprint}"
             )
-        self.engine = MultiTaskEngine(self.backbone.model)
+        tokenizer = self.backbone.tokenizer
+        self.engine = MultiTaskEngine(
+            self.backbone.model, encode=lambda text: tokenizer.encode(text, add_special_tokens=True)
+        )
 
     def _build_tasks(self, instruction: BuildTasks) -> None:
         assert self.backbone is not None and self.engine is not None, "build_tasks needs load_backbone first"
@@ -223,8 +227,9 @@ class PlanExecutor:
         for name in self._active(htask.tasks):
             run = self.runs[name]
             run.current_batch = [run.examples[i] for i in next(run.batches)]
-            self.engine.begin_batch(name, run.current_batch)
-            pieces[name] = split_task_batch(run.current_batch, htask.budget_of(name))
+            batch = self.engine.prepare(name, run.current_batch)
+            self.engine.begin_batch(name, batch)
+            pieces[name] = split_task_batch(batch, htask.budget_of(name))
             if len(pieces[name]) > htask.num_microbatches:
                 raise RunError(
                     f"task {name}: round {self.round_index} needs {len(pieces[name])} micro-batches, the plan has "
@@ -319,8 +324,8 @@ class PlanExecutor:
                     self.runs[name].directory,
                     state.config.peft,
                     state.adapter_state(),
-                    base_model=self.plan.job.model,
-                    fan_in_fan_out=self.backbone.config.family == "gpt2",
+                    base_model=base_model_name_or_path(self.plan.job.model, self.backbone.model_dir),
+                    backbone=self.backbone.config,
                 )
 
     def _write_summary(self) -> dict:

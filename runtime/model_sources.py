@@ -24,6 +24,8 @@ from muxtune.common.files import apply_umask_mode, make_temp_dir
 BUILTIN_MODELS = ("tiny-llama", "smollm2-135m")
 TINY_LLAMA_VERSION = "v1"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_HF_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+"""Hugging Face ids of the builtins that are (quantized) copies of a published model."""
 
 
 class ModelSourceError(UserError):
@@ -53,6 +55,15 @@ def resolve_model_dir(model: str) -> Path:
     if not path.is_dir():
         raise ModelSourceError(f"{path}: model directory not found")
     return path
+
+
+def base_model_name_or_path(model: str, model_dir: Path) -> str:
+    """What an exported adapter names as its base model: the Hugging Face id of a builtin copied
+    from a published model, else the local directory the weights were loaded from."""
+    builtin = model.removeprefix("builtin:") if model.startswith("builtin:") else None
+    if builtin in BUILTIN_HF_IDS:
+        return BUILTIN_HF_IDS[builtin]
+    return str(Path(model_dir).resolve())
 
 
 def _materialize(target: Path, write: Callable[[Path], None]) -> Path:

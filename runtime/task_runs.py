@@ -13,7 +13,6 @@ from muxtune.plans import TaskPlan
 
 from .data import Example
 from .engine import TaskTraining
-from .peft import TaskPeftConfig
 from .run_logs import StepLog
 
 
@@ -21,14 +20,7 @@ def task_training(task: TaskPlan) -> TaskTraining:
     """The engine's view of a planned task."""
     return TaskTraining(
         name=task.name,
-        peft=TaskPeftConfig(
-            method=task.peft.method,
-            r=task.peft.r,
-            alpha=float(task.peft.alpha),
-            dropout=task.peft.dropout,
-            target_modules=tuple(task.peft.target_modules),
-            use_rslora=task.peft.use_rslora,
-        ),
+        peft=task.peft,
         lr=task.lr,
         steps=task.steps,
         weight_decay=task.weight_decay,

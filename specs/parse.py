@@ -25,7 +25,6 @@ from .checks import (
     as_is,
     at,
     auto_or,
-    identifier_list,
     int_in_range,
     join,
     matches,
@@ -35,11 +34,10 @@ from .checks import (
     one_of,
     optional,
     positive_number,
-    positive_number_keep_int,
-    unit_interval,
 )
 from .errors import SpecError
 from .overrides import apply_overrides
+from .peft import read_peft
 from .schema import (
     BUILTIN_PREFIX,
     DATA_FORMATS,
@@ -47,29 +45,24 @@ from .schema import (
     DTYPES,
     MAX_BATCH_SIZE,
     MAX_DEVICES,
-    MAX_LORA_RANK,
     MAX_SEED,
     MAX_SEQ_LEN,
     MAX_STEPS,
-    PEFT_METHODS,
     SCHEDULES,
     TASK_NAME_PATTERN,
     ClusterSpec,
     DataSpec,
     JobSpec,
-    PeftSpec,
     ScheduleSpec,
     TaskSpec,
 )
 
 _JOB_KEYS = ("model", "dtype", "output_dir", "cluster", "tasks")
 _TASK_KEYS = tuple(f.name for f in dataclasses.fields(TaskSpec))
-_PEFT_KEYS = tuple(f.name for f in dataclasses.fields(PeftSpec))
 _DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataSpec))
 _SCHEDULE_KEYS = tuple(f.name for f in dataclasses.fields(ScheduleSpec))
 _CLUSTER_KEYS = tuple(f.name for f in dataclasses.fields(ClusterSpec))
 
-lora_rank = int_in_range(1, MAX_LORA_RANK)
 sequence_length = int_in_range(1, MAX_SEQ_LEN, "(tokens per sequence)")
 batch_size = int_in_range(1, MAX_BATCH_SIZE, "(sequences per optimizer step)")
 step_count = int_in_range(1, MAX_STEPS)
@@ -79,12 +72,6 @@ device_count = int_in_range(1, MAX_DEVICES)
 
 task_name = matches(TASK_NAME_PATTERN, TASK_NAME_PATTERN)
 """Checker for task names: also the output subfolder, so no separators or dots."""
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise Invalid(f"must be true or false, got {quote(value)}")
-    return value
 
 
 def path_checker(base_dir: Path | None, must_be: str | None) -> Checker:
@@ -168,15 +155,7 @@ def read_task(
     peft: Any = INVALID
     peft_raw = _nested(task, "peft", require_all)
     if peft_raw is not INVALID:
-        p = MappingReader(peft_raw, join(path, "peft"), errors, _PEFT_KEYS)
-        peft = PeftSpec(
-            method=p.get("method", one_of(*PEFT_METHODS, what="PEFT method"), default("lora")),
-            r=p.get("r", lora_rank, default(8)),
-            alpha=p.get("alpha", positive_number_keep_int, default(16)),
-            dropout=p.get("dropout", unit_interval, default(0.0)),
-            target_modules=p.get("target_modules", identifier_list, default(("q_proj", "v_proj"))),
-            use_rslora=p.get("use_rslora", _boolean, default(False)),
-        )
+        peft = read_peft(peft_raw, join(path, "peft"), errors, require_all=require_all)
 
     data: Any = INVALID
     data_raw = _nested(task, "data", required=True)

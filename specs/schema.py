@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
+from .peft import PeftSpec
+
 Dtype = Literal["fp32", "bf16", "fp16"]
 DataFormat = Literal["text", "prompt_completion"]
 ScheduleName = Literal["constant", "linear", "cosine"]
@@ -14,8 +16,6 @@ DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 DATA_FORMATS: tuple[str, ...] = ("text", "prompt_completion")
 SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "a40", "a100", "h100", "h200")
-PEFT_METHODS: tuple[str, ...] = ("lora",)
-"""PEFT methods this spec version accepts; more are added as the runtime supports them."""
 
 TASK_NAME_PATTERN = r"[a-z0-9_-]{1,64}"
 """Task names are also folder names: short, no separators or dots."""
@@ -25,7 +25,6 @@ BUILTIN_PREFIX = "builtin:"
 # 10^12 sequences is a 10^12-element list), so they are refused when the spec is read.
 MAX_BATCH_SIZE = 65_536
 MAX_SEQ_LEN = 1_048_576
-MAX_LORA_RANK = 65_536
 MAX_STEPS = 2**31 - 1
 MAX_SEED = 2**63 - 1
 MAX_DEVICES = 65_536
@@ -40,18 +39,6 @@ class ClusterSpec:
     memory_gb: Union[float, Auto] = "auto"
     pipeline_parallel: Union[int, Auto] = "auto"
     tensor_parallel: Union[int, Auto] = "auto"
-
-
-@dataclass(frozen=True)
-class PeftSpec:
-    """One task's PEFT method and its configuration (LoRA only in spec v1)."""
-
-    method: str = "lora"
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    use_rslora: bool = False
 
 
 @dataclass(frozen=True)

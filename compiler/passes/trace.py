@@ -9,13 +9,14 @@ import torch.fx
 
 from muxtune.runtime.execution import carries_peft
 from muxtune.runtime.models import BackboneConfig, build_model
-from muxtune.runtime.peft import TaskPeftConfig, attach_task
+from muxtune.runtime.peft import attach_task
 from muxtune.runtime.tracing import trace_backbone
+from muxtune.specs import PeftSpec
 
 
 def trace_model(
     backbone: BackboneConfig,
-    tasks: Mapping[str, TaskPeftConfig],
+    tasks: Mapping[str, PeftSpec],
     dtype: torch.dtype = torch.float32,
     *,
     head: bool = True,

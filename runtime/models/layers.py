@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layout import MicroBatchLayout
-from ..peft.base import PeftHost
+from ..peft.base import OperatorHost
 from .config import BackboneConfig
 
 
@@ -70,7 +70,7 @@ class Conv1D(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
 
 
-class HostLinear(PeftHost, nn.Linear):
+class HostLinear(OperatorHost, nn.Linear):
     """A frozen linear operator that hosts tasks' PEFT modules (weight keys stay `weight`, `bias`;
     a task's module lives at `adapters.<task>`)."""
 
@@ -78,21 +78,27 @@ class HostLinear(PeftHost, nn.Linear):
         super().__init__(in_features, out_features, bias)
         self.adapters = nn.ModuleDict()
 
+    def base_forward(self, x_TI: Tensor) -> Tensor:
+        return F.linear(x_TI, self.weight, self.bias)
+
     def forward(self, x_TI: Tensor, layout: MicroBatchLayout) -> Tensor:
         """The linear once over all tokens, then each task of `layout` adapts its segment."""
-        return self.adapt_segments(x_TI, F.linear(x_TI, self.weight, self.bias), layout)
+        return self.adapted_forward(x_TI, layout)
 
 
-class HostConv1D(PeftHost, Conv1D):
+class HostConv1D(OperatorHost, Conv1D):
     """GPT-2's Conv1D as a PEFT host (see `HostLinear`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias)
         self.adapters = nn.ModuleDict()
 
+    def base_forward(self, x_TI: Tensor) -> Tensor:
+        return F.linear(x_TI, self.weight.t(), self.bias)
+
     def forward(self, x_TI: Tensor, layout: MicroBatchLayout) -> Tensor:
         """The transposed linear once over all tokens, then each task of `layout` adapts its segment."""
-        return self.adapt_segments(x_TI, F.linear(x_TI, self.weight.t(), self.bias), layout)
+        return self.adapted_forward(x_TI, layout)
 
 
 def _gelu_new(x: Tensor) -> Tensor:

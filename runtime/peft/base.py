@@ -38,11 +38,14 @@ OPERATOR_KINDS = frozenset({AttachmentKind.PARALLEL, AttachmentKind.SERIAL, Atta
 class OperatorPeftModule(nn.Module, abc.ABC):
     """A task's trainable part at one operator anchor.
 
-    `adapt(x, y)` receives the operator's input `x` and the frozen operator's output `y` for the
-    task's tokens only, and returns the adapted output for those tokens.
+    `adapt(x, y, host)` receives the operator's input `x` and the frozen operator's output `y`
+    for the task's tokens only (and the host, for methods that read its frozen weight), and
+    returns the adapted output for those tokens. A module with `adapts_input` also rescales the
+    operator's input first (`adapt_input`), before the frozen operator runs.
     """
 
     kind: AttachmentKind
+    adapts_input: bool = False
 
     @abc.abstractmethod
     def reset_parameters(self, generator: torch.Generator) -> None:
@@ -52,26 +55,26 @@ class OperatorPeftModule(nn.Module, abc.ABC):
         """Give the module its task's random stream (used by methods with dropout)."""
         self.dropout_generator = generator
 
+    def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The operator's input for the task's tokens, adapted (identity unless `adapts_input`)."""
+        return x
+
     @abc.abstractmethod
-    def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def adapt(self, x: torch.Tensor, y: torch.Tensor, host: nn.Module) -> torch.Tensor:
         """Return the adapted output for one task's segment."""
 
 
 class PeftHost(nn.Module):
-    """Mixin for a frozen backbone operator that hosts the operator-level PEFT modules of any
-    number of tasks in its `adapters` ModuleDict (keyed by task).
-
-    A host class (e.g. `HostLinear`) runs its frozen operator once over all tokens of the packed
-    micro-batch and passes the result through `adapt_segments`, where each task of the
-    micro-batch's layout with a module here adapts its own segment. Tokens of tasks without a
-    module here, and tokens outside every segment, pass through.
-    """
+    """Mixin for a frozen backbone module that hosts the PEFT modules of any number of tasks in
+    its `adapters` ModuleDict (keyed by task); `accepted_kinds` are the attachment kinds it runs."""
 
     adapters: nn.ModuleDict
+    accepted_kinds: frozenset[AttachmentKind] = OPERATOR_KINDS
 
-    def add_adapter(self, task: str, module: OperatorPeftModule) -> None:
-        """Attach `task`'s module at this anchor."""
-        assert module.kind in OPERATOR_KINDS, f"{module.kind} is not an operator-level kind"
+    def add_adapter(self, task: str, module: nn.Module) -> None:
+        """Attach `task`'s module here."""
+        kind = getattr(module, "kind", None)
+        assert kind in self.accepted_kinds, f"{type(self).__name__} does not host {kind} modules"
         assert task not in self.adapters, f"task {task} already has a module here"
         self.adapters[task] = module
 
@@ -80,15 +83,16 @@ class PeftHost(nn.Module):
         if task in self.adapters:
             del self.adapters[task]
 
-    def adapt_segments(self, x_TI: torch.Tensor, y_TO: torch.Tensor, layout: MicroBatchLayout) -> torch.Tensor:
-        """The frozen output `y_TO` of input `x_TI`, with each task's segment adapted by its module."""
+    def segment_owners(self, layout: MicroBatchLayout, num_tokens: int) -> tuple[list[int], list[str | None]] | None:
+        """The buffer cut into [gap, segment, gap, segment, ..., tail]: piece sizes and, per piece,
+        the task whose module here adapts it (None: pass through). None when no task of
+        `layout` has a module here."""
         segments = layout.segments
         if not any(s.task in self.adapters for s in segments):
-            return y_TO
-        # Cut the buffer into [gap, segment, gap, segment, ..., tail] with torch.split: its
-        # backward assembles each gradient once (slicing would add one full-size zero tensor
-        # per segment).
-        sizes, owners, cursor = [], [], 0
+            return None
+        sizes: list[int] = []
+        owners: list[str | None] = []
+        cursor = 0
         for seg in segments:
             if seg.start > cursor:
                 sizes.append(seg.start - cursor)
@@ -96,11 +100,34 @@ class PeftHost(nn.Module):
             sizes.append(seg.end - seg.start)
             owners.append(seg.task if seg.task in self.adapters else None)
             cursor = seg.end
-        if cursor < y_TO.shape[0]:
-            sizes.append(y_TO.shape[0] - cursor)
+        if cursor < num_tokens:
+            sizes.append(num_tokens - cursor)
             owners.append(None)
-        pieces = [
-            piece_y if task is None else self.adapters[task].adapt(piece_x, piece_y)
-            for task, piece_x, piece_y in zip(owners, x_TI.split(sizes), y_TO.split(sizes))
-        ]
+        return sizes, owners
+
+
+class OperatorHost(PeftHost):
+    """A frozen operator (`base_forward`) that runs once over all tokens of the packed
+    micro-batch; each task of the micro-batch's layout with a module here adapts its own
+    segment. Tokens of tasks without a module here, and tokens outside every segment, pass
+    through. Pieces are cut with torch.split, whose backward assembles each gradient once
+    (slicing would add one full-size zero tensor per segment)."""
+
+    @abc.abstractmethod
+    def base_forward(self, x_TI: torch.Tensor) -> torch.Tensor:
+        """The frozen operator over a token buffer."""
+
+    def adapted_forward(self, x_TI: torch.Tensor, layout: MicroBatchLayout) -> torch.Tensor:
+        """The frozen operator of `x_TI`, each task's segment adapted by its module."""
+        cut = self.segment_owners(layout, x_TI.shape[0])
+        if cut is None:
+            return self.base_forward(x_TI)
+        sizes, owners = cut
+        modules = [None if task is None else self.adapters[task] for task in owners]
+        pieces_x = x_TI.split(sizes)
+        if any(m is not None and m.adapts_input for m in modules):
+            pieces_x = [x if m is None else m.adapt_input(x) for m, x in zip(modules, pieces_x)]
+            x_TI = torch.cat(pieces_x, dim=0)
+        pieces_y = self.base_forward(x_TI).split(sizes)
+        pieces = [y if m is None else m.adapt(x, y, self) for m, x, y in zip(modules, pieces_x, pieces_y)]
         return torch.cat(pieces, dim=0)

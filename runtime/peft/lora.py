@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from muxtune.specs import LoraSpec
+
 from .base import AttachmentKind, OperatorPeftModule
+from .registry import (
+    AdapterFiles,
+    AttachContext,
+    ExportContext,
+    PeftMethod,
+    attach_operator_modules,
+    module_list,
+    positive_int_field,
+    positive_number_field,
+    prefixed_tensors,
+    targeted_anchors,
+    unprefixed_state,
+)
 
 
 @dataclass(frozen=True)
@@ -66,6 +84,67 @@ class LoraModule(OperatorPeftModule):
         keep = torch.rand(x.shape, generator=self.dropout_generator, device=self.dropout_generator.device) >= p
         return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - p)
 
-    def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def adapt(self, x: torch.Tensor, y: torch.Tensor, host: nn.Module) -> torch.Tensor:
         delta = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         return y + (delta * self.scaling).to(y.dtype)
+
+
+def lora_config(spec: LoraSpec) -> LoraConfig:
+    """The module hyperparameters of a LoRA spec."""
+    return LoraConfig(r=spec.r, alpha=float(spec.alpha), dropout=spec.dropout, use_rslora=spec.use_rslora)
+
+
+def attach_lora(spec: LoraSpec, ctx: AttachContext) -> dict[str, nn.Module]:
+    """One LoRA module per targeted linear operator."""
+    config = lora_config(spec)
+    return attach_operator_modules(
+        ctx,
+        targeted_anchors(ctx.model, spec.target_modules),
+        lambda _, host: LoraModule(host.in_features, host.out_features, config, dtype=ctx.dtype, device=ctx.device),
+    )
+
+
+def export_lora(spec: LoraSpec, state: Mapping[str, torch.Tensor], ctx: ExportContext) -> AdapterFiles:
+    """peft's LoraConfig fields and saved keys."""
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": ctx.base_model,
+        "r": spec.r,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "use_rslora": spec.use_rslora,
+        "use_dora": spec.use_dora,
+        "target_modules": sorted(spec.target_modules),
+        "bias": "none",
+        "fan_in_fan_out": ctx.fan_in_fan_out,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    return config, prefixed_tensors(state)
+
+
+def load_lora(raw: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> tuple[LoraSpec, dict]:
+    """A peft LoRA (rsLoRA, DoRA) directory's config and state."""
+    r = positive_int_field(raw, "r", path)
+    alpha = positive_number_field(raw, "lora_alpha", path)
+    spec = LoraSpec(
+        r=r,
+        alpha=alpha,
+        dropout=float(raw.get("lora_dropout") or 0.0),
+        target_modules=module_list(raw, "target_modules", path),
+        use_rslora=bool(raw.get("use_rslora", False)),
+        use_dora=bool(raw.get("use_dora", False)),
+    )
+    return spec, unprefixed_state(tensors, path)
+
+
+LORA = PeftMethod(
+    name="lora",
+    spec_type=LoraSpec,
+    peft_types=("LORA",),
+    attach=attach_lora,
+    export=export_lora,
+    load=load_lora,
+)

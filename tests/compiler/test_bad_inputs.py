@@ -67,7 +67,7 @@ SPEC_CASES = {
         [],
         ["tasks[0].data.path", "nope.jsonl"],
     ),
-    "unknown method": (set_peft(0, method="ia3"), [], ["tasks[0].peft.method", "lora"]),
+    "unknown method": (set_peft(0, method="loha"), [], ["tasks[0].peft.method", "lora, ia3"]),
     "bad dtype": (lambda job, d: job.update(dtype="fp8"), [], ["dtype", "fp8"]),
     "bad schedule": (set_task(2, schedule={"name": "exponential"}), [], ["tasks[2].schedule.name"]),
     "several errors at once": (

@@ -27,8 +27,9 @@ from muxtune.runtime.execution import (
 )
 from muxtune.runtime.layout import MicroBatchLayout
 from muxtune.runtime.models import BackboneConfig, build_model, load_backbone
-from muxtune.runtime.peft import TaskPeftConfig, attach_task
+from muxtune.runtime.peft import attach_task
 from muxtune.runtime.tracing import trace_backbone
+from muxtune.specs import LoraSpec
 
 VOCAB = 96
 SEQ_LENS = (5, 11, 3, 7)
@@ -83,15 +84,15 @@ TARGETS = {
 POLICIES: dict[str, PartitionPolicy] = {"fine": fine, "per_layers(1)": per_layers(1)}
 
 
-def lora_tasks(targets: tuple[tuple[str, ...], tuple[str, ...]]) -> dict[str, TaskPeftConfig]:
+def lora_tasks(targets: tuple[tuple[str, ...], tuple[str, ...]]) -> dict[str, LoraSpec]:
     """Two LoRA tasks of different ranks."""
     return {
-        "a": TaskPeftConfig("lora", r=4, alpha=8.0, dropout=0.0, target_modules=targets[0]),
-        "b": TaskPeftConfig("lora", r=2, alpha=2.0, dropout=0.0, target_modules=targets[1]),
+        "a": LoraSpec("lora", r=4, alpha=8.0, dropout=0.0, target_modules=targets[0]),
+        "b": LoraSpec("lora", r=2, alpha=2.0, dropout=0.0, target_modules=targets[1]),
     }
 
 
-def with_tasks(model: nn.Module, tasks: dict[str, TaskPeftConfig]) -> list[nn.Parameter]:
+def with_tasks(model: nn.Module, tasks: dict[str, LoraSpec]) -> list[nn.Parameter]:
     """Attach `tasks` with random (non-zero) LoRA A and B; returns the LoRA parameters."""
     params: list[nn.Parameter] = []
     generator = torch.Generator().manual_seed(7)

@@ -43,7 +43,7 @@ from muxtune.plans import (
     plan_from_dict,
     plan_to_dict,
 )
-from muxtune.specs import DataSpec, PeftSpec, ScheduleSpec
+from muxtune.specs import DataSpec, LoraSpec, ScheduleSpec
 
 BACKBONE = {
     "name": "tiny-llama",
@@ -88,7 +88,7 @@ PARTITION = make_partition()
 def make_task(name: str, r: int = 8, max_seq_len: int = 128, steps: int = 10) -> TaskPlan:
     return TaskPlan(
         name=name,
-        peft=PeftSpec(r=r, alpha=16, target_modules=("q_proj", "v_proj")),
+        peft=LoraSpec(r=r, alpha=16, target_modules=("q_proj", "v_proj")),
         data=DataSpec(path=f"/data/{name}.jsonl", format="prompt_completion"),
         max_seq_len=max_seq_len,
         lr=2e-4,

@@ -39,7 +39,7 @@ from muxtune.plans import (
     save_plan,
     validate_plan,
 )
-from muxtune.specs import PeftSpec
+from muxtune.specs import LoraSpec
 
 
 def test_save_load_round_trip(plan: Plan, tmp_path: Path) -> None:
@@ -218,7 +218,7 @@ def test_round_trip_property(names, ranks, lrs, steps, backbone, seconds, split,
 
 def test_structure_changes_change_fingerprint() -> None:
     a = build_plan()
-    b = build_plan(tasks=(replace(a.tasks[0], peft=PeftSpec(r=16)),) + a.tasks[1:])
+    b = build_plan(tasks=(replace(a.tasks[0], peft=LoraSpec(r=16)),) + a.tasks[1:])
     assert a.fingerprint != b.fingerprint
     first = a.phases[0]
     regrouped = replace(first, htasks=(HTask(0, ("a",), 256, (256,), 2), HTask(1, ("b", "c-2"), 512, (256, 256), 2)))

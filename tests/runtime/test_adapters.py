@@ -14,8 +14,9 @@ from peft import PeftModel
 from muxtune.runtime.adapters import AdapterError, load_adapter, save_adapter
 from muxtune.runtime.engine import MultiTaskEngine, TaskTraining
 from muxtune.runtime.models import load_backbone
-from muxtune.runtime.peft import PeftHost, TaskPeftConfig
+from muxtune.runtime.peft import PeftHost
 from muxtune.runtime.tracing import trace_backbone
+from muxtune.specs import LoraSpec
 
 FAMILY_TARGETS = {
     "llama_tied_gqa_bias": ("q_proj", "v_proj", "down_proj"),
@@ -28,7 +29,7 @@ FAMILY_TARGETS = {
 def engine_with_task(path: Path, targets: tuple[str, ...], rank: int = 4) -> tuple[MultiTaskEngine, str]:
     model, _ = load_backbone(path, torch.float32)
     engine = MultiTaskEngine(model)
-    config = TaskTraining("task", TaskPeftConfig("lora", rank, 2.0 * rank, 0.0, targets), lr=1e-3, steps=1)
+    config = TaskTraining("task", LoraSpec("lora", rank, 2.0 * rank, 0.0, targets), lr=1e-3, steps=1)
     state = engine.add_task(config)
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -43,13 +44,12 @@ def test_exported_adapter_loads_in_peft_with_same_logits(case: str, tmp_path: Pa
     hf.save_pretrained(tmp_path / "base")
     engine, task = engine_with_task(tmp_path / "base", FAMILY_TARGETS[case])
     state = engine.tasks[task]
-    fan_in_fan_out = case.startswith("gpt2")
     save_adapter(
         tmp_path / "adapter",
         state.config.peft,
         state.adapter_state(),
         base_model=str(tmp_path / "base"),
-        fan_in_fan_out=fan_in_fan_out,
+        backbone=engine.model.config,
     )
 
     input_ids, position_ids, layout = packed_inputs((task, task, task))
@@ -94,7 +94,9 @@ def test_adapter_round_trip_and_peft_key_names(tmp_path: Path) -> None:
     params = dict(engine.model.named_parameters())
     assert "model.layers.0.self_attn.q_proj.weight" in params
     assert "model.layers.0.self_attn.q_proj.adapters.task.lora_A.weight" in params
-    save_adapter(tmp_path / "a", state.config.peft, state.adapter_state(), base_model="base")
+    save_adapter(
+        tmp_path / "a", state.config.peft, state.adapter_state(), base_model="base", backbone=engine.model.config
+    )
     config, tensors = load_adapter(tmp_path / "a")
     assert config == state.config.peft
     assert tensors.keys() == state.adapter_state().keys()
@@ -120,6 +122,6 @@ def test_adapter_errors_name_the_file(tmp_path: Path) -> None:
     )
     with pytest.raises(AdapterError, match="adapter_model.safetensors: not a readable safetensors file"):
         load_adapter(tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    with pytest.raises(AdapterError, match="peft_type 'IA3' is not supported"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
+    with pytest.raises(AdapterError, match="peft_type 'LOHA' is not supported"):
         load_adapter(tmp_path)

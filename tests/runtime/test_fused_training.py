@@ -16,7 +16,7 @@ from muxtune.runtime.adapters import load_adapter, save_adapter
 from muxtune.runtime.backbone import load_model
 from muxtune.runtime.data import Example
 from muxtune.runtime.engine import MultiTaskEngine, TaskTraining
-from muxtune.runtime.peft import TaskPeftConfig
+from muxtune.specs import LoraSpec
 from muxtune.tools.hf_batches import padded_batch, padded_batch_loss
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,7 +34,7 @@ TASKS = (
     TaskCase(
         TaskTraining(
             "alpha",
-            TaskPeftConfig("lora", 4, 8.0, 0.0, ("q_proj", "v_proj")),
+            LoraSpec("lora", 4, 8.0, 0.0, ("q_proj", "v_proj")),
             lr=3e-3,
             steps=10,
             schedule="constant",
@@ -50,7 +50,7 @@ TASKS = (
     TaskCase(
         TaskTraining(
             "beta",
-            TaskPeftConfig("lora", 8, 16.0, 0.0, ALL_LINEAR, use_rslora=True),
+            LoraSpec("lora", 8, 16.0, 0.0, ALL_LINEAR, use_rslora=True),
             lr=1e-3,
             steps=12,
             schedule="linear",
@@ -66,7 +66,7 @@ TASKS = (
     TaskCase(
         TaskTraining(
             "gamma",
-            TaskPeftConfig("lora", 2, 4.0, 0.0, ("o_proj", "down_proj")),
+            LoraSpec("lora", 2, 4.0, 0.0, ("o_proj", "down_proj")),
             lr=5e-3,
             steps=11,
             schedule="cosine",
@@ -112,7 +112,11 @@ def init_adapters(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
             for module in state.modules.values():
                 module.lora_B.weight.copy_(0.05 * torch.randn(module.lora_B.weight.shape, generator=generator))
         paths[case.training.name] = save_adapter(
-            root / case.training.name, case.training.peft, state.adapter_state(), base_model=str(tiny_llama_dir)
+            root / case.training.name,
+            case.training.peft,
+            state.adapter_state(),
+            base_model=str(tiny_llama_dir),
+            backbone=loaded.config,
         )
     return paths
 
@@ -244,7 +248,7 @@ def test_dropout_masks_belong_to_the_task(tiny_llama_dir: Path, init_adapters: d
     """With dropout, a task fused with others equals the task alone: its masks come from its own
     random stream, not from a global one the other tasks also draw from."""
     noisy = TaskCase(
-        TaskTraining("alpha", TaskPeftConfig("lora", 4, 8.0, 0.3, ("q_proj", "v_proj")), lr=3e-3, steps=4, seed=1),
+        TaskTraining("alpha", LoraSpec("lora", 4, 8.0, 0.3, ("q_proj", "v_proj")), lr=3e-3, steps=4, seed=1),
         batch_size=3,
         min_len=6,
         max_len=20,

@@ -17,11 +17,12 @@ from user_path import default_tasks, write_job
 
 from muxtune.compiler.compile import compile_job
 from muxtune.plans import MICROBATCH_OPS, Backward, Free, Instruction, Plan, load_plan, save_plan
-from muxtune.runtime.adapters import PEFT_PREFIX, WEIGHTS_NAME
+from muxtune.runtime.adapters import WEIGHTS_NAME
 from muxtune.runtime.backbone import load_model
 from muxtune.runtime.data import batch_indices, load_dataset
 from muxtune.runtime.engine import MultiTaskEngine
 from muxtune.runtime.executor import PlanExecutor
+from muxtune.runtime.peft.registry import PEFT_PREFIX
 from muxtune.runtime.progress import ProgressDisplay
 from muxtune.runtime.task_runs import task_training
 from muxtune.specs import load_job_spec

@@ -16,7 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 from muxtune.runtime.layout import MicroBatchLayout, Segment
 from muxtune.runtime.models import BackboneForCausalLM, load_backbone
-from muxtune.runtime.peft import LoraModule, TaskPeftConfig, attach_task
+from muxtune.runtime.peft import LoraModule, attach_task
+from muxtune.specs import LoraSpec
 
 FAMILY_TARGETS = {
     "llama_tied_gqa_bias": ("q_proj", "v_proj", "down_proj"),
@@ -67,9 +68,9 @@ def build(
     model.requires_grad_(False)
     targets = FAMILY_TARGETS[case]
     configs = {
-        "a": TaskPeftConfig("lora", 2, 4.0, 0.0, (targets[0], "lm_head")),
-        "b": TaskPeftConfig("lora", 4, 8.0, 0.0, targets[1:]),
-        "c": TaskPeftConfig("lora", 3, 3.0, dropout_c, targets),
+        "a": LoraSpec("lora", 2, 4.0, 0.0, (targets[0], "lm_head")),
+        "b": LoraSpec("lora", 4, 8.0, 0.0, targets[1:]),
+        "c": LoraSpec("lora", 3, 3.0, dropout_c, targets),
     }
     dropout = torch.Generator()
     modules: dict[str, LoraModule] = {}

@@ -16,7 +16,7 @@ from muxtune.specs import (
     ClusterSpec,
     DataSpec,
     JobSpec,
-    PeftSpec,
+    LoraSpec,
     ScheduleSpec,
     SpecError,
     TaskSpec,
@@ -37,7 +37,7 @@ def test_defaults_are_resolved(write_spec: WriteSpec, job_dir: Path) -> None:
     qa = spec.task("qa")
     assert qa == TaskSpec(
         name="qa",
-        peft=PeftSpec(method="lora", r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj")),
+        peft=LoraSpec(method="lora", r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj")),
         data=DataSpec(path=str(job_dir / "data" / "qa.jsonl"), format="text"),
         max_seq_len=128,
         batch_size=8,
@@ -125,7 +125,7 @@ def test_round_trip_property(r: int, alpha: float, lr: float, steps: int, data: 
     warmup = data.draw(st.integers(0, steps))
     task = TaskSpec(
         name="t-1",
-        peft=PeftSpec(r=r, alpha=alpha, dropout=data.draw(st.floats(0, 0.99)), target_modules=("mlp.up_proj",)),
+        peft=LoraSpec(r=r, alpha=alpha, dropout=data.draw(st.floats(0, 0.99)), target_modules=("mlp.up_proj",)),
         data=DataSpec(path=__file__, format="text"),
         lr=lr,
         steps=steps,

@@ -69,8 +69,9 @@ def test_valid_base_spec(job_dir: Path) -> None:
         ),
         (_peft(0, use_rslora="yes"), "tasks[0].peft.use_rslora: must be true or false, got 'yes'"),
         (
-            _peft(0, method="ia3"),
-            "tasks[0].peft.method: unsupported PEFT method 'ia3' (supported: lora)",
+            _peft(0, method="loha"),
+            "tasks[0].peft.method: unsupported PEFT method 'loha' (supported: lora, ia3, prefix_tuning, "
+            "prompt_tuning, adapter, bias) (did you mean 'lora'?)",
         ),
         (_task(0, lr="abc"), "tasks[0].lr: must be a positive number, got 'abc'"),
         (_task(0, lr=0), "tasks[0].lr: must be a positive number, got 0"),
