@@ -203,9 +203,11 @@ def spec_with(spec_type: type, **fields: Any) -> Any:
 
 
 def _methods() -> dict[str, PeftMethod]:
+    from .bias import BIAS
+    from .bottleneck import ADAPTER
     from .lora import LORA
 
-    return {method.name: method for method in (LORA,)}
+    return {method.name: method for method in (LORA, ADAPTER, BIAS)}
 
 
 METHODS: dict[str, PeftMethod] = _methods()
