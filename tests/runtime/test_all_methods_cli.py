@@ -38,7 +38,7 @@ PEFT_TYPES = {
     "adapter": "MUXTUNE_ADAPTER",
     "bias": "MUXTUNE_BIAS",
 }
-DATASETS = ("sentiment.jsonl", "qa.jsonl", "instructions.jsonl")
+DATASETS = (("sentiment.jsonl", 200), ("qa.jsonl", 400), ("instructions.jsonl", 160))
 
 
 def mixed_tasks(steps: int = 4) -> list[dict]:
@@ -46,8 +46,8 @@ def mixed_tasks(steps: int = 4) -> list[dict]:
         {
             "name": name,
             "peft": peft,
-            "data": {"path": str(DATA / DATASETS[i % 3]), "format": "prompt_completion"},
-            "max_seq_len": 96,
+            "data": {"path": str(DATA / DATASETS[i % 3][0]), "format": "prompt_completion"},
+            "max_seq_len": DATASETS[i % 3][1],
             "batch_size": 2,
             "lr": 5e-3,
             "steps": steps - i % 2,
