@@ -1,4 +1,5 @@
-"""LoRA (and rsLoRA): the parallel attachment kind, `y = base(x) + s * B(A(dropout(x)))`."""
+"""LoRA (and rsLoRA): the parallel attachment kind, `y = base(x) + s * B(A(dropout(x)))`; DoRA
+(`use_dora`) is in `dora.py`, attached and saved through this entry."""
 
 from __future__ import annotations
 
@@ -89,19 +90,49 @@ class LoraModule(OperatorPeftModule):
         return y + (delta * self.scaling).to(y.dtype)
 
 
+MAGNITUDE = "lora_magnitude_vector"
+"""DoRA's magnitude: our state key is `<anchor>.lora_magnitude_vector.weight` (peft's parameter
+name), peft's files store it as `<anchor>.lora_magnitude_vector`."""
+
+
+def peft_tensor_key(key: str) -> str:
+    """A state key as peft saves it (DoRA's magnitude without its `.weight`)."""
+    suffix = f".{MAGNITUDE}.weight"
+    return key[: -len(".weight")] if key.endswith(suffix) else key
+
+
+def state_key(key: str) -> str:
+    """A saved peft key (prefix dropped) as our state key (DoRA's magnitude gets its `.weight`)."""
+    return key + ".weight" if key.endswith(f".{MAGNITUDE}") else key
+
+
 def lora_config(spec: LoraSpec) -> LoraConfig:
     """The module hyperparameters of a LoRA spec."""
     return LoraConfig(r=spec.r, alpha=float(spec.alpha), dropout=spec.dropout, use_rslora=spec.use_rslora)
 
 
 def attach_lora(spec: LoraSpec, ctx: AttachContext) -> dict[str, nn.Module]:
-    """One LoRA module per targeted linear operator."""
+    """One LoRA (or, with `use_dora`, DoRA) module per targeted linear operator."""
+    from .dora import DoraModule, host_fan_in_fan_out, initial_magnitude  # dora.py builds on this module
+
     config = lora_config(spec)
-    return attach_operator_modules(
-        ctx,
-        targeted_anchors(ctx.model, spec.target_modules),
-        lambda _, host: LoraModule(host.in_features, host.out_features, config, dtype=ctx.dtype, device=ctx.device),
-    )
+
+    def build(_: str, host: nn.Module) -> LoraModule:
+        if not spec.use_dora:
+            return LoraModule(host.in_features, host.out_features, config, dtype=ctx.dtype, device=ctx.device)
+        fan_in_fan_out = host_fan_in_fan_out(host)
+        magnitude = initial_magnitude(host, fan_in_fan_out, ctx.dtype, ctx.device)
+        return DoraModule(
+            host.in_features,
+            host.out_features,
+            config,
+            magnitude,
+            fan_in_fan_out=fan_in_fan_out,
+            dtype=ctx.dtype,
+            device=ctx.device,
+        )
+
+    return attach_operator_modules(ctx, targeted_anchors(ctx.model, spec.target_modules), build)
 
 
 def export_lora(spec: LoraSpec, state: Mapping[str, torch.Tensor], ctx: ExportContext) -> AdapterFiles:
@@ -122,7 +153,7 @@ def export_lora(spec: LoraSpec, state: Mapping[str, torch.Tensor], ctx: ExportCo
         "inference_mode": True,
         "modules_to_save": None,
     }
-    return config, prefixed_tensors(state)
+    return config, prefixed_tensors({peft_tensor_key(key): value for key, value in state.items()})
 
 
 def load_lora(raw: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> tuple[LoraSpec, dict]:
@@ -137,7 +168,7 @@ def load_lora(raw: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path)
         use_rslora=bool(raw.get("use_rslora", False)),
         use_dora=bool(raw.get("use_dora", False)),
     )
-    return spec, unprefixed_state(tensors, path)
+    return spec, {state_key(key): value for key, value in unprefixed_state(tensors, path).items()}
 
 
 LORA = PeftMethod(
