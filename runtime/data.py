@@ -31,11 +31,15 @@ class DataError(UserError):
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized sequence: `input_ids` and which of them are targets of the loss."""
+    """One tokenized sequence: `input_ids` and which of them are targets of the loss.
+
+    `first_position` is the position id of its first token (positions run on from there): 0,
+    except for methods whose learned prefix occupies the positions before it (prefix tuning)."""
 
     index: int  # 0-based line number in the dataset file
     input_ids: tuple[int, ...]
     is_target: tuple[bool, ...]  # is_target[i]: token i is predicted by position i-1 and scored
+    first_position: int = 0
 
     @property
     def num_targets(self) -> int:

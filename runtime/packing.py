@@ -30,14 +30,15 @@ class MicroBatch:
 
 
 def build_microbatch(batch: list[tuple[str, Example]]) -> MicroBatch:
-    """Pack `(task, example)` pairs, grouped by task in the given order, into one buffer."""
+    """Pack `(task, example)` pairs, grouped by task in the given order, into one buffer; each
+    sequence's position ids run from its `first_position`."""
     input_ids: list[int] = []
     positions: list[int] = []
     targets: list[int] = []
     for _, example in batch:
         ids = example.input_ids
         input_ids.extend(ids)
-        positions.extend(range(len(ids)))
+        positions.extend(range(example.first_position, example.first_position + len(ids)))
         targets.extend(ids[i + 1] if example.is_target[i + 1] else IGNORE_INDEX for i in range(len(ids) - 1))
         targets.append(IGNORE_INDEX)
     return MicroBatch(

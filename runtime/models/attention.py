@@ -1,15 +1,24 @@
-"""Causal attention over a packed token buffer (a leaf call in torch.fx graphs).
+"""Causal attention over a packed token buffer, and the attention host that runs it.
 
-Legend: T tokens of the packed buffer, S sequences, H query heads, Hkv key/value heads, D head dim.
-Model code calls it as `attention.packed_causal_attention(...)` (through the module) so that
-torch.fx's patching of this module's globals makes it a single call_function node.
+Legend: T tokens of the packed buffer, S sequences, L tokens of one sequence, P prefix tokens,
+H query heads, Hkv key/value heads, D head dim.
+
+`PackedAttention` is a parameter-free PEFT host (a leaf in torch.fx graphs) that the backbone
+families call with the micro-batch layout: each sequence of a task with a prefix module here
+(prefix tuning) also attends to that task's P learned keys and values.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from ..layout import MicroBatchLayout
+from ..peft.base import AttachmentKind, KVPrefixModule, PeftHost
+
+Prefix = tuple[Tensor, Tensor]
+"""A sequence's prefix keys and values, each [P, H, D] (already repeated to the query heads)."""
 
 
 def repeat_kv(x_THkvD: Tensor, n_rep: int) -> Tensor:
@@ -21,11 +30,75 @@ def repeat_kv(x_THkvD: Tensor, n_rep: int) -> Tensor:
     return x_THkvD[:, :, None, :].expand(t, hkv, n_rep, d).reshape(t, hkv * n_rep, d)
 
 
-def _sliding_window_mask(length: int, window: int, device: torch.device) -> Tensor:
-    """Boolean [L, L] mask: key j visible to query i iff i - window < j <= i."""
-    i = torch.arange(length, device=device)[:, None]
-    j = torch.arange(length, device=device)[None, :]
-    return (j <= i) & (j > i - window)
+def _visible_mask(length: int, num_prefix: int, window: int | None, device: torch.device) -> Tensor:
+    """Boolean [L, P + L] mask over a sequence's keys after `num_prefix` prefix keys: key j is
+    visible to query i (at position P + i) iff j <= P + i, and, with a sliding window W,
+    j > P + i - W (as transformers masks a cache of P tokens)."""
+    i = torch.arange(length, device=device)[:, None] + num_prefix
+    j = torch.arange(num_prefix + length, device=device)[None, :]
+    visible = j <= i
+    return visible if window is None else visible & (j > i - window)
+
+
+def _attend(
+    q_LHD: Tensor, k_LHD: Tensor, v_LHD: Tensor, scale: float, window: int | None, prefix: Prefix | None
+) -> Tensor:
+    """One sequence's causal attention [L, H, D], after its prefix keys/values when given."""
+    length = q_LHD.shape[0]
+    if prefix is not None:
+        k_LHD = torch.cat((prefix[0], k_LHD), dim=0)
+        v_LHD = torch.cat((prefix[1], v_LHD), dim=0)
+    q, k, v = (t.transpose(0, 1) for t in (q_LHD, k_LHD, v_LHD))
+    if prefix is not None:
+        mask = _visible_mask(length, prefix[0].shape[0], window, q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    elif window is not None and length > window:
+        mask = _visible_mask(length, 0, window, q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out.transpose(0, 1)
+
+
+def _sequence_lengths(cu_seqlens: Tensor, num_tokens: int) -> list[int]:
+    bounds = cu_seqlens.tolist()
+    if not bounds or bounds[0] != 0 or bounds[-1] != num_tokens:
+        raise ValueError(
+            f"cu_seqlens must run from 0 to the token count {num_tokens}, got {bounds[:3]}...{bounds[-1:]}"
+        )
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    if any(length < 0 for length in lengths):
+        raise ValueError(f"cu_seqlens must not decrease, got {bounds[:8]}...")
+    return lengths
+
+
+def _packed_attention(
+    q_THD: Tensor,
+    k_THkvD: Tensor,
+    v_THkvD: Tensor,
+    lengths: list[int],
+    scale: float | None,
+    sliding_window: int | None,
+    prefixes: list[Prefix | None] | None,
+) -> Tensor:
+    """`packed_causal_attention` over sequences of `lengths`, sequence i after `prefixes[i]`."""
+    num_heads, head_dim = q_THD.shape[1], q_THD.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    n_rep = num_heads // k_THkvD.shape[1]
+    k_THD = repeat_kv(k_THkvD, n_rep)
+    v_THD = repeat_kv(v_THkvD, n_rep)
+    prefixes = [None] * len(lengths) if prefixes is None else prefixes
+    # torch.split (not slicing) so that backward assembles the gradient once, instead of one
+    # full-size zero tensor per sequence.
+    outs: list[Tensor] = []
+    for q, k, v, prefix in zip(q_THD.split(lengths), k_THD.split(lengths), v_THD.split(lengths), prefixes):
+        if q.shape[0] > 0:
+            outs.append(_attend(q, k, v, scale, sliding_window, prefix))
+    if not outs:
+        return q_THD.new_empty(q_THD.shape)
+    if len(outs) == 1:
+        return outs[0].contiguous()
+    return torch.cat(outs, dim=0)
 
 
 @torch.fx.wrap
@@ -44,35 +117,59 @@ def packed_causal_attention(
     D**-0.5; `sliding_window` W lets a token see only the W most recent tokens (itself included).
     Returns [T, H, D].
     """
-    num_heads, head_dim = q_THD.shape[1], q_THD.shape[2]
-    scale = head_dim**-0.5 if scale is None else scale
-    n_rep = num_heads // k_THkvD.shape[1]
-    k_THD = repeat_kv(k_THkvD, n_rep)
-    v_THD = repeat_kv(v_THkvD, n_rep)
-    bounds = cu_seqlens.tolist()
-    if not bounds or bounds[0] != 0 or bounds[-1] != q_THD.shape[0]:
-        raise ValueError(
-            f"cu_seqlens must run from 0 to the token count {q_THD.shape[0]}, got {bounds[:3]}...{bounds[-1:]}"
-        )
-    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-    if any(length < 0 for length in lengths):
-        raise ValueError(f"cu_seqlens must not decrease, got {bounds[:8]}...")
-    # torch.split (not slicing) so that backward assembles the gradient once, instead of one
-    # full-size zero tensor per sequence.
-    outs: list[Tensor] = []
-    for q, k, v in zip(q_THD.split(lengths), k_THD.split(lengths), v_THD.split(lengths)):
-        length = q.shape[0]
-        if length == 0:
-            continue
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
-        if sliding_window is not None and length > sliding_window:
-            mask = _sliding_window_mask(length, sliding_window, q.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        outs.append(out.transpose(0, 1))
-    if not outs:
-        return q_THD.new_empty(q_THD.shape)
-    if len(outs) == 1:
-        return outs[0].contiguous()
-    return torch.cat(outs, dim=0)
+    lengths = _sequence_lengths(cu_seqlens, q_THD.shape[0])
+    return _packed_attention(q_THD, k_THkvD, v_THkvD, lengths, scale, sliding_window, None)
+
+
+class PackedAttention(PeftHost):
+    """The attention of one layer over a packed buffer, as a PEFT host of prefix modules.
+
+    Parameter-free (checkpoint keys are unchanged). A task with a `KVPrefixModule` here has each
+    of its sequences attend to the module's P keys and values first: all P are visible to every
+    query, then attention is causal over the sequence (positions P.. under a sliding window).
+    Sequences of other tasks are computed exactly as without the host.
+    """
+
+    accepted_kinds = frozenset({AttachmentKind.KV_PREFIX})
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, sliding_window: int | None = None
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.adapters = nn.ModuleDict()
+
+    def forward(self, q_THD: Tensor, k_THkvD: Tensor, v_THkvD: Tensor, layout: MicroBatchLayout) -> Tensor:
+        """Attention of the packed buffer [T, H, D]; sequences of tasks with a prefix module here
+        attend to their task's prefix first."""
+        lengths = _sequence_lengths(layout.cu_seqlens_S1, q_THD.shape[0])
+        if not any(seg.task in self.adapters for seg in layout.segments):
+            return _packed_attention(q_THD, k_THkvD, v_THkvD, lengths, self.scale, self.sliding_window, None)
+        n_rep = self.num_heads // self.num_kv_heads
+        task_prefix: dict[str, Prefix] = {}
+        for seg in layout.segments:
+            module = self.adapters[seg.task] if seg.task in self.adapters else None
+            if isinstance(module, KVPrefixModule):
+                keys, values = module.keys_values()
+                task_prefix[seg.task] = (
+                    repeat_kv(keys.to(k_THkvD.dtype), n_rep),
+                    repeat_kv(values.to(v_THkvD.dtype), n_rep),
+                )
+        prefixes: list[Prefix | None] = []
+        starts = layout.cu_seqlens_S1.tolist()[:-1]
+        segments = iter(layout.segments)
+        seg = next(segments, None)
+        for start in starts:
+            while seg is not None and start >= seg.end:
+                seg = next(segments, None)
+            inside = seg is not None and seg.start <= start < seg.end
+            prefixes.append(task_prefix.get(seg.task) if inside else None)
+        return _packed_attention(q_THD, k_THkvD, v_THkvD, lengths, self.scale, self.sliding_window, prefixes)
+
+    def extra_repr(self) -> str:
+        window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}{window}"

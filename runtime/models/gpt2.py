@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..layout import MicroBatchLayout
 from . import attention
 from .config import BackboneConfig
-from .layers import BackboneForCausalLM, HostConv1D, HostLinear, activation
+from .layers import BackboneForCausalLM, HostConv1D, HostEmbedding, HostLinear, activation
 
 
 class GPT2Attention(nn.Module):
@@ -28,15 +28,15 @@ class GPT2Attention(nn.Module):
         self.scaling = scaling
         self.c_attn = HostConv1D(config.hidden_size, 3 * config.hidden_size)
         self.c_proj = HostConv1D(config.hidden_size, config.hidden_size)
+        self.attention = attention.PackedAttention(config.num_heads, config.num_heads, config.head_dim, scaling)
 
     def forward(self, x_TC: Tensor, layout: MicroBatchLayout) -> Tensor:
         q_TC, k_TC, v_TC = self.c_attn(x_TC, layout).split(self.hidden_size, dim=1)
-        out_THD = attention.packed_causal_attention(
+        out_THD = self.attention(
             q_TC.view(-1, self.num_heads, self.head_dim),
             k_TC.view(-1, self.num_heads, self.head_dim),
             v_TC.view(-1, self.num_heads, self.head_dim),
-            layout.cu_seqlens_S1,
-            scale=self.scaling,
+            layout,
         )
         return self.c_proj(out_THD.reshape(-1, self.hidden_size), layout)
 
@@ -74,13 +74,13 @@ class GPT2Model(nn.Module):
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wte = HostEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
     def forward(self, input_ids_T: Tensor, position_ids_T: Tensor, layout: MicroBatchLayout) -> Tensor:
-        x_TC = self.wte(input_ids_T) + self.wpe(position_ids_T)
+        x_TC = self.wte(input_ids_T, layout) + self.wpe(position_ids_T)
         for block in self.h:
             x_TC = block(x_TC, layout)
         return self.ln_f(x_TC)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layout import MicroBatchLayout
-from ..peft.base import OperatorHost
+from ..peft.base import AttachmentKind, InputPrefixModule, OperatorHost, PeftHost
 from .config import BackboneConfig
 
 
@@ -99,6 +99,54 @@ class HostConv1D(OperatorHost, Conv1D):
     def forward(self, x_TI: Tensor, layout: MicroBatchLayout) -> Tensor:
         """The transposed linear once over all tokens, then each task of `layout` adapts its segment."""
         return self.adapted_forward(x_TI, layout)
+
+
+class HostEmbedding(PeftHost, nn.Embedding):
+    """The token embedding as a PEFT host of soft prompts (weight key stays `weight`).
+
+    A task with an `InputPrefixModule` here (prompt tuning) lays each of its sequences out with P
+    placeholder tokens first; their embeddings are replaced by the task's P soft tokens."""
+
+    accepted_kinds = frozenset({AttachmentKind.INPUT_PREFIX})
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__(num_embeddings, embedding_dim)
+        self.adapters = nn.ModuleDict()
+
+    def forward(self, input_ids_T: Tensor, layout: MicroBatchLayout) -> Tensor:
+        """Embeddings [T, E] of a packed buffer, the first P rows of each sequence of a task with
+        soft tokens here replaced by them."""
+        x_TE = nn.Embedding.forward(self, input_ids_T)
+        prompts: dict[str, Tensor] = {}
+        for seg in layout.segments:
+            module = self.adapters[seg.task] if seg.task in self.adapters else None
+            if isinstance(module, InputPrefixModule):
+                prompts[seg.task] = module.soft_tokens().to(x_TE.dtype)
+        if not prompts:
+            return x_TE
+        sizes: list[int] = []
+        sources: list[Tensor | None] = []  # None: the piece keeps its token embeddings
+        cursor = 0
+        bounds = layout.cu_seqlens_S1.tolist()
+        for seg in layout.segments:
+            prompt = prompts.get(seg.task)
+            if prompt is None:
+                continue
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                if start < seg.start or end > seg.end or start == end:
+                    continue
+                num_virtual = prompt.shape[0]
+                if end - start < num_virtual:
+                    raise ValueError(
+                        f"task {seg.task}: a sequence of {end - start} tokens cannot hold its {num_virtual} soft tokens"
+                    )
+                sizes += [start - cursor, num_virtual]
+                sources += [None, prompt]
+                cursor = start + num_virtual
+        sizes.append(x_TE.shape[0] - cursor)
+        sources.append(None)
+        pieces = x_TE.split(sizes)
+        return torch.cat([piece if src is None else src for piece, src in zip(pieces, sources)], dim=0)
 
 
 def _gelu_new(x: Tensor) -> Tensor:
@@ -219,7 +267,8 @@ class BackboneForCausalLM(nn.Module, abc.ABC):
     def forward(self, input_ids_T: Tensor, position_ids_T: Tensor, layout: MicroBatchLayout) -> Tensor:
         """Logits [T, vocab] of a packed buffer of sequences.
 
-        input_ids_T, position_ids_T: int64, positions restarting at 0 for each sequence;
+        input_ids_T, position_ids_T: int64, positions restarting for each sequence (at 0, or at P
+        after a prefix tuning task's P learned keys/values);
         layout: the buffer's sequence boundaries and task segments.
         """
         return self.lm_head(self.hidden_states(input_ids_T, position_ids_T, layout), layout)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..layout import MicroBatchLayout
 from . import attention
 from .config import BackboneConfig
-from .layers import BackboneForCausalLM, HostLinear, RMSNorm, RotaryEmbedding, activation, apply_rotary
+from .layers import BackboneForCausalLM, HostEmbedding, HostLinear, RMSNorm, RotaryEmbedding, activation, apply_rotary
 
 
 class LlamaAttention(nn.Module):
@@ -30,15 +30,16 @@ class LlamaAttention(nn.Module):
         self.k_proj = HostLinear(config.hidden_size, kv_out, bias=config.attention_bias)
         self.v_proj = HostLinear(config.hidden_size, kv_out, bias=config.attention_bias)
         self.o_proj = HostLinear(q_out, config.hidden_size, bias=config.attention_out_bias)
+        self.attention = attention.PackedAttention(
+            config.num_heads, config.num_kv_heads, config.head_dim, self.scaling, config.sliding_window
+        )
 
     def forward(self, x_TC: Tensor, cos_TD: Tensor, sin_TD: Tensor, layout: MicroBatchLayout) -> Tensor:
         q_THD = self.q_proj(x_TC, layout).view(-1, self.num_heads, self.head_dim)
         k_THD = self.k_proj(x_TC, layout).view(-1, self.num_kv_heads, self.head_dim)
         v_THD = self.v_proj(x_TC, layout).view(-1, self.num_kv_heads, self.head_dim)
         q_THD, k_THD = apply_rotary(q_THD, k_THD, cos_TD, sin_TD)
-        out_THD = attention.packed_causal_attention(
-            q_THD, k_THD, v_THD, layout.cu_seqlens_S1, scale=self.scaling, sliding_window=self.sliding_window
-        )
+        out_THD = self.attention(q_THD, k_THD, v_THD, layout)
         return self.o_proj(out_THD.reshape(-1, self.num_heads * self.head_dim), layout)
 
 
@@ -76,13 +77,13 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = HostEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def forward(self, input_ids_T: Tensor, position_ids_T: Tensor, layout: MicroBatchLayout) -> Tensor:
-        x_TC = self.embed_tokens(input_ids_T)
+        x_TC = self.embed_tokens(input_ids_T, layout)
         cos_TD, sin_TD = self.rotary_emb(x_TC, position_ids_T)
         for layer in self.layers:
             x_TC = layer(x_TC, cos_TD, sin_TD, layout)

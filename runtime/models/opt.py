@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..layout import MicroBatchLayout
 from . import attention
 from .config import BackboneConfig
-from .layers import BackboneForCausalLM, HostLinear, activation
+from .layers import BackboneForCausalLM, HostEmbedding, HostLinear, activation
 
 
 class OPTLearnedPositionalEmbedding(nn.Embedding):
@@ -40,12 +40,13 @@ class OPTAttention(nn.Module):
         self.v_proj = HostLinear(c, c, bias=config.attention_bias)
         self.q_proj = HostLinear(c, c, bias=config.attention_bias)
         self.out_proj = HostLinear(c, c, bias=config.attention_out_bias)
+        self.attention = attention.PackedAttention(config.num_heads, config.num_heads, config.head_dim, scale=1.0)
 
     def forward(self, x_TC: Tensor, layout: MicroBatchLayout) -> Tensor:
         q_THD = (self.q_proj(x_TC, layout) * self.scaling).view(-1, self.num_heads, self.head_dim)
         k_THD = self.k_proj(x_TC, layout).view(-1, self.num_heads, self.head_dim)
         v_THD = self.v_proj(x_TC, layout).view(-1, self.num_heads, self.head_dim)
-        out_THD = attention.packed_causal_attention(q_THD, k_THD, v_THD, layout.cu_seqlens_S1, scale=1.0)
+        out_THD = self.attention(q_THD, k_THD, v_THD, layout)
         return self.out_proj(out_THD.reshape(-1, self.hidden_size), layout)
 
 
@@ -77,7 +78,7 @@ class OPTDecoder(nn.Module):
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
         c, e = config.hidden_size, config.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(config.vocab_size, e)
+        self.embed_tokens = HostEmbedding(config.vocab_size, e)
         self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings, c)
         self.project_out = HostLinear(c, e, bias=False) if e != c else None
         self.project_in = HostLinear(e, c, bias=False) if e != c else None
@@ -89,7 +90,7 @@ class OPTDecoder(nn.Module):
         self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_layers))
 
     def forward(self, input_ids_T: Tensor, position_ids_T: Tensor, layout: MicroBatchLayout) -> Tensor:
-        x = self.embed_tokens(input_ids_T)
+        x = self.embed_tokens(input_ids_T, layout)
         if self.project_in is not None:
             x = self.project_in(x, layout)
         x_TC = x + self.embed_positions(position_ids_T)

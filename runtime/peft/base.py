@@ -131,3 +131,25 @@ class OperatorHost(PeftHost):
         pieces_y = self.base_forward(x_TI).split(sizes)
         pieces = [y if m is None else m.adapt(x, y, self) for m, x, y in zip(modules, pieces_x, pieces_y)]
         return torch.cat(pieces, dim=0)
+
+
+class KVPrefixModule(nn.Module, abc.ABC):
+    """A task's learned keys and values at one attention host (`AttachmentKind.KV_PREFIX`): every
+    query of each of the task's sequences also attends to them, before the sequence's own keys."""
+
+    kind = AttachmentKind.KV_PREFIX
+
+    @abc.abstractmethod
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix keys and values, each [P, Hkv, D]."""
+
+
+class InputPrefixModule(nn.Module, abc.ABC):
+    """A task's learned soft tokens at the token embedding host (`AttachmentKind.INPUT_PREFIX`):
+    they replace the embeddings of the first P (placeholder) tokens of each of the task's sequences."""
+
+    kind = AttachmentKind.INPUT_PREFIX
+
+    @abc.abstractmethod
+    def soft_tokens(self) -> torch.Tensor:
+        """The soft token embeddings [P, E]."""

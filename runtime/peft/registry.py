@@ -205,9 +205,11 @@ def spec_with(spec_type: type, **fields: Any) -> Any:
 def _methods() -> dict[str, PeftMethod]:
     from .bias import BIAS
     from .bottleneck import ADAPTER
+    from .ia3 import IA3
     from .lora import LORA
+    from .prompt_learning import PREFIX_TUNING, PROMPT_TUNING
 
-    return {method.name: method for method in (LORA, ADAPTER, BIAS)}
+    return {method.name: method for method in (LORA, ADAPTER, BIAS, IA3, PREFIX_TUNING, PROMPT_TUNING)}
 
 
 METHODS: dict[str, PeftMethod] = _methods()
