@@ -25,7 +25,7 @@ from muxtune.plans import (
     compute_fingerprint,
 )
 from muxtune.runtime.adapters import AdapterError, load_adapter
-from muxtune.runtime.data import DataError, TokenizedDataset, load_dataset
+from muxtune.runtime.data import DataError, Example, TokenizedDataset, load_dataset
 from muxtune.runtime.execution.plan_partition import plan_partition
 from muxtune.runtime.model_sources import ModelSourceError, resolve_model_dir
 from muxtune.runtime.models import BackboneConfig, BackboneForCausalLM, build_model, read_hf_config
@@ -149,9 +149,11 @@ def check_tasks(
     datasets = {}
     for i, task in enumerate(spec.tasks):
         where = f"tasks[{i}]"
-        if task.max_seq_len > config.max_position_embeddings:
+        span = position_span(task)
+        if span > config.max_position_embeddings:
+            extra = f" plus the method's {span - task.max_seq_len} virtual tokens" if span > task.max_seq_len else ""
             errors.append(
-                f"{where}.max_seq_len: {task.max_seq_len} exceeds the model's "
+                f"{where}.max_seq_len: {task.max_seq_len}{extra} exceeds the model's "
                 f"max_position_embeddings ({config.max_position_embeddings})"
             )
         check_peft(task, where, meta_model, tokenizer, errors)
@@ -168,6 +170,14 @@ def check_tasks(
                 f"beyond the model's vocab_size {config.vocab_size} (the tokenizer and config.json disagree)"
             )
     return datasets
+
+
+def position_span(task: TaskSpec) -> int:
+    """How many positions a sequence of `max_seq_len` tokens spans once the task's method lays it
+    out (prompt tuning's soft tokens and prefix tuning's shifted positions count)."""
+    probe = Example(0, (0,) * task.max_seq_len, (False,) * task.max_seq_len)
+    laid_out = prepare_examples(task.peft, [probe])[0]
+    return laid_out.first_position + len(laid_out.input_ids)
 
 
 def laid_out_dataset(task: TaskPlan, dataset: TokenizedDataset) -> TokenizedDataset:

@@ -1,7 +1,7 @@
 """torch.fx tracing of a backbone with PEFT hosts kept as leaf modules.
 
-The micro-batch layout is a graph input like the token ids: hosts receive it as an argument, and
-attention receives its `cu_seqlens_S1` (`packed_causal_attention` is a wrapped leaf function).
+The micro-batch layout is a graph input like the token ids: hosts (linear operators, the token
+embedding and packed attention) receive it as an argument.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ class IA3Spec:
 class PrefixTuningSpec:
     """Prefix tuning, as peft's `PrefixTuningConfig`: `num_virtual_tokens` learned keys and values
     per layer, optionally reparameterized by an MLP (`prefix_projection`, hidden width
-    `encoder_hidden_size`, default the model's hidden size)."""
+    `encoder_hidden_size`, default peft's: the width of one layer's keys, kv heads x head dim)."""
 
     method: Literal["prefix_tuning"] = "prefix_tuning"
     num_virtual_tokens: int = 20

@@ -171,3 +171,18 @@ def test_bad_method_parameters_are_refused_with_field_paths(tmp_path: Path) -> N
     result = run_cli("compile", str(write_job(tmp_path, tasks)), "-o", str(tmp_path / "plan.yaml"))
     assert result.returncode == 2
     assert "tasks[6].peft.target_modules: ['nothing_here'] match no linear operator of the model" in result.stderr
+
+
+def test_virtual_tokens_count_toward_the_position_limit(tmp_path: Path) -> None:
+    from muxtune.runtime.model_sources import resolve_model_dir
+    from muxtune.runtime.models import read_hf_config
+
+    limit = read_hf_config(resolve_model_dir("builtin:tiny-llama")).max_position_embeddings
+    tasks = mixed_tasks()[4:5]
+    tasks[0]["max_seq_len"] = limit - 1
+    result = run_cli("compile", str(write_job(tmp_path, tasks)), "-o", str(tmp_path / "plan.yaml"))
+    assert result.returncode == 2
+    assert (
+        f"tasks[0].max_seq_len: {limit - 1} plus the method's 4 virtual tokens exceeds the model's "
+        f"max_position_embeddings ({limit})" in result.stderr
+    )
