@@ -138,3 +138,20 @@ def reference_logits(hf: transformers.PreTrainedModel, ids: torch.Tensor, layout
     """transformers' logits for each packed sequence run alone, concatenated."""
     bounds = layout.cu_seqlens_S1.tolist()
     return torch.cat([hf(ids[None, a:b]).logits[0] for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def assert_peft_export_matches(
+    model: torch.nn.Module, task: str, hf: transformers.PreTrainedModel, adapter_dir: object
+) -> None:
+    """Our `model` with `task`'s adapter and `peft.PeftModel.from_pretrained(hf, adapter_dir)` give
+    the same logits on packed sequences of `task` (and the adapter does change them)."""
+    from peft import PeftModel
+
+    input_ids, position_ids, layout = packed_inputs((task, task, task))
+    with torch.no_grad():
+        ours = model(input_ids, position_ids, layout)
+        base_logits = reference_logits(hf, input_ids, layout)
+        peft_model = PeftModel.from_pretrained(hf, str(adapter_dir)).eval()
+        theirs = reference_logits(peft_model, input_ids, layout)
+    assert (theirs - base_logits).abs().max() > 1e-2, "the adapter must change the logits"
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

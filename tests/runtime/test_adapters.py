@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_cases import hf_model, packed_inputs, reference_logits
-from peft import PeftModel
+from hf_cases import assert_peft_export_matches, hf_model, packed_inputs
 
 from muxtune.runtime.adapters import AdapterError, load_adapter, save_adapter
 from muxtune.runtime.engine import MultiTaskEngine, TaskTraining
@@ -51,15 +50,7 @@ def test_exported_adapter_loads_in_peft_with_same_logits(case: str, tmp_path: Pa
         base_model=str(tmp_path / "base"),
         backbone=engine.model.config,
     )
-
-    input_ids, position_ids, layout = packed_inputs((task, task, task))
-    with torch.no_grad():
-        ours = engine.model(input_ids, position_ids, layout)
-        base_logits = reference_logits(hf, input_ids, layout)
-        peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
-        theirs = reference_logits(peft_model, input_ids, layout)
-    assert (theirs - base_logits).abs().max() > 1e-2, "the adapter must change the logits"
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert_peft_export_matches(engine.model, task, hf, tmp_path / "adapter")
 
 
 @pytest.mark.parametrize("case", ["llama_tied_gqa_bias", "gpt2", "opt_post_ln_proj"])
