@@ -8,7 +8,6 @@ through this table, so adding a method is one module plus one line in `METHODS`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,12 +193,6 @@ def module_list(raw: Mapping[str, Any], key: str, path: Path, *, allow_empty: bo
         "a list of module names" if allow_empty else "a non-empty list of module names",
     )
     return tuple(sorted(value))
-
-
-def spec_with(spec_type: type, **fields: Any) -> Any:
-    """A spec config of `spec_type` with the given fields (the rest at their defaults)."""
-    known = {f.name for f in dataclasses.fields(spec_type)}
-    return spec_type(**{k: v for k, v in fields.items() if k in known})
 
 
 def _methods() -> dict[str, PeftMethod]:
