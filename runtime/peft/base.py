@@ -35,6 +35,14 @@ class AttachmentKind(str, enum.Enum):
 OPERATOR_KINDS = frozenset({AttachmentKind.PARALLEL, AttachmentKind.SERIAL, AttachmentKind.SCALE, AttachmentKind.BIAS})
 
 
+def uniform_init_(tensor: torch.Tensor, bound: float, generator: torch.Generator) -> None:
+    """Fill `tensor` with U(-bound, bound) drawn in fp32 from `generator` (the task's own stream;
+    torch's kaiming_uniform with a=sqrt(5) is `bound = 1 / sqrt(fan_in)`)."""
+    with torch.no_grad():
+        values = torch.rand(tensor.shape, generator=generator, dtype=torch.float32)
+        tensor.copy_(values.mul_(2 * bound).sub_(bound))
+
+
 class OperatorPeftModule(nn.Module, abc.ABC):
     """A task's trainable part at one operator anchor.
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from muxtune.specs import AdapterSpec
 from muxtune.specs.peft import ADAPTER_ACTIVATIONS, ADAPTER_VARIANTS
 
-from .base import AttachmentKind, OperatorPeftModule
+from .base import AttachmentKind, OperatorPeftModule, uniform_init_
 from .registry import (
     AdapterError,
     AdapterFiles,
@@ -90,8 +90,7 @@ class BottleneckAdapter(OperatorPeftModule):
         fan_in = self.adapter_down.weight.shape[1]
         bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform with a=sqrt(5) reduces to this
         with torch.no_grad():
-            values = torch.rand(self.adapter_down.weight.shape, generator=generator, dtype=torch.float32)
-            self.adapter_down.weight.copy_(values.mul_(2 * bound).sub_(bound))
+            uniform_init_(self.adapter_down.weight, bound, generator)
             self.adapter_down.bias.zero_()
             self.adapter_up.weight.zero_()
             self.adapter_up.bias.zero_()

@@ -14,7 +14,7 @@ from torch import nn
 
 from muxtune.specs import LoraSpec
 
-from .base import AttachmentKind, OperatorPeftModule
+from .base import AttachmentKind, OperatorPeftModule, uniform_init_
 from .registry import (
     AdapterFiles,
     AttachContext,
@@ -71,8 +71,7 @@ class LoraModule(OperatorPeftModule):
         fan_in = self.lora_A.weight.shape[1]
         bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform with a=sqrt(5) reduces to this
         with torch.no_grad():
-            values = torch.rand(self.lora_A.weight.shape, generator=generator, dtype=torch.float32)
-            self.lora_A.weight.copy_(values.mul_(2 * bound).sub_(bound))
+            uniform_init_(self.lora_A.weight, bound, generator)
             self.lora_B.weight.zero_()
 
     def dropout(self, x: torch.Tensor) -> torch.Tensor:

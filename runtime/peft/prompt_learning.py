@@ -31,7 +31,7 @@ from torch import nn
 
 from muxtune.specs import PrefixTuningSpec, PromptTuningSpec
 
-from .base import AttachmentKind, InputPrefixModule, KVPrefixModule, PeftHost
+from .base import AttachmentKind, InputPrefixModule, KVPrefixModule, PeftHost, uniform_init_
 from .registry import (
     AdapterError,
     AdapterFiles,
@@ -62,11 +62,6 @@ def _on_meta(ctx: AttachContext) -> bool:
     """True for a meta backbone (the compiler's checks): modules are then built on the meta
     device too, without values."""
     return next(ctx.model.parameters()).device.type == "meta"
-
-
-def _uniform_(tensor: torch.Tensor, bound: float, generator: torch.Generator) -> None:
-    values = torch.rand(tensor.shape, generator=generator, dtype=torch.float32)
-    tensor.copy_(values.mul_(2 * bound).sub_(bound))
 
 
 def projected_table(
@@ -114,8 +109,8 @@ class PrefixEncoder(nn.Module):
             if self.projection:
                 for linear in (self.transform[0], self.transform[2]):
                     bound = 1.0 / math.sqrt(linear.in_features)
-                    _uniform_(linear.weight, bound, generator)
-                    _uniform_(linear.bias, bound, generator)
+                    uniform_init_(linear.weight, bound, generator)
+                    uniform_init_(linear.bias, bound, generator)
 
     def table(self) -> torch.Tensor:
         """The whole prefix table [P, num_layers * 2 * token_dim] (what peft saves)."""
