@@ -10,7 +10,9 @@ from muxtune.common.cli import run_command
 from muxtune.plans import save_plan
 from muxtune.specs import load_job_spec
 
-from .compile import DEFAULT_POLICY, DEFAULT_TASK_TOKENS, compile_job
+from .compile import DEFAULT_POLICY, compile_job
+from .cost.profile import load_profile
+from .explain import explain
 
 PROG = "muxtune-compile"
 
@@ -26,12 +28,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-o", "--output", help="where to write the plan (YAML)")
     parser.add_argument("--validate", action="store_true", help="only check the spec and its data; write nothing")
-    parser.add_argument("--no-fuse", action="store_true", help="one hTask per task instead of one for all")
+    fusion = parser.add_mutually_exclusive_group()
+    fusion.add_argument("--no-fuse", action="store_true", help="one hTask per task instead of the planner's choice")
+    fusion.add_argument(
+        "--fuse-all", action="store_true", help="one hTask of every task instead of the planner's choice"
+    )
     parser.add_argument(
         "--task-tokens",
         type=int,
-        default=DEFAULT_TASK_TOKENS,
-        help=f"most tokens one task brings to a micro-batch (default {DEFAULT_TASK_TOKENS})",
+        default=None,
+        help="most tokens one task brings to a micro-batch (default: the planner decides)",
+    )
+    parser.add_argument("--profile", help="a profile written by muxtune-profile to calibrate the cost model with")
+    parser.add_argument(
+        "--explain", action="store_true", help="print the hTasks and why, and the predictions against the alternatives"
     )
     parser.add_argument(
         "--partition",
@@ -50,16 +60,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def compile_command() -> int:
         spec = load_job_spec(args.spec, args.overrides)
-        result = compile_job(
-            spec,
-            fuse=not args.no_fuse,
-            task_tokens=args.task_tokens,
-            policy=args.partition,
-            spec_path=str(Path(args.spec).resolve()),
-        )
+        profile = load_profile(args.profile) if args.profile else None
+        options = dict(task_tokens=args.task_tokens, policy=args.partition, profile=profile)
+        fusion = "no_fuse" if args.no_fuse else "fuse" if args.fuse_all else "solve"
+        result = compile_job(spec, fusion=fusion, spec_path=str(Path(args.spec).resolve()), **options)
         for note in result.notes:
             print(f"note: {note}", file=sys.stderr)
         plan = result.plan
+        if args.explain:
+            print(explain(plan, {mode: compile_job(spec, fusion=mode, **options).plan for mode in ("no_fuse", "fuse")}))
         summary = (
             f"{len(plan.tasks)} tasks, {len(plan.phases)} phase(s), "
             f"{len(plan.phases[0].htasks)} hTask(s) in the first, {len(plan.partition.subgraphs)} subgraphs, "

@@ -10,6 +10,7 @@ Deterministic: the same inputs give the same plan.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
@@ -20,12 +21,12 @@ from muxtune.plans import (
     Placement,
     Plan,
     Predictions,
-    Stage,
     TaskPlan,
     compute_fingerprint,
 )
 from muxtune.runtime.adapters import AdapterError, load_adapter
 from muxtune.runtime.data import DataError, Example, TokenizedDataset, load_dataset
+from muxtune.runtime.execution import stage_of_layer
 from muxtune.runtime.execution.plan_partition import plan_partition
 from muxtune.runtime.model_sources import ModelSourceError, resolve_model_dir
 from muxtune.runtime.models import BackboneConfig, BackboneForCausalLM, build_model, read_hf_config
@@ -34,15 +35,19 @@ from muxtune.runtime.peft import PeftAttachError, attach_task, detach_task, find
 from muxtune.runtime.tokenizer import TextTokenizer, load_tokenizer
 from muxtune.specs import JobSpec, LoraSpec, TaskSpec
 
+from .cost.build import build_cost_model
+from .cost.devices import device_spec
+from .cost.profile import Profile
 from .driver import PassDriver
 from .errors import CompileError
-from .passes.align import CHUNK_SIZE, mean_length, plan_phases
-from .passes.emit import single_rank_program
+from .passes.emit import emit_programs
 from .passes.partition import partition as partition_pass
 from .passes.partition import policy_from_name
+from .passes.placement import placement as make_placement
 from .passes.trace import trace_model
+from .planning import FUSION_MODES, placement_options, plan_job
+from .predict import predictions
 
-DEFAULT_TASK_TOKENS = 1024
 DEFAULT_POLICY = "per_layers(1024)"
 """One subgraph for all decoder layers: on one device there is no reason to cut."""
 
@@ -58,17 +63,23 @@ class CompileResult:
 def compile_job(
     spec: JobSpec,
     *,
-    fuse: bool = True,
-    task_tokens: int = DEFAULT_TASK_TOKENS,
+    fusion: str = "solve",
+    task_tokens: int | None = None,
     policy: str = DEFAULT_POLICY,
     spec_path: str | None = None,
+    profile: Profile | None = None,
 ) -> CompileResult:
     """Compile a validated job spec into a plan; raises CompileError listing every problem.
 
-    `task_tokens` caps the tokens one task brings to one micro-batch; `policy` names how the
-    traced graph is cut into subgraphs (`per_layers(N)` or `fine`).
+    ``fusion`` is ``solve`` (the planner decides), ``fuse`` (one hTask of every task) or
+    ``no_fuse`` (one hTask per task); `task_tokens` caps the tokens one task brings to one
+    micro-batch; `policy` names how the traced graph is cut into subgraphs (`per_layers(N)` or
+    `fine`; cut at stage boundaries too when the plan has several stages); `profile` is a
+    measured profile the cost model calibrates itself with.
     """
-    if task_tokens <= 0:
+    if fusion not in FUSION_MODES:
+        raise CompileError([f"fusion: must be one of {', '.join(FUSION_MODES)}, got {fusion!r}"])
+    if task_tokens is not None and task_tokens <= 0:
         raise CompileError([f"task_tokens: must be a positive integer, got {task_tokens}"])
     try:
         model_dir = resolve_model_dir(spec.model)
@@ -111,26 +122,42 @@ def compile_job(
         raise CompileError([f"partition: {exc}"]) from None
     passes = PassDriver()
     traced = passes.run("trace", trace_model, config, {t.name: t.peft for t in tasks}, head=False)
-    partition = plan_partition(passes.run("partition", partition_pass, traced, partition_policy))
+    cost = passes.run("cost", build_cost_model, config, traced, meta_model, tasks, device, spec.dtype, profile)
+    memory_limit = device_spec(device, spec.cluster.memory_gb).memory_bytes
+    options = placement_options(spec.cluster, cost)
     laid_out = {t.name: laid_out_dataset(t, datasets[t.name]) for t in tasks}
-    phases = passes.run("align", plan_phases, tasks, laid_out, fuse=fuse, task_tokens=task_tokens)
-    program = passes.run("emit", single_rank_program, tasks, phases, partition, device)
+    job_plan = passes.run(
+        "solve", plan_job, tasks, laid_out, cost, options, memory_limit, mode=fusion, task_tokens=task_tokens
+    )
+    option = job_plan.option
+    placement = make_placement(
+        device, config.num_layers, option.stage_layers, option.tensor_parallel, option.data_parallel
+    )
+    if len(option.stage_layers) > 1:
+        partition_policy = policy_from_name(stage_policy_name(placement, policy))
+    first_layers = tuple(stage.first_layer for stage in placement.stages)
+    partition = plan_partition(
+        passes.run("partition", partition_pass, traced, partition_policy), stage_of=stage_of_layer(first_layers)
+    )
+    phases = tuple(p.phase for p in job_plan.phases)
+    programs = passes.run("emit", emit_programs, tasks, phases, partition, placement)
     backbone = config.to_dict()
-    plan = Plan(
+    draft = Plan(
         job=JobSummary(model=spec.model, dtype=spec.dtype, output_dir=spec.output_dir, spec_path=spec_path),
         fingerprint=compute_fingerprint(backbone, tasks, phases, partition),
         backbone=backbone,
-        placement=single_device_placement(device, config.num_layers),
+        placement=placement,
         partition=partition,
         tasks=tasks,
-        alignment=Alignment(chunk_size=CHUNK_SIZE),
+        alignment=Alignment(chunk_size=cost.device.chunk_tokens),
         phases=phases,
-        programs=(program,),
-        predictions=Predictions(
-            num_rounds=phases[-1].last_round,
-            tokens_per_round=sum(round(mean_length(laid_out[t.name]) * t.batch_size) for t in tasks),
-        ),
+        programs=programs,
+        predictions=Predictions(num_rounds=phases[-1].last_round, tokens_per_round=0),
+        solver=tuple(p.report for p in job_plan.phases),
     )
+    ineffective = {t.name: placeholder_share(datasets[t.name], laid_out[t.name]) for t in tasks}
+    predicted, _ = passes.run("simulate", predictions, draft, [p.demands for p in job_plan.phases], cost, ineffective)
+    plan = dataclasses.replace(draft, predictions=predicted)
     return CompileResult(plan=plan, notes=notes)
 
 
@@ -257,18 +284,29 @@ def check_init_from(task: TaskSpec, where: str, shapes: dict[str, tuple[int, ...
 
 
 def ignored_cluster_fields(spec: JobSpec) -> tuple[str, ...]:
-    """Cluster settings this (single-device) compiler cannot honour yet, as notes."""
-    cluster = spec.cluster
-    notes = []
-    if cluster.num_devices != 1:
-        notes.append(f"cluster.num_devices: {cluster.num_devices} is ignored; this compiler plans for one device")
-    for name in ("pipeline_parallel", "tensor_parallel"):
-        value = getattr(cluster, name)
-        if value not in ("auto", 1):
-            notes.append(f"cluster.{name}: {value} is ignored; this compiler plans without model parallelism")
-    if cluster.memory_gb != "auto":
-        notes.append(f"cluster.memory_gb: {cluster.memory_gb} is ignored; this compiler has no memory model yet")
-    return tuple(notes)
+    """Notes on cluster settings the runtime cannot honour yet."""
+    if spec.cluster.num_devices != 1:
+        return (
+            f"cluster.num_devices: the plan places the job on {spec.cluster.num_devices} devices; this runtime runs "
+            "single-rank plans only, so compile for one device to run it here",
+        )
+    return ()
+
+
+def stage_policy_name(placement: Placement, policy: str) -> str:
+    """``per_layers(N)`` cut at the placement's stage boundaries too (``fine`` never crosses them)."""
+    match = re.fullmatch(r"per_layers\((\d+)\)", policy)
+    if match is None:
+        return policy
+    starts = ",".join(str(stage.first_layer) for stage in placement.stages)
+    return f"per_stage({starts};{match.group(1)})"
+
+
+def placeholder_share(dataset: TokenizedDataset, laid_out: TokenizedDataset) -> float:
+    """The share of a task's laid-out tokens its method adds (prompt tuning's placeholders)."""
+    own = sum(len(e.input_ids) for e in dataset.usable)
+    total = sum(len(e.input_ids) for e in laid_out.usable)
+    return (total - own) / total if total else 0.0
 
 
 def resolve_device(device: str) -> str:
@@ -276,16 +314,3 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def single_device_placement(device: str, num_layers: int) -> Placement:
-    """Everything on one rank: one stage of every layer."""
-    return Placement(
-        device=device,
-        num_devices=1,
-        num_ranks=1,
-        pipeline_parallel=1,
-        tensor_parallel=1,
-        data_parallel=1,
-        stages=(Stage(id=0, ranks=(0,), first_layer=0, last_layer=num_layers - 1),),
-    )

@@ -25,6 +25,7 @@ from .instructions import (
     instruction_to_dict,
 )
 from .io import dump_plan, load_plan, save_plan
+from .predictions import SOLVER_METHODS, PhasePrediction, Predictions, SolverReport
 from .schema import (
     SCHEMA_VERSION,
     SUBGRAPH_KINDS,
@@ -35,7 +36,6 @@ from .schema import (
     Phase,
     Placement,
     Plan,
-    Predictions,
     RankProgram,
     Stage,
     Subgraph,
@@ -47,6 +47,7 @@ __all__ = [
     "INSTRUCTION_TYPES",
     "MICROBATCH_OPS",
     "SCHEMA_VERSION",
+    "SOLVER_METHODS",
     "SUBGRAPH_KINDS",
     "Alignment",
     "AllReduce",
@@ -68,12 +69,14 @@ __all__ = [
     "Phase",
     "Placement",
     "Plan",
+    "PhasePrediction",
     "PlanError",
     "Predictions",
     "RankProgram",
     "RecordEvent",
     "Recv",
     "Send",
+    "SolverReport",
     "Stage",
     "Subgraph",
     "TaskPlan",

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from muxtune.specs import TaskSpec
 
 from .instructions import Instruction
+from .predictions import Predictions, SolverReport
 
 SCHEMA_VERSION = 2
 """The plan schema this code reads and writes."""
@@ -183,16 +184,6 @@ class RankProgram:
     epilogue: tuple[Instruction, ...]
 
 
-@dataclass(frozen=True)
-class Predictions:
-    """What the compiler's cost model expects (None: not estimated)."""
-
-    num_rounds: int
-    tokens_per_round: int
-    est_seconds_per_round: float | None = None
-    est_peak_memory_bytes: int | None = None
-
-
 @dataclass(frozen=True, kw_only=True)
 class Plan:
     """A compiled job: pure data the runtime replays. Build it with keywords."""
@@ -208,6 +199,7 @@ class Plan:
     phases: tuple[Phase, ...]
     programs: tuple[RankProgram, ...]
     predictions: Predictions
+    solver: tuple[SolverReport, ...] = ()
 
     def task(self, name: str) -> TaskPlan:
         """The task called ``name`` (KeyError if there is none)."""

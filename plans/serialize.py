@@ -31,7 +31,6 @@ from muxtune.specs.checks import (
     join,
     non_empty_str,
     non_negative_int,
-    non_negative_number,
     one_of,
     optional,
     positive_int,
@@ -48,6 +47,7 @@ from muxtune.specs.parse import (
 from .errors import PlanError
 from .fingerprint import compute_fingerprint
 from .instructions import INSTRUCTION_TYPES, Instruction, Opcode, instruction_to_dict, payload_fields
+from .predictions import read_predictions, read_solver_reports
 from .references import check_references
 from .schema import (
     PACK_ORDERS,
@@ -60,7 +60,6 @@ from .schema import (
     Phase,
     Placement,
     Plan,
-    Predictions,
     RankProgram,
     Stage,
     Subgraph,
@@ -413,13 +412,8 @@ def plan_from_dict(raw: Any) -> Plan:
     programs: Any = _read_list(top.get("programs", as_is), "programs", errors, "rank programs")
     if programs is not INVALID:
         programs = tuple(_read_program(p, at("programs", i), errors) for i, p in enumerate(programs))
-    p = MappingReader(top.get("predictions", as_is), "predictions", errors, _keys(Predictions))
-    predictions = Predictions(
-        num_rounds=p.get("num_rounds", non_negative_int),
-        tokens_per_round=p.get("tokens_per_round", non_negative_int),
-        est_seconds_per_round=p.get("est_seconds_per_round", optional(non_negative_number)),
-        est_peak_memory_bytes=p.get("est_peak_memory_bytes", optional(non_negative_int)),
-    )
+    predictions = read_predictions(top.get("predictions", as_is), errors)
+    solver = read_solver_reports(top.get("solver", as_is, []), errors)
     plan = Plan(
         schema_version=SCHEMA_VERSION,
         job=job,
@@ -432,6 +426,7 @@ def plan_from_dict(raw: Any) -> Plan:
         phases=phases,
         programs=programs,
         predictions=predictions,
+        solver=solver,
     )
     check_references(plan, errors)
     if errors:

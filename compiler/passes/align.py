@@ -98,3 +98,32 @@ def checkpoint_rounds(tasks: Sequence[TaskPlan], phase: Phase) -> tuple[int, ...
             if round_index == task.steps or (task.save_every and round_index % task.save_every == 0):
                 due.add(round_index)
     return tuple(sorted(due))
+
+
+def fused_phase(
+    index: int,
+    first_round: int,
+    num_rounds: int,
+    active: tuple[str, ...],
+    groups: Sequence[Sequence[str]],
+    budgets: Mapping[str, int],
+    pieces: Mapping[str, int],
+    data_parallel: int = 1,
+) -> Phase:
+    """A phase whose hTasks are ``groups`` in this (interleaving) order: each task keeps its
+    ``budgets`` entry; an hTask has as many micro-batches as its tasks' most ``pieces`` in any
+    round of the phase (per data-parallel replica)."""
+    order = {name: k for k, name in enumerate(active)}
+    htasks = []
+    for htask_id, group in enumerate(groups):
+        members = tuple(sorted(group, key=order.__getitem__))
+        htasks.append(
+            HTask(
+                id=htask_id,
+                tasks=members,
+                micro_batch_tokens=sum(budgets[name] for name in members),
+                token_budgets=tuple(budgets[name] for name in members),
+                num_microbatches=max(math.ceil(pieces[name] / data_parallel) for name in members),
+            )
+        )
+    return Phase(id=index, first_round=first_round, num_rounds=num_rounds, tasks=active, htasks=tuple(htasks))

@@ -1,16 +1,32 @@
 """The emit pass: each rank's instruction program, one round body per phase.
 
-On one rank, a round runs each hTask's micro-batches one after another: load the hTask's
-global batches, then per micro-batch every subgraph forward, the loss, every subgraph backward
-in reverse order and free its buffers; then every active task's optimizer step, and a
-checkpoint in the rounds the align pass marked.
+A round runs the micro-batches of the phase's hTasks as one sequence (hTask 0's, then hTask
+1's, ...: the phase's hTask order is the interleaving the planner chose), scheduled 1F1B across
+the pipeline stages (`one_f_one_b`). A rank loads an hTask's global batches right before its
+first micro-batch. Forward of a micro-batch on a stage: receive the activation from the previous
+stage, run the stage's subgraphs forward, then on the last stage the loss, else send the
+activation on. Backward: receive the gradient from the next stage (on the last stage the loss
+made it), run the stage's subgraphs backward in reverse, send the gradient back, free the
+micro-batch. A send or recv names the last subgraph before the stage boundary it crosses and
+pairs ranks of the same tensor-parallel index and replica (rank numbering: `placement`).
+
+After the micro-batches, data-parallel replicas all-reduce the active tasks' gradients over the
+ranks of the same stage and tensor-parallel index; then every active task's optimizer step and
+a checkpoint in the rounds the align pass marked. The tensor-parallel shards of a stage run
+identical bodies (their collectives live inside the subgraphs). Everything runs on stream 0.
+
+On one rank this is, per micro-batch: every subgraph forward, the loss, every subgraph backward
+in reverse order, free.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 from muxtune.plans import (
+    AllReduce,
     Backward,
     BuildTasks,
     Checkpoint,
@@ -24,26 +40,124 @@ from muxtune.plans import (
     OptimizerStep,
     Partition,
     Phase,
+    Placement,
     RankProgram,
+    Recv,
+    Send,
     TaskPlan,
 )
 
 from .align import checkpoint_rounds
+from .placement import MeshPosition, position_of, rank_of
 
 COMPUTE_STREAM = 0
 
+Step = tuple[Literal["forward", "backward"], int]
+"""One step of a pipeline schedule: the forward or backward of the i-th micro-batch."""
 
-def round_body(phase: Phase, partition: Partition, tasks: Sequence[TaskPlan]) -> tuple[Instruction, ...]:
-    """One round of ``phase`` on a single rank holding every subgraph."""
+
+@dataclass(frozen=True)
+class RankRole:
+    """What a rank's round bodies depend on: its stage's subgraphs (in order), the last
+    subgraph of the previous stage, its pipeline peers (None at either end), its data-parallel
+    all-reduce group (empty without data parallelism) and the number of stages."""
+
+    stage: int
+    num_stages: int
+    subgraphs: tuple[int, ...]
+    cut_before: int | None
+    previous: int | None
+    next: int | None
+    group: tuple[int, ...]
+
+
+def one_f_one_b(num_microbatches: int, num_stages: int, stage: int) -> tuple[Step, ...]:
+    """The 1F1B schedule of ``stage``: ``min(num_stages - stage - 1, num_microbatches)``
+    warm-up forwards, then one forward and one backward in turn, then the remaining backwards."""
+    warmup = min(num_stages - stage - 1, num_microbatches)
+    steps: list[Step] = [("forward", i) for i in range(warmup)]
+    for i in range(num_microbatches - warmup):
+        steps += [("forward", warmup + i), ("backward", i)]
+    steps += [("backward", i) for i in range(num_microbatches - warmup, num_microbatches)]
+    return tuple(steps)
+
+
+def stage_subgraphs(partition: Partition, num_stages: int) -> tuple[tuple[int, ...], ...]:
+    """Each stage's subgraph ids, in order; ValueError unless every stage has some and the
+    stages follow each other in execution order."""
+    stages: list[list[int]] = [[] for _ in range(num_stages)]
+    previous = 0
+    for sub in partition.subgraphs:
+        if not 0 <= sub.stage < num_stages:
+            raise ValueError(f"subgraph {sub.id} is on stage {sub.stage}; the placement has {num_stages} stage(s)")
+        if sub.stage < previous:
+            raise ValueError(f"subgraph {sub.id} is on stage {sub.stage}, after a subgraph of stage {previous}")
+        stages[sub.stage].append(sub.id)
+        previous = sub.stage
+    empty = [s for s, ids in enumerate(stages) if not ids]
+    if empty:
+        raise ValueError(f"stage(s) {empty} hold no subgraph of the partition")
+    return tuple(tuple(ids) for ids in stages)
+
+
+def rank_role(placement: Placement, stages: Sequence[Sequence[int]], rank: int) -> RankRole:
+    """The role of ``rank`` in ``placement`` with ``stages`` (`stage_subgraphs`)."""
+    where = position_of(placement, rank)
+    s, num_stages = where.stage, placement.pipeline_parallel
+
+    def peer(stage: int) -> int:
+        return rank_of(placement, MeshPosition(stage, where.tp_index, where.replica))
+
+    group: tuple[int, ...] = ()
+    if placement.data_parallel > 1:
+        group = tuple(rank_of(placement, MeshPosition(s, where.tp_index, r)) for r in range(placement.data_parallel))
+    return RankRole(
+        stage=s,
+        num_stages=num_stages,
+        subgraphs=tuple(stages[s]),
+        cut_before=stages[s - 1][-1] if s > 0 else None,
+        previous=peer(s - 1) if s > 0 else None,
+        next=peer(s + 1) if s + 1 < num_stages else None,
+        group=group,
+    )
+
+
+def _forward(role: RankRole, h: int, m: int) -> list[Instruction]:
+    out: list[Instruction] = []
+    if role.previous is not None and role.cut_before is not None:
+        out.append(Recv(h, m, role.cut_before, False, role.previous))
+    out += [Forward(h, m, s, COMPUTE_STREAM) for s in role.subgraphs]
+    if role.next is None:
+        out.append(LossBackward(h, m, COMPUTE_STREAM))
+    else:
+        out.append(Send(h, m, role.subgraphs[-1], False, role.next))
+    return out
+
+
+def _backward(role: RankRole, h: int, m: int) -> list[Instruction]:
+    out: list[Instruction] = []
+    if role.next is not None:
+        out.append(Recv(h, m, role.subgraphs[-1], True, role.next))
+    out += [Backward(h, m, s, COMPUTE_STREAM) for s in reversed(role.subgraphs)]
+    if role.previous is not None and role.cut_before is not None:
+        out.append(Send(h, m, role.cut_before, True, role.previous))
+    out.append(Free(h, m))
+    return out
+
+
+def rank_round_body(phase: Phase, role: RankRole, tasks: Sequence[TaskPlan]) -> tuple[Instruction, ...]:
+    """One round of ``phase`` on a rank playing ``role`` (see the module docstring)."""
+    sequence = [(htask.id, m) for htask in phase.htasks for m in range(htask.num_microbatches)]
     body: list[Instruction] = []
-    subgraphs = [s.id for s in partition.subgraphs]
-    for htask in phase.htasks:
-        body.append(LoadBatches(htask=htask.id))
-        for mb in range(htask.num_microbatches):
-            body += [Forward(htask.id, mb, s, COMPUTE_STREAM) for s in subgraphs]
-            body.append(LossBackward(htask.id, mb, COMPUTE_STREAM))
-            body += [Backward(htask.id, mb, s, COMPUTE_STREAM) for s in reversed(subgraphs)]
-            body.append(Free(htask.id, mb))
+    loaded: set[int] = set()
+    for kind, i in one_f_one_b(len(sequence), role.num_stages, role.stage):
+        h, m = sequence[i]
+        if h not in loaded:
+            body.append(LoadBatches(htask=h))
+            loaded.add(h)
+        body += _forward(role, h, m) if kind == "forward" else _backward(role, h, m)
+    if role.group:
+        body.append(AllReduce(tasks=phase.tasks, group=role.group))
     body.append(OptimizerStep(tasks=phase.tasks))
     rounds = checkpoint_rounds(tasks, phase)
     if rounds:
@@ -51,16 +165,42 @@ def round_body(phase: Phase, partition: Partition, tasks: Sequence[TaskPlan]) ->
     return tuple(body)
 
 
+def _single_role(partition: Partition) -> RankRole:
+    return RankRole(0, 1, tuple(s.id for s in partition.subgraphs), None, None, None, ())
+
+
+def round_body(phase: Phase, partition: Partition, tasks: Sequence[TaskPlan]) -> tuple[Instruction, ...]:
+    """One round of ``phase`` on a single rank holding every subgraph."""
+    return rank_round_body(phase, _single_role(partition), tasks)
+
+
+def _program(rank: int, role: RankRole, tasks: Sequence[TaskPlan], phases: Sequence[Phase], device: str) -> RankProgram:
+    return RankProgram(
+        rank=rank,
+        device=device,
+        stage=role.stage,
+        prologue=(LoadBackbone(stage=role.stage), BuildTasks(tasks=tuple(t.name for t in tasks))),
+        phases=tuple(rank_round_body(phase, role, tasks) for phase in phases),
+        epilogue=(ExportAdapters(),),
+    )
+
+
+def emit_programs(
+    tasks: Sequence[TaskPlan], phases: Sequence[Phase], partition: Partition, placement: Placement
+) -> tuple[RankProgram, ...]:
+    """One program per rank of ``placement``: load the rank's stage of the backbone and build
+    every task, then the phases' rounds, then export the adapters. ``partition``'s subgraphs
+    must name their stages (`plan_partition` with ``stage_of``), every stage holding some."""
+    stages = stage_subgraphs(partition, placement.pipeline_parallel)
+    return tuple(
+        _program(rank, rank_role(placement, stages, rank), tasks, phases, placement.device)
+        for rank in range(placement.num_ranks)
+    )
+
+
 def single_rank_program(
     tasks: Sequence[TaskPlan], phases: Sequence[Phase], partition: Partition, device: str
 ) -> RankProgram:
-    """Rank 0's program: load the backbone and build every task, then the phases' rounds, then
-    export the adapters."""
-    return RankProgram(
-        rank=0,
-        device=device,
-        stage=0,
-        prologue=(LoadBackbone(stage=0), BuildTasks(tasks=tuple(t.name for t in tasks))),
-        phases=tuple(round_body(phase, partition, tasks) for phase in phases),
-        epilogue=(ExportAdapters(),),
-    )
+    """Rank 0's program on one device holding every subgraph (`emit_programs` of a one-rank
+    placement)."""
+    return _program(0, _single_role(partition), tasks, phases, device)

@@ -6,19 +6,24 @@ import re
 
 import torch.fx
 
-from muxtune.runtime.execution import PartitionDescription, PartitionPolicy, describe, fine, per_layers
+from muxtune.runtime.execution import PartitionDescription, PartitionPolicy, describe, fine, per_layers, per_stage
 
 _PER_LAYERS = re.compile(r"per_layers\((\d+)\)")
+_PER_STAGE = re.compile(r"per_stage\((\d+(?:,\d+)*);(\d+)\)")
 
 
 def policy_from_name(name: str) -> PartitionPolicy:
-    """The policy called `name`: "fine" or "per_layers(N)" (the names descriptions record)."""
+    """The policy called `name`: "fine", "per_layers(N)" or "per_stage(F0,F1,...;N)" (the names
+    descriptions record)."""
     if name == "fine":
         return fine
     match = _PER_LAYERS.fullmatch(name)
-    if match is None:
-        raise ValueError(f"unknown partition policy {name!r}; known: 'fine', 'per_layers(N)'")
-    return per_layers(int(match.group(1)))
+    if match is not None:
+        return per_layers(int(match.group(1)))
+    match = _PER_STAGE.fullmatch(name)
+    if match is not None:
+        return per_stage(tuple(int(x) for x in match.group(1).split(",")), int(match.group(2)))
+    raise ValueError(f"unknown partition policy {name!r}; known: 'fine', 'per_layers(N)', 'per_stage(F0,F1,...;N)'")
 
 
 def partition(traced: torch.fx.GraphModule, policy: PartitionPolicy) -> PartitionDescription:

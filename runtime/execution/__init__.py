@@ -16,6 +16,8 @@ from .subgraphs import (
     is_collective,
     match_description,
     per_layers,
+    per_stage,
+    stage_of_layer,
 )
 
 __all__ = [
@@ -35,6 +37,8 @@ __all__ = [
     "is_collective",
     "match_description",
     "per_layers",
+    "per_stage",
     "rebuild_partition",
     "split_graph",
+    "stage_of_layer",
 ]

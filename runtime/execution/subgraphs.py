@@ -15,6 +15,7 @@ decoder layer count as layer -1 before the first layer (embeddings) and `num_lay
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import operator
@@ -158,6 +159,55 @@ def per_layers(n: int) -> PartitionPolicy:
         return labels
 
     policy.__name__ = policy.__qualname__ = f"per_layers({n})"
+    return policy
+
+
+def stage_of_layer(first_layers: Sequence[int]) -> Callable[[int], int]:
+    """The layer -> pipeline stage map of stages starting at ``first_layers`` (stage s holds
+    layers ``first_layers[s]..first_layers[s + 1] - 1``): the embeddings (layer -1) are on stage
+    0, what follows the last layer (``num_layers``) on the last stage."""
+    starts = tuple(first_layers)
+
+    def stage_of(layer: int) -> int:
+        return max(bisect.bisect_right(starts, layer) - 1, 0)
+
+    return stage_of
+
+
+def per_stage(first_layers: Sequence[int], n: int) -> PartitionPolicy:
+    """`per_layers(n)` within each pipeline stage (stage s starts at decoder layer
+    ``first_layers[s]``): blocks of at most `n` consecutive layers of one stage, so no subgraph
+    crosses a stage boundary; the embeddings (stage 0) and the final norm / lm_head (last stage)
+    in one subgraph each; one per collective. Named ``per_stage(0,4,8;n)``."""
+    starts = tuple(first_layers)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"per_stage needs a positive number of layers per block, got {n!r}")
+    if not starts or any(isinstance(x, bool) or not isinstance(x, int) for x in starts) or starts[0] != 0:
+        raise ValueError(f"per_stage needs the stages' first layers, starting at 0, got {starts!r}")
+    if any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ValueError(
+            f"per_stage needs strictly increasing first layers (every stage holds a layer), got {starts!r}"
+        )
+    stage_of = stage_of_layer(starts)
+
+    def policy(nodes: Sequence[NodeInfo], num_layers: int) -> list[Label]:
+        if starts[-1] >= num_layers:
+            raise ValueError(
+                f"policy {policy.__name__}: stage {len(starts) - 1} starts at layer {starts[-1]}, "
+                f"beyond the model's {num_layers} layers"
+            )
+        labels: list[Label] = []
+        for i, node in enumerate(nodes):
+            if node.kind == "collective":
+                labels.append((("collective", i), "collective"))
+            elif 0 <= node.layer < num_layers:
+                stage = stage_of(node.layer)
+                labels.append((("layers", stage, (node.layer - starts[stage]) // n), "backbone"))
+            else:
+                labels.append((("edge", node.layer), "backbone"))
+        return labels
+
+    policy.__name__ = policy.__qualname__ = f"per_stage({','.join(map(str, starts))};{n})"
     return policy
 
 

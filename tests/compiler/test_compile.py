@@ -65,7 +65,7 @@ def test_checkpoint_rounds_are_planned(tmp_path: Path) -> None:
 def test_fused_and_unfused_plans(tmp_path: Path) -> None:
     spec = load_job_spec(write_job(tmp_path))
     fused = compile_job(spec).plan
-    unfused = compile_job(spec, fuse=False).plan
+    unfused = compile_job(spec, fusion="no_fuse").plan
     assert [h.tasks for h in unfused.phases[0].htasks] == [("sentiment",), ("qa",), ("instructions",)]
     loads = [i.htask for i in unfused.programs[0].phases[0] if isinstance(i, LoadBatches)]
     assert loads == [0, 1, 2]

@@ -68,6 +68,7 @@ def test_dict_round_trip_and_key_order(plan: Plan) -> None:
         "phases",
         "programs",
         "predictions",
+        "solver",
     ]
     assert data["schema_version"] == SCHEMA_VERSION == 2
     program = data["programs"][0]

@@ -145,7 +145,7 @@ def test_init_from_and_validate(reference_run: Path, tmp_path: Path) -> None:
     job = write_job(tmp_path, tasks, cluster={"num_devices": 2})
     validated = run_cli("compile", str(job), "--validate")
     assert validated.returncode == 0 and "valid" in validated.stdout
-    assert "cluster.num_devices: 2 is ignored" in validated.stderr
+    assert "cluster.num_devices: the plan places the job on 2 devices" in validated.stderr
     assert not (tmp_path / "plan.yaml").exists() and not (tmp_path / "out").exists()
     result = compile_and_run(tmp_path, tasks=tasks)
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,91 @@
+"""Device tables: what the cost model assumes of a device type before any profile.
+
+GPU rows are the vendors' dense peak rates times an achievable fraction; the CPU row was
+measured on this project's development machine (a 2-core AMD EPYC, torch 2.13: bf16 GEMM
+~200 GFLOP/s on 2048 x 576 x 1536, fp32 ~90, a 256 MB copy at ~40 GB/s, ~4 us per tiny eager
+op). Machines differ; `muxtune-profile` measures the one at hand and `--profile` uses it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Rates and sizes of one device type. ``matmul_flops`` maps a dtype to achievable GEMM
+    FLOP/s; ``memory_bandwidth`` is bytes/s of device memory; ``op_overhead_seconds`` is the
+    eager cost of issuing one operator; the link is what p2p sends and all-reduces between two
+    devices of this type run over; ``runtime_bytes`` is what a process holds before the job's
+    tensors (torch, the CUDA context); ``chunk_tokens`` is the alignment unit of micro-batch
+    token budgets (tensor-core tiles on GPUs)."""
+
+    name: str
+    kind: str
+    matmul_flops: dict[str, float]
+    memory_bandwidth: float
+    memory_bytes: int
+    op_overhead_seconds: float
+    link_bandwidth: float
+    link_latency_seconds: float
+    runtime_bytes: int
+    chunk_tokens: int
+
+    def flops(self, dtype: str) -> float:
+        """Achievable GEMM FLOP/s in ``dtype``."""
+        return self.matmul_flops[dtype]
+
+
+_GPU_EFFICIENCY = 0.7
+"""Share of the datasheet's dense peak that large GEMMs reach in practice."""
+
+
+def _gpu(
+    name: str, bf16_tflops: float, tf32_tflops: float, memory_gb: int, bandwidth_tb: float, link_gb: float
+) -> DeviceSpec:
+    half = bf16_tflops * 1e12 * _GPU_EFFICIENCY
+    return DeviceSpec(
+        name=name,
+        kind="cuda",
+        matmul_flops={"bf16": half, "fp16": half, "fp32": tf32_tflops * 1e12 * _GPU_EFFICIENCY},
+        memory_bandwidth=bandwidth_tb * 1e12 * 0.8,
+        memory_bytes=memory_gb * GIB,
+        op_overhead_seconds=8e-6,
+        link_bandwidth=link_gb * 1e9,
+        link_latency_seconds=10e-6,
+        runtime_bytes=600 * (1 << 20),
+        chunk_tokens=64,
+    )
+
+
+DEVICE_TABLES: dict[str, DeviceSpec] = {
+    "cpu": DeviceSpec(
+        name="cpu",
+        kind="cpu",
+        matmul_flops={"bf16": 2.0e11, "fp16": 5.0e10, "fp32": 9.0e10},
+        memory_bandwidth=4.0e10,
+        memory_bytes=24 * GIB,
+        op_overhead_seconds=6e-6,
+        link_bandwidth=5.0e9,
+        link_latency_seconds=50e-6,
+        runtime_bytes=420 * (1 << 20),
+        chunk_tokens=1,
+    ),
+    "a40": _gpu("a40", 149.7, 74.8, 48, 0.696, 25.0),
+    "a100": _gpu("a100", 312.0, 156.0, 80, 2.039, 300.0),
+    "h100": _gpu("h100", 989.0, 494.0, 80, 3.35, 450.0),
+    "h200": _gpu("h200", 989.0, 494.0, 141, 4.8, 450.0),
+}
+DEVICE_TABLES["cuda"] = dataclasses.replace(DEVICE_TABLES["h100"], name="cuda")
+"""A GPU of unknown type is planned for as an H100."""
+
+
+def device_spec(name: str, memory_gb: float | str = "auto") -> DeviceSpec:
+    """The table row for ``name`` (``cpu``, ``cuda``, ``a40``, ``a100``, ``h100``, ``h200``), with
+    the memory size the spec declares (``cluster.memory_gb``) when not ``auto``."""
+    spec = DEVICE_TABLES[name]
+    if memory_gb != "auto":
+        spec = dataclasses.replace(spec, memory_bytes=int(float(memory_gb) * GIB))
+    return spec
