@@ -4,9 +4,10 @@ hTask in every phase.
 Every dataset is tokenized and every batch order is seeded, so the compiler knows each task's
 every global batch. A task takes one step per round from round 1 to its `steps`, so the set of
 active tasks changes only when a task finishes: each run of rounds with one active set is a
-phase. A task's budget and its split of each batch into pieces depend on the task alone (so a
-task's result never depends on the other tasks); an hTask's micro-batch count in a phase is the
-most pieces any of its tasks needs in any round of the phase.
+phase. The solver gives each task of a phase a token budget (from the micro-batch count of its
+hTask); a task's split of each batch into pieces depends on its batch and budget only, and an
+hTask's micro-batch count in a phase is the most pieces any of its tasks needs in any round of
+the phase.
 """
 
 from __future__ import annotations
@@ -15,36 +16,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 from muxtune.plans import HTask, Phase, TaskPlan
-from muxtune.runtime.data import TokenizedDataset, batch_indices
-from muxtune.runtime.packing import split_task_batch
-
-CHUNK_SIZE = 1
-
-
-def mean_length(dataset: TokenizedDataset) -> float:
-    """Mean token count of the usable examples."""
-    usable = dataset.usable
-    return sum(len(e.input_ids) for e in usable) / len(usable)
-
-
-def token_budget(task: TaskPlan, dataset: TokenizedDataset, task_tokens: int) -> int:
-    """At most `task_tokens` tokens of the task per micro-batch, never less than its longest
-    sequence, never more than its expected global batch; a multiple of the chunk size."""
-    longest = max(len(e.input_ids) for e in dataset.usable)
-    expected_batch = math.ceil(mean_length(dataset) * task.batch_size)
-    budget = max(longest, min(task_tokens, expected_batch))
-    return CHUNK_SIZE * math.ceil(budget / CHUNK_SIZE)
-
-
-def pieces_per_round(task: TaskPlan, dataset: TokenizedDataset, budget: int) -> list[int]:
-    """How many micro-batch pieces each of the task's global batches splits into (step order)."""
-    usable = dataset.usable
-    stream = batch_indices(len(usable), task.batch_size, task.seed)
-    counts = []
-    for _ in range(task.steps):
-        batch = [usable[i] for i in next(stream)]
-        counts.append(len(split_task_batch(batch, budget)))
-    return counts
 
 
 def active_sets(tasks: Sequence[TaskPlan]) -> list[tuple[int, int, tuple[str, ...]]]:
@@ -56,35 +27,6 @@ def active_sets(tasks: Sequence[TaskPlan]) -> list[tuple[int, int, tuple[str, ..
         phases.append((first, last - first + 1, active))
         first = last + 1
     return phases
-
-
-def plan_phases(
-    tasks: Sequence[TaskPlan],
-    datasets: Mapping[str, TokenizedDataset],
-    *,
-    fuse: bool,
-    task_tokens: int,
-) -> tuple[Phase, ...]:
-    """The job's phases: all active tasks in one hTask (``fuse``) or one hTask per task."""
-    budgets = {t.name: token_budget(t, datasets[t.name], task_tokens) for t in tasks}
-    pieces = {t.name: pieces_per_round(t, datasets[t.name], budgets[t.name]) for t in tasks}
-    phases = []
-    for index, (first, count, active) in enumerate(active_sets(tasks)):
-        groups = [active] if fuse else [(name,) for name in active]
-        htasks = []
-        for htask_id, group in enumerate(groups):
-            needed = max(max(pieces[name][first - 1 : first - 1 + count]) for name in group)
-            htasks.append(
-                HTask(
-                    id=htask_id,
-                    tasks=group,
-                    micro_batch_tokens=sum(budgets[name] for name in group),
-                    token_budgets=tuple(budgets[name] for name in group),
-                    num_microbatches=needed,
-                )
-            )
-        phases.append(Phase(id=index, first_round=first, num_rounds=count, tasks=active, htasks=tuple(htasks)))
-    return tuple(phases)
 
 
 def checkpoint_rounds(tasks: Sequence[TaskPlan], phase: Phase) -> tuple[int, ...]:
