@@ -97,7 +97,7 @@ def compile_job(
     if errors:
         raise CompileError(errors)
     notes = (
-        ignored_cluster_fields(spec)
+        cluster_notes(spec)
         + rank_notes(spec, meta_model)
         + tuple(
             f"tasks.{t.name}: {datasets[t.name].num_targetless} of {len(datasets[t.name].examples)} examples keep no "
@@ -283,7 +283,7 @@ def check_init_from(task: TaskSpec, where: str, shapes: dict[str, tuple[int, ...
             )
 
 
-def ignored_cluster_fields(spec: JobSpec) -> tuple[str, ...]:
+def cluster_notes(spec: JobSpec) -> tuple[str, ...]:
     """Notes on cluster settings the runtime cannot honour yet."""
     if spec.cluster.num_devices != 1:
         return (

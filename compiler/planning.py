@@ -20,7 +20,7 @@ from .errors import CompileError
 from .passes.align import active_sets, fused_phase
 from .passes.demand import TaskDemand, global_batches
 from .passes.fusion_model import Decision, FusionProblem, PlacementOption, evaluate, fits, placement_costs
-from .passes.solve import _best_counts, seconds, solve
+from .passes.solve import best_counts, seconds, solve
 
 MICROBATCH_CHOICES = (1, 2, 3, 4, 6, 8, 12, 16)
 MAX_HTASKS = 4
@@ -135,7 +135,7 @@ def _fixed(problem: FusionProblem, mode: str) -> tuple[Decision, int] | None:
     """The best placement for one hTask of every task (``fuse``) or one per task."""
     count = len(problem.tasks)
     groups = [tuple(range(count))] if mode == "fuse" else [(i,) for i in range(count)]
-    found = [_best_counts(problem, p, groups) for p in range(len(problem.placements))]
+    found = [best_counts(problem, p, groups) for p in range(len(problem.placements))]
     found = [f for f in found if f is not None]
     return min(found, key=lambda f: f[1]) if found else None
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +24,7 @@ from muxtune.specs.checks import (
     add_error,
     as_is,
     at,
+    check_json_like,
     did_you_mean,
     int_in_range,
     integer,
@@ -101,26 +101,6 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         else:
             out[name] = to_plain(value)
     return out
-
-
-def _check_json_like(value: Any, path: str, errors: list[str]) -> None:
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                add_error(errors, path, f"keys must be strings, got {quote(key)}")
-            else:
-                _check_json_like(item, join(path, key), errors)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _check_json_like(item, at(path, index), errors)
-    elif isinstance(value, float) and not math.isfinite(value):
-        add_error(errors, path, f"must be a finite number, got {quote(value)}")
-    elif value is not None and not isinstance(value, (str, int, float, bool)):
-        add_error(
-            errors,
-            path,
-            f"must be JSON-like (mapping, list, string, number, bool, null), got {type(value).__name__}",
-        )
 
 
 def _name_list(value: Any) -> tuple[str, ...]:
@@ -391,7 +371,7 @@ def plan_from_dict(raw: Any) -> Plan:
     backbone = top.get("backbone", as_is)
     if backbone is not INVALID:
         if isinstance(backbone, dict):
-            _check_json_like(backbone, "backbone", errors)
+            check_json_like(backbone, "backbone", errors)
         else:
             add_error(errors, "backbone", f"must be a mapping, got {quote(backbone)}")
             backbone = INVALID

@@ -274,3 +274,25 @@ class MappingReader:
         except Invalid as exc:
             add_error(self.errors, field_path, str(exc))
             return INVALID
+
+
+def check_json_like(value: Any, path: str, errors: list[str]) -> None:
+    """Record an error for every part of ``value`` that JSON (and so YAML written for other
+    tools) cannot hold: non-string keys, non-finite floats, other types."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                add_error(errors, path, f"keys must be strings, got {quote(key)}")
+            else:
+                check_json_like(item, join(path, key), errors)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_json_like(item, at(path, index), errors)
+    elif isinstance(value, float) and not math.isfinite(value):
+        add_error(errors, path, f"must be a finite number, got {quote(value)}")
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        add_error(
+            errors,
+            path,
+            f"must be JSON-like (mapping, list, string, number, bool, null), got {type(value).__name__}",
+        )

@@ -97,9 +97,14 @@ class CostModel:
 
     def with_calibration(self, calibration: Calibration) -> CostModel:
         """The same model with other component multipliers."""
-        clone = self.with_tensor_parallel(self.tensor_parallel)
-        clone.calibration = calibration
-        return clone
+        return CostModel(
+            self.model,
+            self.tasks,
+            self.device,
+            self.dtype,
+            tensor_parallel=self.tensor_parallel,
+            calibration=calibration,
+        )
 
     # -- time -------------------------------------------------------------------------------
 

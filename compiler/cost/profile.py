@@ -13,7 +13,6 @@ the field (``prof.yaml: measurements[2].seconds: must be a positive number, got 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from muxtune.specs.checks import (
     add_error,
     as_is,
     at,
+    check_json_like,
     join,
     non_empty_str,
     non_negative_int,
@@ -140,22 +140,6 @@ def _version(raw: Any, file: str) -> None:
         )
 
 
-def _json_like(value: Any, path: str, errors: list[str]) -> None:
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                add_error(errors, path, f"keys must be strings, got {quote(key)}")
-            else:
-                _json_like(item, join(path, key), errors)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _json_like(item, at(path, index), errors)
-    elif isinstance(value, float) and not math.isfinite(value):
-        add_error(errors, path, f"must be a finite number, got {quote(value)}")
-    elif value is not None and not isinstance(value, (str, int, float, bool)):
-        add_error(errors, path, f"must be a mapping, list, string, number, bool or null, got {type(value).__name__}")
-
-
 def _backbone(value: Any) -> dict:
     if not isinstance(value, dict) or not value:
         raise Invalid(f"must be a non-empty mapping (the backbone's config) or null, got {quote(value)}")
@@ -224,7 +208,7 @@ def profile_from_dict(raw: Any, file: str = "profile") -> Profile:
     }
     model, backbone = fields["model"], fields["backbone"]
     if isinstance(backbone, dict):
-        _json_like(backbone, "backbone", errors)
+        check_json_like(backbone, "backbone", errors)
     measurements: Any = top.get("measurements", as_is)
     if measurements is not INVALID:
         if not isinstance(measurements, list):

@@ -69,7 +69,7 @@ def _best_ends(problem: FusionProblem, placement: int, groups: tuple, ms: tuple)
     return best
 
 
-def _best_counts(problem: FusionProblem, placement: int, groups: list[tuple[int, ...]]) -> tuple[Decision, int] | None:
+def best_counts(problem: FusionProblem, placement: int, groups: list[tuple[int, ...]]) -> tuple[Decision, int] | None:
     """Each group's best micro-batch count on its own (smallest work that fits), then ends."""
     costs = problem.placements[placement]
     ms = []
@@ -97,12 +97,12 @@ def greedy(problem: FusionProblem, placement: int) -> tuple[Decision, int] | Non
     round time most, until no move helps."""
     count = len(problem.tasks)
     start = [tuple(range(count))]
-    best = _best_counts(problem, placement, start)
+    best = best_counts(problem, placement, start)
     if best is None:
         start = [(i,) for i in range(count)][: problem.max_htasks]
         if len(start) < count:
             start[-1] = tuple(range(problem.max_htasks - 1, count))
-        best = _best_counts(problem, placement, start)
+        best = best_counts(problem, placement, start)
         if best is None:
             return None
     improved = True
@@ -119,7 +119,7 @@ def greedy(problem: FusionProblem, placement: int) -> tuple[Decision, int] | Non
                 moved[source].remove(i)
                 moved[target].append(i)
                 candidate = [tuple(sorted(g)) for g in moved if g]
-                found = _best_counts(problem, placement, candidate)
+                found = best_counts(problem, placement, candidate)
                 if found is not None and found[1] < best[1]:
                     best, improved = (_canonical(found[0]), found[1]), True
                     break
