@@ -33,7 +33,7 @@ from muxtune.runtime.models import BackboneConfig, BackboneForCausalLM, build_mo
 from muxtune.runtime.models.loading import build_model_checked, check_checkpoint
 from muxtune.runtime.peft import PeftAttachError, attach_task, detach_task, find_anchors, prepare_examples
 from muxtune.runtime.tokenizer import TextTokenizer, load_tokenizer
-from muxtune.specs import JobSpec, LoraSpec, TaskSpec
+from muxtune.specs import JobSpec, LoraSpec, PeftSpec, TaskSpec
 
 from .cost.build import build_cost_model
 from .cost.devices import device_spec
@@ -174,6 +174,8 @@ def check_tasks(
     if meta_model is None:
         meta_model = build_model(config, device="meta")
     datasets = {}
+    loaded: dict[tuple[str, str, int], TokenizedDataset | DataError] = {}
+    attached: dict[PeftSpec, dict[str, tuple[int, ...]] | PeftAttachError] = {}
     for i, task in enumerate(spec.tasks):
         where = f"tasks[{i}]"
         span = position_span(task)
@@ -183,12 +185,23 @@ def check_tasks(
                 f"{where}.max_seq_len: {task.max_seq_len}{extra} exceeds the model's "
                 f"max_position_embeddings ({config.max_position_embeddings})"
             )
-        check_peft(task, where, meta_model, tokenizer, errors)
-        try:
-            datasets[task.name] = load_dataset(task.data.path, task.data.format, tokenizer, task.max_seq_len)
-        except DataError as exc:
-            errors.append(f"{where}.data.path: {exc}")
+        if task.peft not in attached:
+            attached[task.peft] = peft_parameter_shapes(task, meta_model, tokenizer)
+        shapes = attached[task.peft]
+        if isinstance(shapes, PeftAttachError):
+            errors.append(f"{where}.peft.{shapes.field}: {shapes}")
+        elif task.init_from:
+            check_init_from(task, where, shapes, errors)
+        source = (str(task.data.path), task.data.format, task.max_seq_len)
+        if source not in loaded:
+            try:
+                loaded[source] = load_dataset(task.data.path, task.data.format, tokenizer, task.max_seq_len)
+            except DataError as exc:
+                loaded[source] = exc
+        if isinstance(loaded[source], DataError):
+            errors.append(f"{where}.data.path: {loaded[source]}")
             continue
+        datasets[task.name] = loaded[source]
         examples = datasets[task.name].examples
         beyond = next((e for e in examples if max(e.input_ids, default=0) >= config.vocab_size), None)
         if beyond is not None:
@@ -213,11 +226,11 @@ def laid_out_dataset(task: TaskPlan, dataset: TokenizedDataset) -> TokenizedData
     return dataclasses.replace(dataset, examples=tuple(prepare_examples(task.peft, list(dataset.examples))))
 
 
-def check_peft(
-    task: TaskSpec, where: str, meta_model: BackboneForCausalLM, tokenizer: TextTokenizer, errors: list[str]
-) -> None:
-    """Attach the task's PEFT modules to the meta backbone (errors name the config field) and
-    check `init_from` against the parameters they have."""
+def peft_parameter_shapes(
+    task: TaskSpec, meta_model: BackboneForCausalLM, tokenizer: TextTokenizer
+) -> dict[str, tuple[int, ...]] | PeftAttachError:
+    """Attach the task's PEFT modules to the meta backbone and detach them again: the shapes of
+    their parameters (keyed `<anchor>.<param>`), or the error naming the config field."""
     try:
         modules = attach_task(
             meta_model,
@@ -228,12 +241,9 @@ def check_peft(
             encode=lambda text: tokenizer.encode(text, add_special_tokens=True),
         )
     except PeftAttachError as exc:
-        errors.append(f"{where}.peft.{exc.field}: {exc}")
-        return
+        return exc
     detach_task(meta_model, task.name)
-    if task.init_from:
-        shapes = {f"{a}.{n}": tuple(p.shape) for a, m in modules.items() for n, p in m.named_parameters()}
-        check_init_from(task, where, shapes, errors)
+    return {f"{a}.{n}": tuple(p.shape) for a, m in modules.items() for n, p in m.named_parameters()}
 
 
 def rank_notes(spec: JobSpec, meta_model: BackboneForCausalLM) -> tuple[str, ...]:

@@ -6,6 +6,9 @@ embedding and packed attention) receive it as an argument.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch.fx
 from torch import Tensor, nn
 
@@ -19,8 +22,30 @@ class PeftLeafTracer(torch.fx.Tracer):
 
     proxy_buffer_attributes = True
 
+    def trace(
+        self, root: nn.Module | Callable[..., Any], concrete_args: dict[str, Any] | None = None
+    ) -> torch.fx.Graph:
+        self._tensor_names: dict[int, str] | None = None
+        return super().trace(root, concrete_args)
+
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return isinstance(module, PeftHost) or super().is_leaf_module(module, qualified_name)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, torch.fx.Proxy]) -> Any:
+        """fx's lookup of a parameter or buffer by identity, from a table built once per trace
+        (fx scans every parameter on each access: quadratic with many tasks' adapters attached)."""
+        if not isinstance(attr_val, Tensor):
+            return attr_val
+        if self._tensor_names is None:
+            self._tensor_names = {}
+            for name, tensor in [*self.root.named_parameters(), *self.root.named_buffers()]:
+                self._tensor_names.setdefault(id(tensor), name)
+        name = self._tensor_names.get(id(attr_val))
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
 
 class HiddenStates(nn.Module):

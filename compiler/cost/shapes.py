@@ -3,6 +3,7 @@ model and its traced graph (no hand-written per-family formulas for parameter co
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -119,9 +120,14 @@ def model_shape(config: BackboneConfig, traced: torch.fx.GraphModule, model: nn.
 
 
 def task_shapes(model: nn.Module, tasks: Mapping[str, PeftSpec], num_layers: int) -> dict[str, TaskShape]:
-    """Attach each task to the meta-device ``model`` in turn, count what it adds, detach it."""
+    """Attach each task to the meta-device ``model`` in turn, count what it adds, detach it
+    (tasks with equal PEFT configs are counted once)."""
     shapes = {}
+    counted: dict[PeftSpec, TaskShape] = {}
     for name, spec in tasks.items():
+        if spec in counted:
+            shapes[name] = dataclasses.replace(counted[spec], name=name)
+            continue
         modules = attach_task(model, name, spec, seed=0, dropout_generator=torch.Generator())
         layer_params = edge_params = tensors = 0
         anchors = 0
@@ -148,4 +154,5 @@ def task_shapes(model: nn.Module, tasks: Mapping[str, PeftSpec], num_layers: int
             extra_keys=getattr(spec, "num_virtual_tokens", 0) if spec.method == "prefix_tuning" else 0,
             layer_saved_elements=saved / num_layers,
         )
+        counted[spec] = shapes[name]
     return shapes

@@ -23,11 +23,15 @@ def trace_model(
 ) -> torch.fx.GraphModule:
     """Build `backbone` on the meta device (no weights), attach each task's PEFT modules in the
     given order and trace it (its logits, or with ``head=False`` its hidden states, where a task
-    adapting only the head has no module); PEFT hosts are `call_module` leaves. Raises ValueError for a task
-    whose target modules match nothing or are never called."""
+    adapting only the head has no module); PEFT hosts are `call_module` leaves, so the graph is
+    the same whichever tasks are attached: one task per distinct PEFT config is. Raises
+    ValueError for a task whose target modules match nothing or are never called."""
     model = build_model(backbone, dtype=dtype, device="meta")
-    head_only = set()
+    representative: dict[PeftSpec, str] = {}
     for name, config in tasks.items():
+        representative.setdefault(config, name)
+    head_only = set()
+    for config, name in representative.items():
         modules = attach_task(model, name, config, seed=0, dropout_generator=torch.Generator(), dtype=dtype)
         if all(anchor == "lm_head" for anchor in modules):
             head_only.add(name)
@@ -37,7 +41,11 @@ def trace_model(
         host = traced.get_submodule(str(node.target)) if node.op == "call_module" else None
         if host is not None and carries_peft(host):
             called.update(host.adapters)
-    missing = [name for name in tasks if name not in called and (head or name not in head_only)]
+    missing = [
+        name
+        for name, config in tasks.items()
+        if representative[config] not in called and (head or representative[config] not in head_only)
+    ]
     if missing:
         raise ValueError(f"tasks {missing}: their PEFT modules are never called by the model's forward pass")
     return traced

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from .config import BackboneConfig
@@ -25,8 +28,26 @@ def build_model(
     """Construct the family's model with randomly initialised parameters in `dtype` on `device`
     ("meta" allocates nothing). Rotary tables stay fp32."""
     model_cls = MODEL_CLASSES[config.family]
-    with torch.device(device):
+    skip = _initializers_skipped() if torch.device(device).type == "meta" else contextlib.nullcontext()
+    with torch.device(device), skip:
         model = model_cls(config)
     model.to(dtype=dtype)
     model.reset_buffers()
     return model
+
+
+_INITIALIZERS = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_", "xavier_uniform_")
+
+
+@contextlib.contextmanager
+def _initializers_skipped() -> Iterator[None]:
+    """`torch.nn.init`'s fills as no-ops: a meta tensor holds no values, and filling one runs
+    torch's Python decompositions (the first call imports the whole compiler stack, ~1.5 s)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALIZERS}
+    try:
+        for name in _INITIALIZERS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)

@@ -183,8 +183,14 @@ def rope_inv_freq(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Rotary inverse frequencies [head_dim // 2] in fp32, as transformers computes them
-    (default, linear and llama3 rope types)."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(torch.float32) / head_dim
+    (default, linear and llama3 rope types). Computed on the CPU (a meta tensor would take
+    torch's slow Python decompositions) and moved to `device` (default: the current default)."""
+    target = torch.get_default_device() if device is None else torch.device(device)
+    return _rope_inv_freq_cpu(head_dim, theta, scaling).to(target)
+
+
+def _rope_inv_freq_cpu(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> Tensor:
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").to(torch.float32) / head_dim
     inv_freq = 1.0 / (theta**exponents)
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type == "default":

@@ -8,7 +8,8 @@ through this table, so adding a method is one module plus one line in `METHODS`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ from torch import nn
 from muxtune.common.errors import UserError
 from muxtune.specs import PeftSpec
 
-from .base import OperatorHost, OperatorPeftModule
+from .base import OperatorHost, OperatorPeftModule, PeftHost
 
 if TYPE_CHECKING:  # the backbone modules import this package
     from ..data import Example
@@ -52,7 +53,7 @@ class AttachContext:
     dtype: torch.dtype
     encode: Callable[[str], list[int]] | None = None  # the job's tokenizer, for text initializations
 
-    @property
+    @functools.cached_property
     def device(self) -> torch.device:
         """Where the trainable parameters live: the backbone's device (CPU for a meta backbone)."""
         device = next(self.model.parameters()).device
@@ -112,9 +113,20 @@ def find_anchors(model: nn.Module, target_modules: tuple[str, ...]) -> list[str]
     """Names of the operator hosts selected by `target_modules`, in model order."""
     return [
         name
-        for name, module in model.named_modules()
+        for name, module in backbone_modules(model)
         if isinstance(module, OperatorHost) and matches_target(name, target_modules)
     ]
+
+
+def backbone_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """`named_modules()` without the PEFT modules attached to hosts (their `adapters`), which
+    with many tasks attached far outnumber the backbone's."""
+    for name, child in module._modules.items():
+        if child is None or (name == "adapters" and isinstance(module, PeftHost)):
+            continue
+        path = f"{prefix}.{name}" if prefix else name
+        yield path, child
+        yield from backbone_modules(child, path)
 
 
 def attach_operator_modules(
