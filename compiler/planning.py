@@ -24,6 +24,9 @@ from .passes.solve import best_counts, seconds, solve
 
 MICROBATCH_CHOICES = (1, 2, 3, 4, 6, 8, 12, 16)
 MAX_HTASKS = 4
+SOLVE_BUDGET = 1.2
+"""CP-SAT's deterministic time for the whole job, shared by the phases in proportion to their
+rounds (what they weigh in the job's time); small phases usually finish well inside theirs."""
 FUSION_MODES = ("solve", "fuse", "no_fuse")
 
 
@@ -158,7 +161,9 @@ def plan_job(
     all_names = [t.name for t in tasks]
     chunk = cost.device.chunk_tokens
     phases, chosen = [], None
-    for index, (first, count, active) in enumerate(active_sets(tasks)):
+    sets = active_sets(tasks)
+    budget, rounds_left = SOLVE_BUDGET, sum(count for _, count, _ in sets)
+    for index, (first, count, active) in enumerate(sets):
         demands = {name: TaskDemand.of(name, batches[name][first - 1 : first - 1 + count], chunk) for name in active}
         largest = max(t.batch_size for t in tasks if t.name in active)
         choices = tuple(m for m in MICROBATCH_CHOICES if m <= largest) or (1,)
@@ -178,7 +183,8 @@ def plan_job(
             ),
         )
         if mode == "solve":
-            solution = solve(problem)
+            solution = solve(problem, budget * count / rounds_left)
+            budget -= solution.deterministic_seconds if solution else 0.0
             if solution is None:
                 raise infeasible(problem, cost, memory_limit, tasks)
             decision = solution.decision
@@ -202,6 +208,7 @@ def plan_job(
         assert evaluate(problem, decision) is not None
         option = problem.placements[decision.placement].option
         chosen = option
+        rounds_left -= count
         phases.append(_phase_plan(index, first, count, active, decision, demands, option, report))
     assert chosen is not None
     return JobPlan(option=chosen, phases=tuple(phases))

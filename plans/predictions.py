@@ -67,7 +67,8 @@ class Predictions:
 class SolverReport:
     """How phase ``phase``'s fusion and budgets were decided. Times are seconds of one round on
     the solver's cost proxy; ``gap`` is (objective - bound) / objective; ``status`` is CP-SAT's
-    (OPTIMAL, FEASIBLE) or FALLBACK / FIXED; ``deterministic_seconds`` is CP-SAT's own
+    (OPTIMAL, FEASIBLE), FALLBACK (CP-SAT found nothing), BUDGET (the job's solver budget was
+    spent: the greedy search's decision) or FIXED; ``deterministic_seconds`` is CP-SAT's own
     deterministic work measure (not wall time, so plans stay byte-identical)."""
 
     phase: int

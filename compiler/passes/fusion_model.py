@@ -187,26 +187,39 @@ def fits(costs: PlacementCosts, group: Sequence[int], m: int) -> bool:
     return all(sum(costs.memory[i, m][s] for i in group) <= room for s, room in enumerate(costs.headroom))
 
 
+def steady_time(costs: PlacementCosts, groups: Sequence[Sequence[int]], ms: Sequence[int]) -> int:
+    """The round's busiest stage (every hTask's micro-batches, forward and backward) plus the
+    per-round constant (ps): the round time without the pipeline's fill and drain."""
+    work = [
+        sum(
+            m * (microbatch_time(costs, s, g, m, False) + microbatch_time(costs, s, g, m, True))
+            for g, m in zip(groups, ms)
+        )
+        for s in range(costs.option.num_stages)
+    ]
+    return max(work) + costs.constant
+
+
+def end_time(costs: PlacementCosts, group: Sequence[int], m: int, backward: bool) -> int:
+    """The pipeline's fill (forward) or drain (backward) when hTask ``group`` opens or closes
+    the round: its micro-batch through every other stage plus the transfers (ps)."""
+    num_stages = costs.option.num_stages
+    if num_stages == 1:
+        return 0
+    stages = range(1, num_stages) if backward else range(num_stages - 1)
+    n = sum(costs.tokens[i, m] for i in group)
+    total = sum(microbatch_time(costs, s, group, m, backward) for s in stages)
+    return total + (num_stages - 1) * (costs.transfer_fixed + costs.transfer_per_token * n)
+
+
 def evaluate(problem: FusionProblem, decision: Decision) -> int | None:
     """The round time (ps) of ``decision``, or None when it breaks a memory limit."""
     costs = problem.placements[decision.placement]
     groups, ms = decision.groups, decision.microbatches
     if any(not fits(costs, g, m) for g, m in zip(groups, ms)):
         return None
-    num_stages = costs.option.num_stages
-    work = [
-        sum(
-            m * (microbatch_time(costs, s, g, m, False) + microbatch_time(costs, s, g, m, True))
-            for g, m in zip(groups, ms)
-        )
-        for s in range(num_stages)
-    ]
-    total = max(work) + costs.constant
-    if num_stages > 1:
-        head, tail = decision.first, decision.last
-        for index, backward, stages in ((head, False, range(num_stages - 1)), (tail, True, range(1, num_stages))):
-            g, m = groups[index], ms[index]
-            n = sum(costs.tokens[i, m] for i in g)
-            total += sum(microbatch_time(costs, s, g, m, backward) for s in stages)
-            total += (num_stages - 1) * (costs.transfer_fixed + costs.transfer_per_token * n)
+    total = steady_time(costs, groups, ms)
+    if costs.option.num_stages > 1:
+        total += end_time(costs, groups[decision.first], ms[decision.first], False)
+        total += end_time(costs, groups[decision.last], ms[decision.last], True)
     return total

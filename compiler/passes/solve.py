@@ -11,17 +11,28 @@ with a deterministic time limit, so the same job gives the same plan."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from .fusion_model import PS, Decision, FusionProblem, PlacementCosts, evaluate, fits, microbatch_time
+from .fusion_model import (
+    PS,
+    Decision,
+    FusionProblem,
+    PlacementCosts,
+    end_time,
+    evaluate,
+    fits,
+    microbatch_time,
+    steady_time,
+)
 
 DETERMINISTIC_LIMIT = 0.5
 """CP-SAT's deterministic time limit per placement option (its own work unit: about a second
 of a fast core; several times that on a small cloud CPU)."""
 PHASE_LIMIT = 1.5
-"""Deterministic time after which no further placement option is tried for a phase."""
+"""A phase's default deterministic budget: no further placement option is tried once spent."""
 
 
 @dataclass(frozen=True)
@@ -55,39 +66,53 @@ def _canonical(decision: Decision) -> Decision:
 
 
 def _best_ends(problem: FusionProblem, placement: int, groups: tuple, ms: tuple) -> tuple[Decision, int] | None:
-    """The best (first, last) for fixed groups and micro-batch counts."""
-    best = None
-    count = len(groups)
-    for first in range(count):
-        for last in range(count):
-            if count > 1 and first == last:
-                continue
-            decision = Decision(placement, groups, ms, first, last)
-            value = evaluate(problem, decision)
-            if value is not None and (best is None or value < best[1]):
-                best = (decision, value)
-    return best
-
-
-def best_counts(problem: FusionProblem, placement: int, groups: list[tuple[int, ...]]) -> tuple[Decision, int] | None:
-    """Each group's best micro-batch count on its own (smallest work that fits), then ends."""
+    """The best (first, last) for fixed groups and micro-batch counts (distinct when there are
+    several hTasks; ties go to the earliest pair)."""
     costs = problem.placements[placement]
+    if any(not fits(costs, g, m) for g, m in zip(groups, ms)):
+        return None
+    steady = steady_time(costs, groups, ms)
+    fill = [end_time(costs, g, m, False) for g, m in zip(groups, ms)]
+    drain = [end_time(costs, g, m, True) for g, m in zip(groups, ms)]
+    count = len(groups)
+    pairs = [(f, t) for f in range(count) for t in range(count) if count == 1 or f != t]
+    first, last = min(pairs, key=lambda pair: fill[pair[0]] + drain[pair[1]])
+    return Decision(placement, groups, ms, first, last), steady + fill[first] + drain[last]
+
+
+def _best_count(problem: FusionProblem, placement: int, group: tuple[int, ...]) -> int | None:
+    """The group's micro-batch count with the least work that fits (None: none fits)."""
+    costs = problem.placements[placement]
+    scored = [
+        (
+            sum(
+                m * (microbatch_time(costs, s, group, m, False) + microbatch_time(costs, s, group, m, True))
+                for s in range(costs.option.num_stages)
+            ),
+            m,
+        )
+        for m in problem.microbatch_choices
+        if fits(costs, group, m)
+    ]
+    return min(scored)[1] if scored else None
+
+
+def best_counts(
+    problem: FusionProblem,
+    placement: int,
+    groups: list[tuple[int, ...]],
+    known: dict[tuple[int, ...], int | None] | None = None,
+) -> tuple[Decision, int] | None:
+    """Each group's best micro-batch count on its own (smallest work that fits), then ends;
+    `known` remembers counts already worked out for groups."""
+    known = {} if known is None else known
     ms = []
     for g in groups:
-        scored = [
-            (
-                sum(
-                    m * (microbatch_time(costs, s, g, m, False) + microbatch_time(costs, s, g, m, True))
-                    for s in range(costs.option.num_stages)
-                ),
-                m,
-            )
-            for m in problem.microbatch_choices
-            if fits(costs, g, m)
-        ]
-        if not scored:
+        if g not in known:
+            known[g] = _best_count(problem, placement, g)
+        if known[g] is None:
             return None
-        ms.append(min(scored)[1])
+        ms.append(known[g])
     return _best_ends(problem, placement, tuple(groups), tuple(ms))
 
 
@@ -96,13 +121,14 @@ def greedy(problem: FusionProblem, placement: int) -> tuple[Decision, int] | Non
     that does not fit), then move single tasks to the hTask (or a new one) that lowers the
     round time most, until no move helps."""
     count = len(problem.tasks)
+    known: dict[tuple[int, ...], int | None] = {}
     start = [tuple(range(count))]
-    best = best_counts(problem, placement, start)
+    best = best_counts(problem, placement, start, known)
     if best is None:
         start = [(i,) for i in range(count)][: problem.max_htasks]
         if len(start) < count:
             start[-1] = tuple(range(problem.max_htasks - 1, count))
-        best = best_counts(problem, placement, start)
+        best = best_counts(problem, placement, start, known)
         if best is None:
             return None
     improved = True
@@ -119,7 +145,7 @@ def greedy(problem: FusionProblem, placement: int) -> tuple[Decision, int] | Non
                 moved[source].remove(i)
                 moved[target].append(i)
                 candidate = [tuple(sorted(g)) for g in moved if g]
-                found = best_counts(problem, placement, candidate)
+                found = best_counts(problem, placement, candidate, known)
                 if found is not None and found[1] < best[1]:
                     best, improved = (_canonical(found[0]), found[1]), True
                     break
@@ -209,6 +235,7 @@ class _Model:
                         for room_stage, room in enumerate(costs.headroom):
                             model.Add(sum(costs.memory[i, m][room_stage] * zv for i, zv in members) <= max(room, 0))
         busiest = model.NewIntVar(0, horizon, "busiest")
+        model.Add(busiest >= lower_bound(costs, problem) - costs.constant)
         for s in stages:
             model.Add(busiest >= sum(m * (times[s, h, m, 0] + times[s, h, m, 1]) for h in slots for m in choices))
         objective = busiest + costs.constant
@@ -238,12 +265,18 @@ class _Model:
         model.Minimize(objective)
 
     def hint(self, decision: Decision) -> None:
-        """Start the search from ``decision``."""
-        for h, group in enumerate(decision.groups):
-            for i in group:
-                self.model.AddHint(self.x[i, h], True)
-            for m in self.problem.microbatch_choices:
-                self.model.AddHint(self.y[h, m], m == decision.microbatches[h])
+        """Start the search from ``decision`` (canonical: hTask h's first task is at least h)."""
+        slot = {i: h for h, group in enumerate(decision.groups) for i in group}
+        for (i, h), var in self.x.items():
+            self.model.AddHint(var, slot[i] == h)
+        for (h, m), var in self.y.items():
+            self.model.AddHint(var, h < len(decision.groups) and decision.microbatches[h] == m)
+        for (i, h, m), var in self.z.items():
+            self.model.AddHint(var, slot[i] == h and decision.microbatches[h] == m)
+        if self.costs.option.num_stages > 1:
+            for h in self.first:
+                self.model.AddHint(self.first[h], h == decision.first)
+                self.model.AddHint(self.last[h], h == decision.last)
 
     def solve(self, limit: float) -> tuple[Decision, int, int, str, float] | None:
         """Solve; the decision, objective, bound, status name and deterministic time."""
@@ -270,43 +303,61 @@ class _Model:
         return decision, int(solver.ObjectiveValue()), bound, solver.StatusName(status), solver.deterministic_time
 
 
-def solve(problem: FusionProblem, limit: float = DETERMINISTIC_LIMIT) -> Solution | None:
-    """The best decision over every placement option (None: nothing fits in memory)."""
+def solve(problem: FusionProblem, budget: float = PHASE_LIMIT) -> Solution | None:
+    """The best decision over every placement option (None: nothing fits in memory).
+
+    Options are tried best lower bound first, each from the greedy search's decision and, while
+    the phase's deterministic ``budget`` lasts, improved by CP-SAT (at most
+    `DETERMINISTIC_LIMIT` each); an option whose bound cannot beat the best found is skipped.
+    The reported bound is the weakest over the options: CP-SAT's or the option's own bound,
+    whichever is higher."""
     bounds = sorted((lower_bound(c, problem), p) for p, c in enumerate(problem.placements))
     best: Solution | None = None
     spent = 0.0
     candidates = 0
+    weakest = None
     for bound, placement in bounds:
-        if best is not None and (bound >= best.objective or spent >= PHASE_LIMIT):
+        if best is not None and bound >= best.objective:
+            weakest = bound if weakest is None else min(weakest, bound)
             continue
         candidates += 1
         start = greedy(problem, placement)
-        model = _Model(problem, placement)
-        if start is not None:
-            model.hint(start[0])
-        solved = model.solve(limit)
-        if solved is None:
+        limit = min(DETERMINISTIC_LIMIT, budget - spent)
+        result = _improved(problem, placement, start, limit) if limit > 0 else None
+        if result is None:
             if start is None:
                 continue
-            result = Solution(start[0], start[1], bound, "FALLBACK", "greedy", 0.0, 0)
-        else:
-            decision, objective, cp_bound, status, effort = solved
-            spent += effort
-            value = evaluate(problem, decision)
-            assert value is not None and value <= objective, f"CP-SAT objective {objective}, evaluated {value}"
-            assert status != "OPTIMAL" or value == objective, f"CP-SAT optimum {objective}, evaluated {value}"
-            objective = value
-            if start is not None and start[1] < objective:
-                result = Solution(start[0], start[1], cp_bound, "FEASIBLE", "cp-sat", effort, 0)
-            else:
-                result = Solution(_canonical(decision), objective, cp_bound, status, "cp-sat", effort, 0)
+            result = Solution(start[0], start[1], bound, "FALLBACK" if limit > 0 else "BUDGET", "greedy", 0.0, 0)
+        spent += result.deterministic_seconds
+        result = dataclasses.replace(result, bound=max(result.bound, bound))
+        weakest = result.bound if weakest is None else min(weakest, result.bound)
         if best is None or result.objective < best.objective:
             best = result
     if best is None:
         return None
-    lowest = min(b for b, _ in bounds)
-    bound = best.bound if len(bounds) == 1 else min(best.bound, max(lowest, 0))
-    return Solution(best.decision, best.objective, bound, best.status, best.method, spent, candidates)
+    assert weakest is not None
+    return Solution(
+        best.decision, best.objective, min(weakest, best.objective), best.status, best.method, spent, candidates
+    )
+
+
+def _improved(
+    problem: FusionProblem, placement: int, start: tuple[Decision, int] | None, limit: float
+) -> Solution | None:
+    """CP-SAT on one placement option from the greedy ``start``; None when it finds nothing."""
+    model = _Model(problem, placement)
+    if start is not None:
+        model.hint(start[0])
+    solved = model.solve(limit)
+    if solved is None:
+        return None
+    decision, objective, cp_bound, status, effort = solved
+    value = evaluate(problem, decision)
+    assert value is not None and value <= objective, f"CP-SAT objective {objective}, evaluated {value}"
+    assert status != "OPTIMAL" or value == objective, f"CP-SAT optimum {objective}, evaluated {value}"
+    if start is not None and start[1] < value:
+        return Solution(start[0], start[1], cp_bound, "FEASIBLE", "cp-sat", effort, 0)
+    return Solution(_canonical(decision), value, cp_bound, status, "cp-sat", effort, 0)
 
 
 def seconds(picoseconds: int) -> float:
