@@ -8,7 +8,7 @@ from typing import Any
 from muxtune.common.text import quote
 from muxtune.specs.checks import did_you_mean
 
-from .instructions import Backward, Forward, Free, Instruction, LoadBatches, LossBackward, Recv, Send
+from .instructions import AllReduce, Backward, Forward, Free, Instruction, LoadBatches, LossBackward, Recv, Send
 
 LISTED = 8
 """Items a message lists before it only counts the rest."""
@@ -44,6 +44,10 @@ def describe(instruction: Instruction) -> str:
     """What an instruction does, for messages: ``forward of subgraph 1 (hTask 0, micro-batch 2)``."""
     if isinstance(instruction, LoadBatches):
         return f"load_batches of hTask {instruction.htask}"
+    if isinstance(instruction, AllReduce):
+        return f"all_reduce of tasks {quote(list(instruction.tasks))} over ranks {listing(instruction.group)}"
+    if not isinstance(instruction, (Forward, Backward, LossBackward, Free, Send, Recv)):
+        return instruction.op.value
     where = f"(hTask {instruction.htask}, micro-batch {instruction.microbatch})"
     if isinstance(instruction, (Forward, Backward)):
         return f"{instruction.op.value} of subgraph {instruction.subgraph} {where}"

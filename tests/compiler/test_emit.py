@@ -5,6 +5,7 @@ gets exactly the single-rank program, and pipeline stages follow 1F1B on their o
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 
 import pytest
@@ -243,6 +244,40 @@ def test_validator_refuses_a_deadlocked_or_unmatched_emission(traced: torch.fx.G
     skipped = tuple(ins for ins in plan.programs[1].phases[0] if not isinstance(ins, AllReduce))
     with pytest.raises(PlanError, match="all-reduces"):
         validate_plan(_with_body(plan, 1, skipped))
+
+
+def _reduce_per_htask(body: Sequence[object], phase: Phase, early: bool) -> tuple[object, ...]:
+    """The body with its all-reduce split per hTask: each right after that hTask's own
+    instructions (``early``, no longer 1F1B), or all where the one was."""
+    at, reduce = next((i, ins) for i, ins in enumerate(body) if isinstance(ins, AllReduce))
+    split = [AllReduce(tuple(t for t in reduce.tasks if t in h.tasks), reduce.group) for h in phase.htasks]
+    if not early:
+        return (*body[:at], *split, *body[at + 1 :])
+    assert all(hasattr(ins, "htask") for ins in body[:at])
+    ordered = [ins for h, r in zip(phase.htasks, split) for ins in [*(i for i in body[:at] if i.htask == h.id), r]]
+    return (*ordered, *body[at + 1 :])
+
+
+def test_deadlock_at_an_all_reduce_names_it(traced: torch.fx.GraphModule) -> None:
+    """Replicas that all-reduce hTask 0's tasks at different points wait on each other in a
+    cycle through both pipelines; the message names the stuck all-reduce."""
+    mesh = placement("cpu", NUM_LAYERS, (2, 2), 1, 2)
+    phases = make_phases(2, (1, 1))
+    plan = build_plan(mesh, staged_partition(traced, mesh), phases)
+    for rank in range(4):
+        early = rank in (0, 3)
+        plan = _with_body(plan, rank, _reduce_per_htask(plan.programs[rank].phases[0], phases[0], early))
+    with pytest.raises(PlanError) as refused:
+        validate_plan(plan)
+    stuck = [e for e in refused.value.errors if "waits forever" in e]
+    assert any(
+        re.match(
+            r"programs\[0\]\.phases\[0\]\[\d+\]: all_reduce of tasks \['a', 'c'\] over ranks 0, 2 waits forever "
+            r"\(deadlock: rank 2 is itself blocked at programs\[2\]",
+            e,
+        )
+        for e in stuck
+    ), stuck
 
 
 def _with_body(plan: Plan, rank: int, body: tuple[object, ...]) -> Plan:
