@@ -11,6 +11,7 @@ folder (lock, records), progress, logs and the summary.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +78,7 @@ class PlanExecutor:
         self.interpreter: SubgraphInterpreter | None = None
         self.handlers = self._handler_table()
         self.executed = 0
+        self.round_seconds: list[list[float]] = [[] for _ in plan.phases]
         self.started = time.perf_counter()
         self.training_started = self.started
 
@@ -100,8 +102,10 @@ class PlanExecutor:
             for phase, body in zip(self.plan.phases, self.program.phases):
                 for round_index in range(max(phase.first_round, resumed_after + 1), phase.last_round + 1):
                     self.round_index = round_index
+                    started = time.perf_counter()
                     for instruction in body:
                         self.execute(instruction)
+                    self.round_seconds[phase.id].append(time.perf_counter() - started)
             for instruction in self.program.epilogue:
                 self.execute(instruction)
             self.progress.close()
@@ -328,6 +332,21 @@ class PlanExecutor:
                     backbone=self.backbone.config,
                 )
 
+    def _phase_timings(self) -> list[dict[str, Any]]:
+        """Per phase: rounds run in this process, their seconds, the median round (the first
+        round of a run warms up) and the plan's predicted round time, side by side."""
+        predicted = {p.phase: p.seconds_per_round for p in self.plan.predictions.phases}
+        return [
+            {
+                "phase": phase.id,
+                "rounds_run": len(times),
+                "seconds": sum(times),
+                "median_round_seconds": statistics.median(times) if times else None,
+                "predicted_round_seconds": predicted.get(phase.id),
+            }
+            for phase, times in zip(self.plan.phases, self.round_seconds)
+        ]
+
     def _write_summary(self) -> dict:
         now = time.perf_counter()
         wall, train = now - self.started, max(now - self.training_started, 1e-9)
@@ -350,6 +369,7 @@ class PlanExecutor:
             "tokens_per_second": sum(run.tokens_this_process for run in self.runs.values()) / train,
             "peak_memory_bytes": peak_memory_bytes(),
             "instructions_executed": self.executed,
+            "phases": self._phase_timings(),
             "tasks": tasks,
         }
         atomic_write_bytes(self.output_dir / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())

@@ -164,3 +164,9 @@ def test_run_takes_exactly_the_planned_instructions(reference_run: Path) -> None
     planned += sum(phase.num_rounds * len(body) for phase, body in zip(plan.phases, program.phases))
     summary = json.loads((reference_run / "out" / "summary.json").read_text())
     assert summary["instructions_executed"] == planned
+    timings = summary["phases"]
+    assert [t["phase"] for t in timings] == [0, 1, 2]
+    assert [t["rounds_run"] for t in timings] == [phase.num_rounds for phase in plan.phases]
+    for timing, predicted in zip(timings, plan.predictions.phases):
+        assert 0 < timing["median_round_seconds"] <= timing["seconds"] <= summary["train_seconds"]
+        assert timing["predicted_round_seconds"] == predicted.seconds_per_round
