@@ -32,6 +32,7 @@ from muxtune.runtime.model_sources import ModelSourceError, resolve_model_dir
 from muxtune.runtime.models import BackboneConfig, BackboneForCausalLM, build_model, read_hf_config
 from muxtune.runtime.models.loading import build_model_checked, check_checkpoint
 from muxtune.runtime.peft import PeftAttachError, attach_task, detach_task, find_anchors, prepare_examples
+from muxtune.runtime.tensorboard_log import report_to_problems
 from muxtune.runtime.tokenizer import TextTokenizer, load_tokenizer
 from muxtune.specs import JobSpec, LoraSpec, PeftSpec, TaskSpec
 
@@ -81,6 +82,8 @@ def compile_job(
         raise CompileError([f"fusion: must be one of {', '.join(FUSION_MODES)}, got {fusion!r}"])
     if task_tokens is not None and task_tokens <= 0:
         raise CompileError([f"task_tokens: must be a positive integer, got {task_tokens}"])
+    if reporting_problems := report_to_problems(spec.report_to):
+        raise CompileError(reporting_problems)
     try:
         model_dir = resolve_model_dir(spec.model)
         config = read_hf_config(model_dir)
@@ -143,7 +146,13 @@ def compile_job(
     programs = passes.run("emit", emit_programs, tasks, phases, partition, placement)
     backbone = config.to_dict()
     draft = Plan(
-        job=JobSummary(model=spec.model, dtype=spec.dtype, output_dir=spec.output_dir, spec_path=spec_path),
+        job=JobSummary(
+            model=spec.model,
+            dtype=spec.dtype,
+            output_dir=spec.output_dir,
+            spec_path=spec_path,
+            report_to=spec.report_to,
+        ),
         fingerprint=compute_fingerprint(backbone, tasks, phases, partition),
         backbone=backbone,
         placement=placement,

@@ -24,12 +24,14 @@ PACK_ORDERS: tuple[str, ...] = ("task_then_index",)
 
 @dataclass(frozen=True)
 class JobSummary:
-    """Where the plan came from: backbone, dtype, output folder, spec file (absolute paths)."""
+    """Where the plan came from: backbone, dtype, output folder, spec file (absolute paths), and
+    the integrations that also get each task's step metrics (``report_to``; empty for none)."""
 
     model: str
     dtype: str
     output_dir: str
     spec_path: str | None = None
+    report_to: tuple[str, ...] = ()
 
 
 SUBGRAPH_KINDS: tuple[str, ...] = ("backbone", "peft", "collective")

@@ -40,6 +40,7 @@ from muxtune.specs.parse import (
     model_checker,
     path_checker,
     read_task,
+    report_to_list,
     task_name,
     to_plain,
 )
@@ -366,6 +367,7 @@ def plan_from_dict(raw: Any) -> Plan:
         dtype=j.get("dtype", one_of(*DTYPES)),
         output_dir=j.get("output_dir", path_checker(None, None)),
         spec_path=j.get("spec_path", optional(non_empty_str)),
+        report_to=j.get("report_to", report_to_list, ()),
     )
     fingerprint = top.get("fingerprint", _sha256_hex)
     backbone = top.get("backbone", as_is)

@@ -56,6 +56,7 @@ from .progress import ProgressDisplay
 from .run_folder import RunError, RunFolder
 from .run_logs import StepLog
 from .task_runs import TaskRun, peak_memory_bytes, task_training
+from .tensorboard_log import TensorBoardLogs
 
 SUMMARY = "summary.json"
 
@@ -72,6 +73,7 @@ class PlanExecutor:
         self.backbone: LoadedBackbone | None = None
         self.engine: MultiTaskEngine | None = None
         self.runs: dict[str, TaskRun] = {}
+        self.tensorboard = TensorBoardLogs(plan.job.report_to)
         self.folder: RunFolder | None = None
         self.last_job_record: dict | None = None  # what the next checkpoint keeps as the previous record
         self.round_index = 0
@@ -90,7 +92,8 @@ class PlanExecutor:
                 f"the plan places the job on {self.plan.placement.num_ranks} ranks; this runtime runs single-rank "
                 "plans: compile for one device (cluster.num_devices: 1)"
             )
-        with RunFolder(self.plan, resume=self.resume) as folder:
+        self.tensorboard.require_packages()
+        with RunFolder(self.plan, resume=self.resume) as folder, self.tensorboard:
             self.folder = folder
             if folder.restarted:
                 self.progress.message(f"{self.output_dir}: the last attempt left no checkpoint; starting over")
@@ -215,6 +218,7 @@ class PlanExecutor:
             logged_steps = run.diverged_at - 1
         run.metrics.truncate_after(logged_steps)
         run.manifest.truncate_after(logged_steps)
+        self.tensorboard.open_task(task.name, directory, logged_steps)
         for record in run.metrics.records():
             run.first_loss = run.first_loss if run.first_loss is not None else record["loss"]
             run.last_loss, run.tokens = record["loss"], run.tokens + record["tokens"]
@@ -272,17 +276,17 @@ class PlanExecutor:
         run.last_loss = result.loss
         run.tokens += result.num_tokens
         run.tokens_this_process += result.num_tokens
-        run.metrics.append(
-            {
-                "step": result.step,
-                "loss": result.loss,
-                "lr": result.lr,
-                "grad_norm": result.grad_norm,
-                "tokens": result.num_tokens,
-                "target_tokens": result.num_target_tokens,
-                "seconds": round(seconds, 6),
-            }
-        )
+        record = {
+            "step": result.step,
+            "loss": result.loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "tokens": result.num_tokens,
+            "target_tokens": result.num_target_tokens,
+            "seconds": round(seconds, 6),
+        }
+        run.metrics.append(record)
+        self.tensorboard.log_step(name, record)
         run.manifest.append({"step": result.step, "indices": [e.index for e in run.current_batch]})
         status = "done" if result.step >= run.plan.steps else "running"
         self.progress.step(name, result.step, result.loss, result.num_tokens, status)
@@ -298,6 +302,7 @@ class PlanExecutor:
             run = self.runs[name]
             if state.status is not TaskStatus.DIVERGED and state.step > self._saved_step(name):
                 run.checkpoint = save_checkpoint(run.directory, state)
+        self.tensorboard.flush()
         previous = self.last_job_record
         self.last_job_record = write_job_record(
             self.output_dir,

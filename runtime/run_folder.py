@@ -50,10 +50,12 @@ def file_digest(path: Path | str) -> str:
 
 def run_record(plan: Plan) -> dict[str, Any]:
     """What `run.json` holds: the plan as data without what cannot change a result (its
-    predictions and the spec file's path), and the sha256 of each task's dataset."""
+    predictions, the spec file's path and where metrics are reported), and the sha256 of each
+    task's dataset."""
     data = plan_to_dict(plan)
     data.pop("predictions", None)
     data["job"].pop("spec_path", None)
+    data["job"].pop("report_to", None)
     return {
         "format": RECORD_FORMAT,
         "plan": data,

@@ -48,6 +48,8 @@ from .schema import (
     MAX_SEED,
     MAX_SEQ_LEN,
     MAX_STEPS,
+    NO_REPORTING,
+    REPORTERS,
     SCHEDULES,
     TASK_NAME_PATTERN,
     ClusterSpec,
@@ -57,7 +59,7 @@ from .schema import (
     TaskSpec,
 )
 
-_JOB_KEYS = ("model", "dtype", "output_dir", "cluster", "tasks")
+_JOB_KEYS = ("model", "dtype", "output_dir", "cluster", "tasks", "report_to")
 _TASK_KEYS = tuple(f.name for f in dataclasses.fields(TaskSpec))
 _DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataSpec))
 _SCHEDULE_KEYS = tuple(f.name for f in dataclasses.fields(ScheduleSpec))
@@ -72,6 +74,28 @@ device_count = int_in_range(1, MAX_DEVICES)
 
 task_name = matches(TASK_NAME_PATTERN, TASK_NAME_PATTERN)
 """Checker for task names: also the output subfolder, so no separators or dots."""
+
+
+def report_to_list(value: Any) -> tuple[str, ...]:
+    """``report_to`` as HF's TrainingArguments takes it: ``none`` (or null, or an empty list), one
+    integration from `REPORTERS`, or a list of them; the integrations, in order (empty for none)."""
+    allowed = (NO_REPORTING, *REPORTERS)
+    check_name = one_of(*allowed, what="integration")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        name = check_name(value)
+        return () if name == NO_REPORTING else (name,)
+    if not isinstance(value, list):
+        raise Invalid(f"must be {', '.join(repr(a) for a in allowed)} or a list of them, got {quote(value)}")
+    names = tuple(check_name(item) for item in value)
+    if NO_REPORTING in names:
+        if len(names) > 1:
+            raise Invalid(f"{NO_REPORTING!r} cannot be listed with other integrations, got {quote(value)}")
+        return ()
+    if len(set(names)) != len(names):
+        raise Invalid(f"must not repeat an integration, got {quote(value)}")
+    return names
 
 
 def path_checker(base_dir: Path | None, must_be: str | None) -> Checker:
@@ -257,6 +281,7 @@ def parse_job_spec(raw: Any, base_dir: Path | str | None = None, overrides: Sequ
     model = job.get("model", model_checker(base, check_paths=True))
     dtype = job.get("dtype", one_of(*DTYPES), "fp32")
     output_dir = job.get("output_dir", path_checker(base, None))
+    report_to = job.get("report_to", report_to_list, ())
     raw_cluster = job.raw.get("cluster")
     cluster = _read_cluster({} if raw_cluster is None else raw_cluster, errors)
 
@@ -275,7 +300,9 @@ def parse_job_spec(raw: Any, base_dir: Path | str | None = None, overrides: Sequ
         check_task_names((t.name for t in tasks), "tasks", errors)
     if errors:
         raise SpecError(errors)
-    return JobSpec(model=model, dtype=dtype, output_dir=output_dir, cluster=cluster, tasks=tuple(tasks))
+    return JobSpec(
+        model=model, dtype=dtype, output_dir=output_dir, cluster=cluster, tasks=tuple(tasks), report_to=report_to
+    )
 
 
 def load_job_spec(path: Path | str, overrides: Sequence[str] = ()) -> JobSpec:
@@ -304,5 +331,9 @@ def to_plain(value: Any) -> Any:
 
 
 def job_spec_to_dict(spec: JobSpec) -> dict[str, Any]:
-    """The fully resolved spec as plain data; `parse_job_spec` of it gives ``spec`` back."""
-    return to_plain(spec)
+    """The fully resolved spec as plain data; `parse_job_spec` of it gives ``spec`` back.
+    ``report_to`` is left out when the job reports nowhere (its default)."""
+    data = to_plain(spec)
+    if not spec.report_to:
+        del data["report_to"]
+    return data

@@ -16,6 +16,9 @@ DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 DATA_FORMATS: tuple[str, ...] = ("text", "prompt_completion")
 SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "a40", "a100", "h100", "h200")
+REPORTERS: tuple[str, ...] = ("tensorboard",)
+"""Where ``report_to`` can send each task's step metrics, besides its ``metrics.jsonl``."""
+NO_REPORTING = "none"
 
 TASK_NAME_PATTERN = r"[a-z0-9_-]{1,64}"
 """Task names are also folder names: short, no separators or dots."""
@@ -78,13 +81,15 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """A whole job: one backbone, many tasks. Paths are absolute."""
+    """A whole job: one backbone, many tasks. Paths are absolute. ``report_to`` holds the
+    integrations (from `REPORTERS`) that also get each task's step metrics; empty for none."""
 
     model: str
     dtype: Dtype
     output_dir: str
     cluster: ClusterSpec
     tasks: tuple[TaskSpec, ...]
+    report_to: tuple[str, ...] = ()
 
     def task(self, name: str) -> TaskSpec:
         """The task called ``name`` (KeyError if there is none)."""
