@@ -1,4 +1,5 @@
-"""Bounded descriptions of user values for error messages.
+"""Text for people: bounded descriptions of user values for error messages, and fixed-width
+tables for command output.
 
 A message never quotes a whole value: a hostile spec can hold megabytes in one string or an
 exponentially large structure. `quote` shows a short prefix plus the value's type and size.
@@ -6,6 +7,7 @@ exponentially large structure. `quote` shows a short prefix plus the value's typ
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from typing import Any
 
 QUOTE_LIMIT = 60
@@ -86,3 +88,17 @@ def clip_line(line: str, limit: int = 500) -> str:
     if len(line) <= limit:
         return line
     return f"{line[:limit]}... ({len(line) - limit} more characters)"
+
+
+def aligned_columns(rows: Sequence[Sequence[str]], right: Collection[int] = (), rule: bool = False) -> list[str]:
+    """Rows of cells as lines of fixed-width columns two spaces apart (each as wide as its widest
+    cell; the columns indexed in ``right`` right-aligned), trailing spaces dropped; ``rule`` puts
+    a line of dashes under the first row (the header)."""
+    widths = [max(len(cell) for cell in column) for column in zip(*rows)]
+    lines = list(rows)
+    if rule:
+        lines.insert(1, ["-" * w for w in widths])
+    return [
+        "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        for row in lines
+    ]

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from muxtune.common.cli import run_command
+from muxtune.common.text import aligned_columns
 from muxtune.plans import load_plan
 
 from .executor import PlanExecutor
@@ -22,8 +23,7 @@ def format_summary(summary: dict) -> str:
         first = f"{task['first_loss']:.4f}" if task["first_loss"] is not None else "-"
         last = f"{task['last_loss']:.4f}" if task["last_loss"] is not None else "-"
         rows.append((name, task["status"], str(task["steps"]), first, last, f"{task['tokens_per_second']:.1f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = aligned_columns(rows)
     lines.append(
         f"total: {summary['tokens_per_second']:.1f} tokens/s over {summary['train_seconds']:.1f} s of training "
         f"({summary['wall_seconds']:.1f} s in all), "

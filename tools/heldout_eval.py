@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from muxtune.common.errors import UserError
+from muxtune.common.text import aligned_columns
 from muxtune.plans import Plan
 from muxtune.runtime.adapters import load_adapter
 from muxtune.runtime.backbone import LoadedBackbone, load_model
@@ -327,10 +328,9 @@ def format_accuracy_table(report: HeldOutReport, summary: dict) -> str:
                 accuracy_cell(result.adapted_correct, result.total),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     count = report.tasks[0].total if report.tasks else 0
     lines = [f"held-out exact match, {count} unseen examples per task (one-word answers: the first word counts):"]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines += aligned_columns(rows)
     lines.append(f"evaluation: {report.generations} greedy answers in {report.seconds:.1f} s")
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from muxtune.common.cli import run_command
+from muxtune.common.text import aligned_columns
 from muxtune.plans import Instruction, Opcode, Plan, PlanError, RankProgram, load_plan
 
 PROG = "muxtune-inspect"
@@ -144,13 +145,7 @@ def format_rate(value: float | None) -> str:
 def render_table(headers: Sequence[str], rows: Sequence[Row], right: Sequence[int] = ()) -> list[str]:
     """A fixed-width table: a header line, a rule and one line per row; the columns indexed in
     ``right`` (numbers) are right-aligned, the others left-aligned."""
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
-
-    def line(cells: Row) -> str:
-        parts = [cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(cells, widths))]
-        return "  ".join(parts).rstrip()
-
-    return [line(headers), line(["-" * w for w in widths]), *(line(row) for row in rows)]
+    return aligned_columns([headers, *rows], right=set(right), rule=True)
 
 
 def _plural(count: int, noun: str) -> str:
