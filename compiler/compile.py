@@ -304,10 +304,10 @@ def check_init_from(task: TaskSpec, where: str, shapes: dict[str, tuple[int, ...
 
 def cluster_notes(spec: JobSpec) -> tuple[str, ...]:
     """Notes on cluster settings the runtime cannot honour yet."""
-    if spec.cluster.num_devices != 1:
+    if spec.cluster.tensor_parallel not in ("auto", 1):
         return (
-            f"cluster.num_devices: the plan places the job on {spec.cluster.num_devices} devices; this runtime runs "
-            "single-rank plans only, so compile for one device to run it here",
+            f"cluster.tensor_parallel: {spec.cluster.tensor_parallel}: the runtime runs pipeline and data "
+            "parallel plans; tensor-parallel layers are not built yet, so such a plan stops before it starts",
         )
     return ()
 

@@ -35,13 +35,14 @@ def torch_device(device: str) -> torch.device:
     return torch.device("cuda")
 
 
-def load_model(model: str, dtype: str = "fp32", device: str = "cpu") -> LoadedBackbone:
-    """Resolve a spec's `model` value, load the weights in `dtype` onto `device`, and the tokenizer."""
+def load_model(model: str, dtype: str = "fp32", device: str = "cpu", layers: range | None = None) -> LoadedBackbone:
+    """Resolve a spec's `model` value, load the weights in `dtype` onto `device`, and the
+    tokenizer; with ``layers``, only those decoder layers (the rest stay on the meta device)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = resolve_model_dir(model)
     tokenizer = load_tokenizer(model_dir)
-    backbone, config = load_backbone(model_dir, DTYPES[dtype], device=torch_device(device))
+    backbone, config = load_backbone(model_dir, DTYPES[dtype], device=torch_device(device), layers=layers)
     backbone.eval()
     for param in backbone.parameters():
         param.requires_grad_(False)

@@ -26,6 +26,7 @@ import pickle
 import re
 import shutil
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,19 +88,42 @@ def _sync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(task_dir: Path, state: TaskState) -> Path:
-    """Write the task's state after its current step; returns the checkpoint folder."""
+@dataclass(frozen=True)
+class TaskSnapshot:
+    """What a task checkpoint holds: the adapter tensors (``<anchor>.<param>``), the optimizer
+    state dict, the dropout generator state, the step and the status."""
+
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: torch.Tensor
+    step: int
+    status: TaskStatus
+
+    @classmethod
+    def of(cls, state: TaskState) -> TaskSnapshot:
+        """The snapshot of a task held whole by this process."""
+        return cls(
+            state.adapter_state(),
+            state.optimizer.state_dict(),
+            state.dropout_generator.get_state(),
+            state.step,
+            state.status,
+        )
+
+
+def save_checkpoint(task_dir: Path, snapshot: TaskSnapshot) -> Path:
+    """Write a task's state after its current step; returns the checkpoint folder."""
     root = task_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step:06d}"
+    final = root / f"step-{snapshot.step:06d}"
     tmp = make_temp_dir(root, PARTIAL_PREFIX)
     try:
-        save_file({k: v.contiguous() for k, v in state.adapter_state().items()}, str(tmp / "adapter.safetensors"))
+        save_file({k: v.contiguous() for k, v in snapshot.adapter.items()}, str(tmp / "adapter.safetensors"))
         apply_umask_mode(tmp / "adapter.safetensors")
-        torch.save(state.optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(state.dropout_generator.get_state(), tmp / "rng.pt")
+        torch.save(snapshot.optimizer, tmp / "optimizer.pt")
+        torch.save(snapshot.rng, tmp / "rng.pt")
         files = {name: file_entry(tmp / name) for name in CHECKED_FILES}
-        info = {"step": state.step, "status": state.status.value, "files": files}
+        info = {"step": snapshot.step, "status": snapshot.status.value, "files": files}
         (tmp / STATE_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for name in (*CHECKED_FILES, STATE_FILE):
             _sync(tmp / name)

@@ -1,35 +1,22 @@
 """`muxtune-run plan.yaml [--resume]`: replay a plan; adapters, metrics and checkpoints land in
-the plan's output_dir. Exit status: 0 done, 2 bad input, 3 done but some task diverged."""
+the plan's output_dir. A plan for several ranks starts one process per rank on this machine
+(see `distributed.launcher`); under torchrun each process runs its own rank. Exit status: 0
+done, 2 bad input, 3 done but some task diverged, 1 a rank failed."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from muxtune.common.cli import run_command
-from muxtune.common.text import aligned_columns
 from muxtune.plans import load_plan
 
-from .executor import PlanExecutor
+from .executor import PlanExecutor, check_runnable
+from .summary_text import DIVERGED_EXIT, format_summary, report_summary
 
 PROG = "muxtune-run"
-DIVERGED_EXIT = 3
-
-
-def format_summary(summary: dict) -> str:
-    """The per-task table printed at the end of a run."""
-    rows = [("task", "status", "steps", "loss start", "loss end", "tokens/s")]
-    for name, task in summary["tasks"].items():
-        first = f"{task['first_loss']:.4f}" if task["first_loss"] is not None else "-"
-        last = f"{task['last_loss']:.4f}" if task["last_loss"] is not None else "-"
-        rows.append((name, task["status"], str(task["steps"]), first, last, f"{task['tokens_per_second']:.1f}"))
-    lines = aligned_columns(rows)
-    lines.append(
-        f"total: {summary['tokens_per_second']:.1f} tokens/s over {summary['train_seconds']:.1f} s of training "
-        f"({summary['wall_seconds']:.1f} s in all), "
-        f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB"
-    )
-    return "\n".join(lines)
+__all__ = ["DIVERGED_EXIT", "format_summary", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,14 +28,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         plan = load_plan(args.plan)
+        if plan.placement.num_ranks > 1:
+            check_runnable(plan)
+            if "RANK" in os.environ:
+                from .launch import run_rank
+
+                return run_rank(args.plan, args.resume)
+            from .distributed.launcher import launch_ranks
+
+            return launch_ranks(args.plan, plan.placement.num_ranks, args.resume)
         summary = PlanExecutor(plan, resume=args.resume).run()
-        print(format_summary(summary))
-        print(f"outputs in {plan.job.output_dir}")
-        diverged = [name for name, task in summary["tasks"].items() if task["status"] == "diverged"]
-        if diverged:
-            print(f"{PROG}: diverged and stopped: {', '.join(diverged)}", file=sys.stderr)
-            return DIVERGED_EXIT
-        return 0
+        return report_summary(PROG, summary, plan.job.output_dir)
 
     hint = f"continue with: muxtune-run {args.plan} --resume"
     return run_command(PROG, run, args.debug, interrupt_hint=hint)

@@ -217,17 +217,43 @@ class MultiTaskEngine:
         by the step, mark the task diverged; it takes no further steps.
         """
         state = self.tasks[task]
-        cfg = state.config
-        params = state.parameters
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(state.parameters, state.config.max_grad_norm))
         loss = state.pending_loss / max(1, state.normalizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        lr, stepped = self.apply_update(task, loss, grad_norm)
+        diverged = not stepped or not self.parameters_finite(task)
+        return self.finish_step(task, loss, lr, grad_norm, diverged, state.pending_target_tokens, state.pending_tokens)
+
+    def apply_update(self, task: str, loss: float, grad_norm: float) -> tuple[float, bool]:
+        """Set the task's scheduled learning rate and step its optimizer on the (already
+        clipped) gradients, unless ``loss`` or ``grad_norm`` is non-finite. Returns the learning
+        rate and whether the optimizer stepped."""
+        state = self.tasks[task]
+        cfg = state.config
         lr = cfg.lr * lr_multiplier(cfg.schedule, state.step, cfg.warmup_steps, cfg.steps)
-        diverged = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if not diverged:
-            for group in state.optimizer.param_groups:
-                group["lr"] = lr
-            state.optimizer.step()
-            diverged = not all(bool(torch.isfinite(p).all()) for p in params)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return lr, False
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        state.optimizer.step()
+        return lr, True
+
+    def parameters_finite(self, task: str) -> bool:
+        """Whether every trainable parameter of the task is finite."""
+        return all(bool(torch.isfinite(p).all()) for p in self.tasks[task].parameters)
+
+    def finish_step(
+        self,
+        task: str,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        diverged: bool,
+        num_target_tokens: int,
+        num_tokens: int,
+    ) -> StepResult:
+        """Close the task's step: zero its gradients, count the step, set its status (diverged,
+        or finished after its last step) and reset its pending figures."""
+        state = self.tasks[task]
         if diverged:
             state.status = TaskStatus.DIVERGED
         state.optimizer.zero_grad(set_to_none=True)
@@ -238,12 +264,12 @@ class MultiTaskEngine:
             loss=loss,
             lr=lr,
             grad_norm=grad_norm,
-            num_target_tokens=state.pending_target_tokens,
-            num_tokens=state.pending_tokens,
+            num_target_tokens=num_target_tokens,
+            num_tokens=num_tokens,
             diverged=diverged,
         )
         state.pending_loss, state.pending_target_tokens, state.pending_tokens, state.normalizer = 0.0, 0, 0, 0
-        if not diverged and state.step >= cfg.steps:
+        if not diverged and state.step >= state.config.steps:
             state.status = TaskStatus.FINISHED
         return result
 

@@ -4,18 +4,27 @@ It decides nothing: phases, hTasks, micro-batch counts, the order of every forwa
 and the checkpoint rounds all come from the plan. `run` replays the prologue, each phase's round
 body once per round of the phase, and the epilogue, dispatching each instruction through one
 handler table built once: run-level handlers here (backbone, tasks, batches, optimizer steps,
-checkpoints, adapters), compute handlers in `execution.interpreter`. Around the loop: the run
-folder (lock, records), progress, logs and the summary.
+checkpoints, adapters), compute handlers in `execution.interpreter`, pipeline sends and
+receives in `distributed.p2p`. Around the loop: the run folder (lock, records), progress, logs
+and the summary.
+
+In a multi-rank plan (`world` given), a rank loads its stage's layers only and runs its
+stage's subgraphs; every rank lays out every micro-batch itself (a data-parallel replica takes
+every D-th piece of each task's batch); per-task figures are reduced over all ranks; rank 0
+alone writes the run folder, from task states gathered from the ranks that own them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from muxtune.common.files import atomic_write_bytes
 from muxtune.plans import (
@@ -29,6 +38,8 @@ from muxtune.plans import (
     OptimizerStep,
     Phase,
     Plan,
+    Recv,
+    Send,
     TaskPlan,
     compute_fingerprint,
 )
@@ -37,6 +48,7 @@ from .adapters import load_adapter, save_adapter
 from .backbone import LoadedBackbone, load_model
 from .checkpoint import (
     CHECKPOINTS,
+    TaskSnapshot,
     prune_checkpoints,
     remove_partial_checkpoints,
     restore_checkpoint,
@@ -45,12 +57,23 @@ from .checkpoint import (
     write_job_record,
 )
 from .data import DataError, Example, batch_indices, load_dataset
-from .engine import MultiTaskEngine, StepResult, TaskStatus
+from .distributed.p2p import StageExchange
+from .distributed.reductions import (
+    all_reduce_gradients,
+    gather_peak_memory,
+    gather_task_state,
+    optimizer_steps,
+    owned_anchors,
+    owned_parameters,
+)
+from .distributed.world import World, wait_for_all
+from .engine import MultiTaskEngine, StepResult, TaskState, TaskStatus
 from .execution import rebuild_partition
 from .execution.interpreter import SubgraphInterpreter
 from .execution.plan_partition import partition_description
 from .execution.streams import StreamSet
 from .model_sources import base_model_name_or_path
+from .models.loading import decoder_layer_prefix
 from .packing import pack_pieces, split_task_batch
 from .progress import ProgressDisplay
 from .run_folder import RunError, RunFolder
@@ -61,23 +84,44 @@ from .tensorboard_log import TensorBoardLogs
 SUMMARY = "summary.json"
 
 
+def check_runnable(plan: Plan) -> None:
+    """RunError for a plan this runtime cannot run: tensor-parallel placements."""
+    if plan.placement.tensor_parallel > 1:
+        raise RunError(
+            f"the plan shards layers over tensor_parallel={plan.placement.tensor_parallel} ranks; tensor-parallel "
+            "layers are not built yet: compile with cluster.tensor_parallel: 1"
+        )
+
+
 class PlanExecutor:
     """Replays one rank's program of a plan."""
 
-    def __init__(self, plan: Plan, *, resume: bool = False, progress: ProgressDisplay | None = None, rank: int = 0):
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        resume: bool = False,
+        progress: ProgressDisplay | None = None,
+        world: World | None = None,
+    ):
         self.plan = plan
-        self.program = plan.programs[rank]
+        self.world = world
+        self.lead = world is None or world.lead
+        self.program = plan.programs[world.rank if world is not None else 0]
+        self.stage = plan.placement.stages[self.program.stage]
         self.resume = resume
         self.progress = progress or ProgressDisplay([(t.name, t.steps) for t in plan.tasks])
         self.output_dir = Path(plan.job.output_dir)
         self.backbone: LoadedBackbone | None = None
         self.engine: MultiTaskEngine | None = None
         self.runs: dict[str, TaskRun] = {}
-        self.tensorboard = TensorBoardLogs(plan.job.report_to)
+        self.tensorboard = TensorBoardLogs(plan.job.report_to if self.lead else ())
         self.folder: RunFolder | None = None
         self.last_job_record: dict | None = None  # what the next checkpoint keeps as the previous record
         self.round_index = 0
         self.interpreter: SubgraphInterpreter | None = None
+        self.exchange: StageExchange | None = None
+        self.owned: set[str] = set()
         self.handlers = self._handler_table()
         self.executed = 0
         self.round_seconds: list[list[float]] = [[] for _ in plan.phases]
@@ -87,18 +131,22 @@ class PlanExecutor:
     def run(self) -> dict:
         """Replay the prologue, each phase's body once per round of the phase (after the resumed
         round, when resuming), and the epilogue; returns the summary."""
-        if self.plan.placement.num_ranks > 1:
+        if (self.world is None) != (self.plan.placement.num_ranks == 1):
             raise RunError(
-                f"the plan places the job on {self.plan.placement.num_ranks} ranks; this runtime runs single-rank "
-                "plans: compile for one device (cluster.num_devices: 1)"
+                f"the plan places the job on {self.plan.placement.num_ranks} ranks; start them with muxtune-run "
+                "(or torchrun -m muxtune.runtime.launch)"
             )
+        check_runnable(self.plan)
         self.tensorboard.require_packages()
-        with RunFolder(self.plan, resume=self.resume) as folder, self.tensorboard:
+        folder_context = RunFolder(self.plan, resume=self.resume) if self.lead else contextlib.nullcontext()
+        with folder_context as folder, self.tensorboard:
             self.folder = folder
-            if folder.restarted:
+            if folder is not None and folder.restarted:
                 self.progress.message(f"{self.output_dir}: the last attempt left no checkpoint; starting over")
             for instruction in self.program.prologue:
                 self.execute(instruction)
+            if self.world is not None:
+                wait_for_all(self.world, "every rank loads its stage and builds the tasks")
             self.training_started = time.perf_counter()
             self.progress.restart_clock()
             resumed_after = self.round_index
@@ -108,6 +156,8 @@ class PlanExecutor:
                     started = time.perf_counter()
                     for instruction in body:
                         self.execute(instruction)
+                    if self.exchange is not None:
+                        self.exchange.drain()
                     self.round_seconds[phase.id].append(time.perf_counter() - started)
             for instruction in self.program.epilogue:
                 self.execute(instruction)
@@ -121,6 +171,8 @@ class PlanExecutor:
             BuildTasks: self._build_tasks,
             LoadBatches: self._load_batches,
             AllReduce: self._all_reduce,
+            Send: lambda ins: self._exchange().send(ins),
+            Recv: lambda ins: self._exchange().recv(ins),
             OptimizerStep: self._optimizer_step,
             Checkpoint: self._checkpoint,
             ExportAdapters: self._export_adapters,
@@ -136,9 +188,15 @@ class PlanExecutor:
         names = names if names is not None else tuple(self.engine.tasks)
         return [n for n in names if self.engine.tasks[n].status is TaskStatus.ACTIVE]
 
-    def _load_backbone(self, _: LoadBackbone) -> None:
+    def _exchange(self) -> StageExchange:
+        assert self.exchange is not None, "sends and receives need a multi-rank plan and built tasks"
+        return self.exchange
+
+    def _load_backbone(self, ins: LoadBackbone) -> None:
+        stage = self.plan.placement.stages[ins.stage]
+        layers = range(stage.first_layer, stage.last_layer + 1) if self.plan.placement.pipeline_parallel > 1 else None
         try:
-            self.backbone = load_model(self.plan.job.model, self.plan.job.dtype, self.program.device)
+            self.backbone = load_model(self.plan.job.model, self.plan.job.dtype, self.program.device, layers)
         except ValueError as exc:
             raise RunError(str(exc)) from None
         backbone_dict = self.backbone.config.to_dict()
@@ -169,11 +227,7 @@ class PlanExecutor:
             if stats != (task.num_examples, task.num_targetless_examples, task.num_tokens):
                 raise DataError(f"{task.data.path}: the dataset changed since the plan was compiled; compile again")
             datasets[name] = dataset
-        assert self.folder is not None, "build_tasks runs inside run()"
-        self.folder.write_record()
-        job_record, notes = resume_record(self.output_dir) if self.resume else (None, [])
-        for note in notes:
-            self.progress.message(note)
+        job_record = self._resume_record()
         self.last_job_record = job_record
         if job_record is not None:
             self.round_index = int(job_record["round"])
@@ -183,6 +237,22 @@ class PlanExecutor:
         if len(self.runs) == len(self.plan.tasks):
             self._build_interpreter()
 
+    def _resume_record(self) -> dict | None:
+        """Rank 0 writes the run record and picks the job record to resume from; every rank
+        gets that record."""
+        job_record = None
+        if self.lead:
+            assert self.folder is not None, "build_tasks runs inside run()"
+            self.folder.write_record()
+            job_record, notes = resume_record(self.output_dir) if self.resume else (None, [])
+            for note in notes:
+                self.progress.message(note)
+        if self.world is not None:
+            shared = [job_record]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            job_record = shared[0]
+        return job_record
+
     def _build_interpreter(self) -> None:
         """Rebuild the plan's partition on this rank's model, all tasks attached (a host carrying
         PEFT modules is a PEFT subgraph), and join the compute handlers to the table."""
@@ -191,13 +261,21 @@ class PlanExecutor:
         graph = rebuild_partition(self.backbone.model, description, head=False)
         self.interpreter = SubgraphInterpreter(graph, self.engine, StreamSet(self.engine.device))
         self.handlers.update(self.interpreter.handlers())
+        anchors = {anchor for state in self.engine.tasks.values() for anchor in state.modules}
+        num_stages = self.plan.placement.pipeline_parallel
+        layers = range(self.stage.first_layer, self.stage.last_layer + 1)
+        prefix = decoder_layer_prefix(self.backbone.model)
+        self.owned = owned_anchors(anchors, prefix, layers, self.stage.id == 0, self.stage.id == num_stages - 1)
+        if self.world is not None:
+            self.exchange = StageExchange(self.plan.partition, self.world, self.interpreter.buffers)
 
     def _build_task(self, task: TaskPlan, examples: tuple[Example, ...], resume_from: dict | None) -> None:
         assert self.engine is not None
         init_state = load_adapter(task.init_from)[1] if task.init_from else None
         state = self.engine.add_task(task_training(task), init_state=init_state)
         directory = self.output_dir / task.name
-        remove_partial_checkpoints(directory)
+        if self.lead:
+            remove_partial_checkpoints(directory)
         run = TaskRun(
             plan=task,
             directory=directory,
@@ -216,12 +294,13 @@ class PlanExecutor:
             state.status = TaskStatus.DIVERGED
             run.diverged_at = int(resume_from["step"])
             logged_steps = run.diverged_at - 1
-        run.metrics.truncate_after(logged_steps)
-        run.manifest.truncate_after(logged_steps)
-        self.tensorboard.open_task(task.name, directory, logged_steps)
-        for record in run.metrics.records():
-            run.first_loss = run.first_loss if run.first_loss is not None else record["loss"]
-            run.last_loss, run.tokens = record["loss"], run.tokens + record["tokens"]
+        if self.lead:
+            run.metrics.truncate_after(logged_steps)
+            run.manifest.truncate_after(logged_steps)
+            self.tensorboard.open_task(task.name, directory, logged_steps)
+            for record in run.metrics.records():
+                run.first_loss = run.first_loss if run.first_loss is not None else record["loss"]
+                run.last_loss, run.tokens = record["loss"], run.tokens + record["tokens"]
         self.runs[task.name] = run
         self.progress.set_progress(task.name, state.step, "resumed" if state.step else "waiting")
         run.last_step_time = time.perf_counter()
@@ -237,7 +316,7 @@ class PlanExecutor:
             run.current_batch = [run.examples[i] for i in next(run.batches)]
             batch = self.engine.prepare(name, run.current_batch)
             self.engine.begin_batch(name, batch)
-            pieces[name] = split_task_batch(batch, htask.budget_of(name))
+            pieces[name] = split_task_batch(batch, htask.budget_of(name))[self._replica :: self._num_replicas]
             if len(pieces[name]) > htask.num_microbatches:
                 raise RunError(
                     f"task {name}: round {self.round_index} needs {len(pieces[name])} micro-batches, the plan has "
@@ -245,17 +324,39 @@ class PlanExecutor:
                 )
         self.interpreter.load(instruction.htask, pack_pieces(pieces, htask.num_microbatches))
 
+    @property
+    def _replica(self) -> int:
+        return self.world.position.replica if self.world is not None else 0
+
+    @property
+    def _num_replicas(self) -> int:
+        return self.plan.placement.data_parallel
+
     def _phase(self) -> Phase:
         return next(p for p in self.plan.phases if p.first_round <= self.round_index <= p.last_round)
 
     def _all_reduce(self, instruction: AllReduce) -> None:
-        """A group of this rank alone holds the whole sum already."""
-        assert instruction.group == (self.program.rank,), "multi-rank plans are refused before they start"
+        """Sum the active tasks' owned gradients over the data-parallel replicas of the group."""
+        assert self.engine is not None
+        if self.world is None:
+            assert instruction.group == (self.program.rank,), "a single-rank plan reduces over itself"
+            return
+        params = [
+            p
+            for name in self._active(instruction.tasks)
+            for _, p in owned_parameters(self.engine.tasks[name], self.owned)
+        ]
+        all_reduce_gradients(params, self.world.data_groups[instruction.group], self.world.device)
 
     def _optimizer_step(self, instruction: OptimizerStep) -> None:
         assert self.engine is not None
-        for name in self._active(instruction.tasks):
-            self._record_step(self.runs[name], self.engine.optimizer_step(name))
+        names = self._active(instruction.tasks)
+        if self.world is None:
+            results = [self.engine.optimizer_step(name) for name in names]
+        else:
+            results = optimizer_steps(self.engine, names, self.world)
+        for result in results:
+            self._record_step(self.runs[result.task], result)
 
     def _record_step(self, run: TaskRun, result: StepResult) -> None:
         now = time.perf_counter()
@@ -285,9 +386,10 @@ class PlanExecutor:
             "target_tokens": result.num_target_tokens,
             "seconds": round(seconds, 6),
         }
-        run.metrics.append(record)
-        self.tensorboard.log_step(name, record)
-        run.manifest.append({"step": result.step, "indices": [e.index for e in run.current_batch]})
+        if self.lead:
+            run.metrics.append(record)
+            self.tensorboard.log_step(name, record)
+            run.manifest.append({"step": result.step, "indices": [e.index for e in run.current_batch]})
         status = "done" if result.step >= run.plan.steps else "running"
         self.progress.step(name, result.step, result.loss, result.num_tokens, status)
 
@@ -301,7 +403,12 @@ class PlanExecutor:
         for name, state in states.items():
             run = self.runs[name]
             if state.status is not TaskStatus.DIVERGED and state.step > self._saved_step(name):
-                run.checkpoint = save_checkpoint(run.directory, state)
+                snapshot = self._snapshot(state)
+                run.checkpoint = run.directory / CHECKPOINTS / f"step-{state.step:06d}"
+                if snapshot is not None:
+                    save_checkpoint(run.directory, snapshot)
+        if not self.lead:
+            return
         self.tensorboard.flush()
         previous = self.last_job_record
         self.last_job_record = write_job_record(
@@ -321,6 +428,22 @@ class PlanExecutor:
         for name, run in self.runs.items():
             prune_checkpoints(run.directory, keep={tasks[name]["checkpoint"] for tasks in kept if name in tasks})
 
+    def _snapshot(self, state: TaskState) -> TaskSnapshot | None:
+        """The task's whole state, on rank 0 (gathered from the ranks owning its parts); None
+        elsewhere."""
+        if self.world is None:
+            return TaskSnapshot.of(state)
+        gathered = gather_task_state(state, self.owned, self.world, exports=self._exports, with_optimizer=True)
+        if gathered is None:
+            return None
+        adapter, optimizer = gathered
+        return TaskSnapshot(adapter, optimizer, state.dropout_generator.get_state(), state.step, state.status)
+
+    @property
+    def _exports(self) -> bool:
+        """Whether this rank's owned parts are the ones gathered (replica 0, shard 0)."""
+        return self.world is None or (self.world.position.replica == 0 and self.world.position.tp_index == 0)
+
     def _saved_step(self, name: str) -> int:
         checkpoint = self.runs[name].checkpoint
         return int(checkpoint.name.removeprefix("step-")) if checkpoint is not None else 0
@@ -328,11 +451,18 @@ class PlanExecutor:
     def _export_adapters(self, _: ExportAdapters) -> None:
         assert self.engine is not None and self.backbone is not None
         for name, state in self.engine.tasks.items():
-            if state.status is TaskStatus.FINISHED:
+            if state.status is not TaskStatus.FINISHED:
+                continue
+            if self.world is None:
+                adapter: dict[str, torch.Tensor] | None = state.adapter_state()
+            else:
+                gathered = gather_task_state(state, self.owned, self.world, exports=self._exports, with_optimizer=False)
+                adapter = gathered[0] if gathered is not None else None
+            if adapter is not None:
                 save_adapter(
                     self.runs[name].directory,
                     state.config.peft,
-                    state.adapter_state(),
+                    adapter,
                     base_model=base_model_name_or_path(self.plan.job.model, self.backbone.model_dir),
                     backbone=self.backbone.config,
                 )
@@ -353,6 +483,8 @@ class PlanExecutor:
         ]
 
     def _write_summary(self) -> dict:
+        peak = peak_memory_bytes()
+        rank_peaks = gather_peak_memory(peak, self.world) if self.world is not None else [peak]
         now = time.perf_counter()
         wall, train = now - self.started, max(now - self.training_started, 1e-9)
         tasks = {}
@@ -372,10 +504,12 @@ class PlanExecutor:
             "wall_seconds": wall,
             "train_seconds": train,
             "tokens_per_second": sum(run.tokens_this_process for run in self.runs.values()) / train,
-            "peak_memory_bytes": peak_memory_bytes(),
+            "peak_memory_bytes": max(rank_peaks),
+            "rank_peak_memory_bytes": rank_peaks,
             "instructions_executed": self.executed,
             "phases": self._phase_timings(),
             "tasks": tasks,
         }
-        atomic_write_bytes(self.output_dir / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+        if self.lead:
+            atomic_write_bytes(self.output_dir / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
         return summary

@@ -9,18 +9,11 @@ increasing order.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from muxtune.plans import Placement, Stage
+from muxtune.plans.mesh import MeshPosition, position_of, rank_of
 
-
-@dataclass(frozen=True)
-class MeshPosition:
-    """Where a rank sits in the mesh."""
-
-    stage: int
-    tp_index: int
-    replica: int
+__all__ = ["MeshPosition", "first_layers", "placement", "position_of", "rank_of"]
 
 
 def _positive(name: str, value: int) -> None:
@@ -60,18 +53,6 @@ def placement(
         data_parallel=d,
         stages=tuple(stages),
     )
-
-
-def rank_of(placement: Placement, position: MeshPosition) -> int:
-    """The rank at ``position``."""
-    t, s = placement.tensor_parallel, placement.pipeline_parallel
-    return position.tp_index + t * (position.stage + s * position.replica)
-
-
-def position_of(placement: Placement, rank: int) -> MeshPosition:
-    """The mesh position of ``rank``."""
-    t, s = placement.tensor_parallel, placement.pipeline_parallel
-    return MeshPosition(stage=(rank // t) % s, tp_index=rank % t, replica=rank // (t * s))
 
 
 def first_layers(placement: Placement) -> tuple[int, ...]:

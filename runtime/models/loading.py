@@ -9,13 +9,13 @@ alone, so the compiler reports them before a run starts.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import Tensor
+from torch import Tensor, nn
 
 from muxtune.common.text import clip_line
 
@@ -154,11 +154,17 @@ def _is_ignored(key: str, family: str) -> bool:
     return any(parts[-len(suffix) :] == suffix for suffix in _IGNORED_SUFFIXES[family])
 
 
-def match_checkpoint(model: BackboneForCausalLM, tensors: Mapping[str, TensorInfo], source: str) -> dict[str, str]:
+def match_checkpoint(
+    model: BackboneForCausalLM,
+    tensors: Mapping[str, TensorInfo],
+    source: str,
+    skipped: Callable[[str], bool] | None = None,
+) -> dict[str, str]:
     """The model state key each checkpoint tensor (Hugging Face key name) fills, judged by names,
     shapes and floating-point-ness alone. Keys without the body prefix are accepted, derivable
-    buffers and a tied lm_head are skipped. ValueError, starting with `source`, lists missing,
-    unexpected, shape-mismatched and non-floating keys (a few of each)."""
+    buffers and a tied lm_head are skipped, and so are the state keys ``skipped`` selects (they
+    may be absent). ValueError, starting with `source`, lists missing, unexpected,
+    shape-mismatched and non-floating keys (a few of each)."""
     tied = set(model.tied_weight_keys())
     expected = {k: TensorInfo(tuple(v.shape), v.is_floating_point()) for k, v in model.state_dict().items()}
     expected = {k: info for k, info in expected.items() if k not in tied}
@@ -176,13 +182,15 @@ def match_checkpoint(model: BackboneForCausalLM, tensors: Mapping[str, TensorInf
             unexpected.append(raw_key)
             continue
         present.add(key)
+        if skipped is not None and skipped(key):
+            continue
         if tuple(info.shape) != expected[key].shape:
             mismatched.append(clip_line(f"{_short(raw_key)} {tuple(info.shape)} != {expected[key].shape}", 200))
         elif info.floating != expected[key].floating:
             wrong_kind.append(raw_key)
         else:
             mapping[raw_key] = key
-    missing = sorted(names - present)
+    missing = sorted(k for k in names - present if skipped is None or not skipped(k))
     problems = []
     if missing:
         problems.append(f"missing tensors {_listed(missing)}")
@@ -202,12 +210,13 @@ def assign_weights(
     tensors: Mapping[str, Tensor],
     dtype: torch.dtype,
     source: str = "checkpoint",
+    skipped: Callable[[str], bool] | None = None,
 ) -> None:
     """Assign checkpoint tensors (Hugging Face key names) to `model`'s parameters, cast to
     `dtype`; the model may live on the meta device. Matching follows `match_checkpoint`
-    (ValueError listing what does not fit)."""
+    (ValueError listing what does not fit); the keys ``skipped`` selects stay as they are."""
     infos = {k: TensorInfo(tuple(t.shape), t.is_floating_point()) for k, t in tensors.items()}
-    mapping = match_checkpoint(model, infos, source)
+    mapping = match_checkpoint(model, infos, source, skipped)
     state: dict[str, Tensor] = {}
     for raw_key, key in mapping.items():
         tensor = tensors[raw_key]
@@ -256,16 +265,40 @@ def check_checkpoint(path: str | Path, model: BackboneForCausalLM) -> None:
     match_checkpoint(model, infos, source)
 
 
+def decoder_layer_prefix(model: BackboneForCausalLM) -> str:
+    """The state-key prefix of the model's decoder layers (``model.layers``, ``transformer.h``):
+    the module list holding ``num_layers`` blocks."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == model.config.num_layers:
+            return name
+    raise ValueError(f"{type(model).__name__} has no list of {model.config.num_layers} decoder layers")
+
+
+def outside_layers(model: BackboneForCausalLM, layers: range) -> Callable[[str], bool]:
+    """A predicate on state keys: True for the parameters of decoder layers not in ``layers``."""
+    prefix = decoder_layer_prefix(model) + "."
+
+    def outside(key: str) -> bool:
+        if not key.startswith(prefix):
+            return False
+        return int(key[len(prefix) :].split(".", 1)[0]) not in layers
+
+    return outside
+
+
 def load_backbone(
     path: str | Path,
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
+    layers: range | None = None,
 ) -> tuple[BackboneForCausalLM, BackboneConfig]:
     """Build the model on the meta device and assign the checkpoint's tensors cast to `dtype`.
 
-    FileNotFoundError names a missing config/weights file; ValueError names an unreadable file or
-    lists missing, unexpected and shape-mismatched tensor keys. A tied lm_head is taken from the
-    embedding.
+    With ``layers`` (a pipeline stage's decoder layers), the other decoder layers are neither
+    read nor allocated: their parameters stay on the meta device. Embeddings, final norm and
+    head are always loaded. FileNotFoundError names a missing config/weights file; ValueError
+    names an unreadable file or lists missing, unexpected and shape-mismatched tensor keys. A
+    tied lm_head is taken from the embedding.
     """
     root = Path(path)
     if not root.is_dir():
@@ -273,13 +306,20 @@ def load_backbone(
     config = read_hf_config(root)
     files = checkpoint_files(root)
     model = build_model_checked(config, root / "config.json", dtype=dtype)
+    skipped = outside_layers(model, layers) if layers is not None else None
+    infos: dict[str, TensorInfo] = {}
+    if skipped is not None:
+        for file in files:
+            infos.update(read_safetensors_header(file))
+        wanted = set(match_checkpoint(model, infos, f"checkpoint {root}", skipped))
     tensors: dict[str, Tensor] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
+                    if skipped is None or key in wanted:
+                        tensors[key] = f.get_tensor(key)
         except (SafetensorError, OSError) as exc:
             raise _unreadable(file, exc) from None
-    assign_weights(model, tensors, dtype, source=f"checkpoint {root}")
+    assign_weights(model, tensors, dtype, source=f"checkpoint {root}", skipped=skipped)
     return model, config

@@ -142,10 +142,10 @@ def test_edited_plan_is_refused_by_run(reference_run: Path, tmp_path: Path) -> N
 
 def test_init_from_and_validate(reference_run: Path, tmp_path: Path) -> None:
     tasks = [{**default_tasks()[1], "init_from": str(reference_run / "out" / "qa"), "steps": 1, "save_every": 0}]
-    job = write_job(tmp_path, tasks, cluster={"num_devices": 2})
+    job = write_job(tmp_path, tasks, cluster={"num_devices": 2, "tensor_parallel": 2})
     validated = run_cli("compile", str(job), "--validate")
     assert validated.returncode == 0 and "valid" in validated.stdout
-    assert "cluster.num_devices: the plan places the job on 2 devices" in validated.stderr
+    assert "cluster.tensor_parallel: 2: the runtime runs pipeline and data parallel plans" in validated.stderr
     assert not (tmp_path / "plan.yaml").exists() and not (tmp_path / "out").exists()
     result = compile_and_run(tmp_path, tasks=tasks)
     assert result.returncode == 0, result.stderr

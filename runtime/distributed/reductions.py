@@ -1,0 +1,162 @@
+"""Per-task reductions across ranks: data-parallel gradient sums, the optimizer step's loss,
+token counts, gradient norm and divergence decision, and a task's state gathered on rank 0.
+
+A rank holds the PEFT modules of every anchor (they are small), but only the anchors its
+stage runs ("owned" anchors) ever get gradients or change; the others keep their initial
+values. Rank 0 assembles a task's state from the owners (replica 0, shard 0), so checkpoints
+and adapters have the single-process format: a job can resume on another mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..engine import MultiTaskEngine, StepResult, TaskState
+from .world import World
+
+BUCKET_ELEMENTS = 1 << 22
+"""Gradients are all-reduced in flat fp32 buckets of at most this many elements (16 MiB)."""
+
+
+def owned_parameters(state: TaskState, owned: Collection[str]) -> list[tuple[str, nn.Parameter]]:
+    """The task's parameters at the ``owned`` anchors, keyed ``<anchor>.<param>``, in module order."""
+    return [
+        (f"{anchor}.{name}", p)
+        for anchor, module in state.modules.items()
+        if anchor in owned
+        for name, p in module.named_parameters()
+    ]
+
+
+def _buckets(params: Sequence[nn.Parameter]) -> list[list[nn.Parameter]]:
+    buckets: list[list[nn.Parameter]] = [[]]
+    size = 0
+    for p in params:
+        if buckets[-1] and size + p.numel() + 1 > BUCKET_ELEMENTS:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += p.numel() + 1
+    return [b for b in buckets if b]
+
+
+def all_reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup, device: torch.device) -> None:
+    """Sum the parameters' gradients over the replicas of ``group``: flat fp32 buckets, all
+    issued before any is waited on. A replica without a gradient adds zeros; a parameter that
+    no replica has a gradient for keeps none (as in a single process)."""
+    pending = []
+    for bucket in _buckets(params):
+        flat = torch.cat(
+            [
+                torch.cat(
+                    [
+                        (p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
+                        .reshape(-1)
+                        .to(device),
+                        torch.ones(1, device=device) if p.grad is not None else torch.zeros(1, device=device),
+                    ]
+                )
+                for p in bucket
+            ]
+        )
+        pending.append((bucket, flat, dist.all_reduce(flat, group=group, async_op=True)))
+    for bucket, flat, work in pending:
+        work.wait()
+        offset = 0
+        for p in bucket:
+            values = flat[offset : offset + p.numel()]
+            present = bool(flat[offset + p.numel()] > 0)
+            offset += p.numel() + 1
+            p.grad = values.view_as(p).to(dtype=p.dtype, device=p.device) if present else None
+
+
+def optimizer_steps(engine: MultiTaskEngine, names: Sequence[str], world: World) -> list[StepResult]:
+    """One optimizer step for each task in ``names`` on every rank at once: the loss, token
+    counts and squared gradient norm reduced over the world in one call, the same clipping
+    and divergence decision everywhere (one more call for parameters made non-finite)."""
+    states = [engine.tasks[name] for name in names]
+    figures = torch.zeros(len(states), 4, dtype=torch.float64)
+    for i, state in enumerate(states):
+        if world.counts_loss:
+            figures[i, :3] = torch.tensor([state.pending_loss, state.pending_target_tokens, state.pending_tokens])
+        grads = [p.grad for p in state.parameters if p.grad is not None]
+        if world.counts_gradients and grads:
+            figures[i, 3] = float(torch.nn.utils.get_total_norm(grads)) ** 2
+    world.all_reduce(figures)
+    applied = []
+    nonfinite = torch.zeros(len(states), dtype=torch.float64)
+    for i, (name, state) in enumerate(zip(names, states)):
+        loss = float(figures[i, 0]) / max(1, state.normalizer)
+        grad_norm = math.sqrt(float(figures[i, 3])) if math.isfinite(float(figures[i, 3])) else math.inf
+        if math.isfinite(grad_norm):
+            torch.nn.utils.clip_grads_with_norm_(state.parameters, state.config.max_grad_norm, torch.tensor(grad_norm))
+        lr, stepped = engine.apply_update(name, loss, grad_norm)
+        nonfinite[i] = float(stepped and not engine.parameters_finite(name))
+        applied.append((loss, lr, grad_norm, stepped))
+    world.all_reduce(nonfinite, dist.ReduceOp.MAX)
+    return [
+        engine.finish_step(
+            name, loss, lr, grad_norm, not stepped or bool(nonfinite[i]), int(figures[i, 1]), int(figures[i, 2])
+        )
+        for i, (name, (loss, lr, grad_norm, stepped)) in enumerate(zip(names, applied))
+    ]
+
+
+def gather_task_state(
+    state: TaskState, owned: Collection[str], world: World, *, exports: bool, with_optimizer: bool
+) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """On rank 0: the task's whole adapter state (``<anchor>.<param>`` -> tensor, each from its
+    owner) and, ``with_optimizer``, its whole optimizer state dict; None on the other ranks.
+    Ranks with ``exports`` false (other replicas and shards) send nothing."""
+    keys = [f"{anchor}.{name}" for anchor, module in state.modules.items() for name, _ in module.named_parameters()]
+    index_of = {key: i for i, key in enumerate(keys)}
+    part: dict[str, tuple[torch.Tensor, dict | None]] = {}
+    if exports:
+        optimizer_state = state.optimizer.state_dict()["state"] if with_optimizer else {}
+        for key, p in owned_parameters(state, owned):
+            part[key] = (p.detach().cpu().clone(), optimizer_state.get(index_of[key]))
+    parts: list[dict | None] = [None] * world.size if world.lead else []
+    dist.gather_object(part, parts if world.lead else None, dst=0)
+    if not world.lead:
+        return None
+    adapter = state.adapter_state()
+    optimizer = state.optimizer.state_dict() if with_optimizer else {}
+    if with_optimizer:
+        optimizer["state"] = dict(optimizer["state"])
+    for received in parts:
+        for key, (tensor, entry) in (received or {}).items():
+            adapter[key] = tensor
+            if with_optimizer and entry is not None:
+                optimizer["state"][index_of[key]] = entry
+    if with_optimizer:
+        optimizer["state"] = dict(sorted(optimizer["state"].items()))
+    return adapter, optimizer
+
+
+def gather_peak_memory(peak_bytes: int, world: World) -> list[int]:
+    """Every rank's peak memory, on every rank."""
+    peaks = torch.zeros(world.size, dtype=torch.float64)
+    peaks[world.rank] = peak_bytes
+    world.all_reduce(peaks)
+    return [int(v) for v in peaks.tolist()]
+
+
+def owned_anchors(anchors: Collection[str], layer_prefix: str, layers: range, first: bool, last: bool) -> set[str]:
+    """The anchors a pipeline stage holding decoder ``layers`` runs: those inside its layers,
+    the head's (``lm_head``) on the last stage, and the other anchors outside the decoder
+    layers (embeddings, soft prompts) on the first."""
+    owned = set()
+    prefix = layer_prefix + "."
+    for anchor in anchors:
+        if anchor.startswith(prefix):
+            inside = int(anchor[len(prefix) :].split(".", 1)[0]) in layers
+        else:
+            inside = last if anchor.split(".", 1)[0] == "lm_head" else first
+        if inside:
+            owned.add(anchor)
+    return owned

@@ -1,0 +1,144 @@
+"""This rank's place in a multi-rank plan, and its process groups.
+
+One process per rank, started by `muxtune-run` (through torch's elastic launcher) or by
+`torchrun`; both set ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. The
+backend is gloo on CPU and NCCL on CUDA. Every blocking exchange gives up after
+``MUXTUNE_COMM_TIMEOUT`` seconds (default 45), so a rank that hangs stops the job within a
+minute instead of never; the prologue, where ranks load the backbone and tokenize at their own
+pace, waits longer (``MUXTUNE_START_TIMEOUT``, default 1800).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from muxtune.plans import Placement
+from muxtune.plans.mesh import MeshPosition, position_of, rank_of
+
+from ..run_folder import RunError
+
+COMM_TIMEOUT_ENV = "MUXTUNE_COMM_TIMEOUT"
+START_TIMEOUT_ENV = "MUXTUNE_START_TIMEOUT"
+DEFAULT_COMM_TIMEOUT_S = 45.0
+DEFAULT_START_TIMEOUT_S = 1800.0
+
+
+class CommunicationError(Exception):
+    """An exchange with another rank failed or timed out; the message names the rank."""
+
+
+def _seconds(name: str, default: float) -> timedelta:
+    text = os.environ.get(name)
+    if text is None:
+        return timedelta(seconds=default)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise RunError(f"{name}: must be a positive number of seconds, got {text!r}")
+    return timedelta(seconds=value)
+
+
+@dataclass
+class World:
+    """This rank's mesh position and the groups it reduces over.
+
+    ``data_groups`` maps each data-parallel replica group (the plan's `AllReduce.group`) to its
+    process group; per-task figures (loss, token counts, gradient norm, divergence) are reduced
+    over the whole world, each rank adding only what it alone holds (see the properties)."""
+
+    rank: int
+    size: int
+    position: MeshPosition
+    num_stages: int
+    device: torch.device
+    comm_timeout: timedelta
+    data_groups: dict[tuple[int, ...], dist.ProcessGroup] = field(default_factory=dict)
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0 owns the run folder: logs, checkpoints, adapters, summary."""
+        return self.rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.position.stage == self.num_stages - 1
+
+    @property
+    def counts_loss(self) -> bool:
+        """Whether this rank's loss and token figures count: the last stage computes the loss,
+        each replica on its own share; tensor-parallel shards repeat it."""
+        return self.last_stage and self.position.tp_index == 0
+
+    @property
+    def counts_gradients(self) -> bool:
+        """Whether this rank's gradients count in a norm: replicas hold equal gradients after
+        their all-reduce, so replica 0 speaks for them."""
+        return self.position.replica == 0
+
+    def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+        """Reduce ``tensor`` over every rank in place (moved to the backend's device and back)."""
+        on_device = tensor.to(self.device)
+        dist.all_reduce(on_device, op=op)
+        tensor.copy_(on_device)
+        return tensor
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_world(placement: Placement, device: torch.device) -> World:
+    """Join the job's process group from the launcher's environment and create the
+    data-parallel groups (every rank creates every group, in one order)."""
+    try:
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        raise RunError("RANK and WORLD_SIZE are not set: start ranks with muxtune-run or torchrun") from None
+    if size != placement.num_ranks:
+        raise RunError(
+            f"the plan has {placement.num_ranks} ranks, the launcher started {size}: "
+            f"use --nproc-per-node {placement.num_ranks} (or let muxtune-run start them)"
+        )
+    comm_timeout = _seconds(COMM_TIMEOUT_ENV, DEFAULT_COMM_TIMEOUT_S)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group(backend_for(device), rank=rank, world_size=size, timeout=comm_timeout)
+    world = World(rank, size, position_of(placement, rank), placement.pipeline_parallel, device, comm_timeout)
+    for stage in range(placement.pipeline_parallel):
+        for tp_index in range(placement.tensor_parallel):
+            ranks = tuple(rank_of(placement, MeshPosition(stage, tp_index, r)) for r in range(placement.data_parallel))
+            group = dist.new_group(list(ranks)) if len(ranks) > 1 else None
+            if rank in ranks and group is not None:
+                world.data_groups[ranks] = group
+    return world
+
+
+def wait_for_all(world: World, what: str) -> None:
+    """A barrier with the start-up timeout that names the ranks that did not arrive."""
+    timeout = _seconds(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
+        else:
+            dist.barrier()
+    except RuntimeError as exc:
+        raise CommunicationError(f"rank {world.rank}: {what}: {first_line(exc)}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's message (torch's distributed errors run long)."""
+    text = str(exc).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+
+
+def close_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
