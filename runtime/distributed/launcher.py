@@ -20,6 +20,8 @@ from ..summary_text import DIVERGED_EXIT
 
 FAILED_EXIT = 1
 MONITOR_INTERVAL_S = 0.5
+SHUTDOWN_TIMEOUT_S = 5
+"""Seconds a rank gets to stop after SIGTERM before SIGKILL (a hung rank may ignore SIGTERM)."""
 
 
 def _how(exitcode: int) -> str:
@@ -43,6 +45,7 @@ def launch_ranks(plan_path: str, num_ranks: int, resume: bool) -> int:
         rdzv_endpoint="127.0.0.1:0",
         max_restarts=0,
         monitor_interval=MONITOR_INTERVAL_S,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         logs_specs=DefaultLogsSpecs(),
     )
     args = ("-u", "-m", "muxtune.runtime.launch", plan_path, *(("--resume",) if resume else ()))

@@ -3,9 +3,11 @@
 One process per rank, started by `muxtune-run` (through torch's elastic launcher) or by
 `torchrun`; both set ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. The
 backend is gloo on CPU and NCCL on CUDA. Every blocking exchange gives up after
-``MUXTUNE_COMM_TIMEOUT`` seconds (default 45), so a rank that hangs stops the job within a
-minute instead of never; the prologue, where ranks load the backbone and tokenize at their own
-pace, waits longer (``MUXTUNE_START_TIMEOUT``, default 1800).
+``MUXTUNE_COMM_TIMEOUT`` seconds (default 20; raise it for pipelines whose stages compute longer
+than that between two messages). A rank that hangs then stops the job within a minute: the
+timeout, plus the 30 s torch's launcher grants a stopping rank before it kills it. The
+prologue, where ranks load the backbone and tokenize at their own pace, waits longer
+(``MUXTUNE_START_TIMEOUT``, default 1800).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..run_folder import RunError
 
 COMM_TIMEOUT_ENV = "MUXTUNE_COMM_TIMEOUT"
 START_TIMEOUT_ENV = "MUXTUNE_START_TIMEOUT"
-DEFAULT_COMM_TIMEOUT_S = 45.0
+DEFAULT_COMM_TIMEOUT_S = 20.0
 DEFAULT_START_TIMEOUT_S = 1800.0
 
 
