@@ -1,4 +1,4 @@
-"""`muxtune-run plan.yaml [--resume]`: replay a plan; adapters, metrics and checkpoints land in
+"""`muxtune-run plan.yaml [--resume] [--trace]`: replay a plan; adapters, metrics and checkpoints land in
 the plan's output_dir. A plan for several ranks starts one process per rank on this machine
 (see `distributed.launcher`); under torchrun each process runs its own rank. Exit status: 0
 done, 2 bad input, 3 done but some task diverged, 1 a rank failed."""
@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description="Run a compiled MuxTune plan.")
     parser.add_argument("plan", help="plan file written by muxtune-compile")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    parser.add_argument(
+        "--trace", action="store_true", help="write each rank's instruction timeline to output_dir/trace/ (Perfetto)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = parser.parse_args(argv)
 
@@ -33,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
             if "RANK" in os.environ:
                 from .launch import run_rank
 
-                return run_rank(args.plan, args.resume)
+                return run_rank(args.plan, args.resume, args.trace)
             from .distributed.launcher import launch_ranks
 
-            return launch_ranks(args.plan, plan.placement.num_ranks, args.resume)
-        summary = PlanExecutor(plan, resume=args.resume).run()
+            flags = [flag for flag, on in (("--resume", args.resume), ("--trace", args.trace)) if on]
+            return launch_ranks(args.plan, plan.placement.num_ranks, flags)
+        summary = PlanExecutor(plan, resume=args.resume, trace=args.trace).run()
         return report_summary(PROG, summary, plan.job.output_dir)
 
     hint = f"continue with: muxtune-run {args.plan} --resume"

@@ -80,6 +80,7 @@ from .run_folder import RunError, RunFolder
 from .run_logs import StepLog
 from .task_runs import TaskRun, peak_memory_bytes, task_training
 from .tensorboard_log import TensorBoardLogs
+from .trace import ExecutionTrace
 
 SUMMARY = "summary.json"
 
@@ -103,6 +104,7 @@ class PlanExecutor:
         resume: bool = False,
         progress: ProgressDisplay | None = None,
         world: World | None = None,
+        trace: bool = False,
     ):
         self.plan = plan
         self.world = world
@@ -122,6 +124,7 @@ class PlanExecutor:
         self.interpreter: SubgraphInterpreter | None = None
         self.exchange: StageExchange | None = None
         self.owned: set[str] = set()
+        self.trace = ExecutionTrace(self.program.rank) if trace else None
         self.handlers = self._handler_table()
         self.executed = 0
         self.round_seconds: list[list[float]] = [[] for _ in plan.phases]
@@ -155,12 +158,14 @@ class PlanExecutor:
                     self.round_index = round_index
                     started = time.perf_counter()
                     for instruction in body:
-                        self.execute(instruction)
+                        self.execute(instruction, traced=True)
                     if self.exchange is not None:
                         self.exchange.drain()
                     self.round_seconds[phase.id].append(time.perf_counter() - started)
             for instruction in self.program.epilogue:
                 self.execute(instruction)
+            if self.trace is not None:
+                self.trace.write(self.output_dir)
             self.progress.close()
             return self._write_summary()
 
@@ -178,9 +183,14 @@ class PlanExecutor:
             ExportAdapters: self._export_adapters,
         }
 
-    def execute(self, instruction: Instruction) -> None:
-        """Dispatch one instruction to its handler."""
-        self.handlers[type(instruction)](instruction)
+    def execute(self, instruction: Instruction, traced: bool = False) -> None:
+        """Dispatch one instruction to its handler (into the trace too, when ``traced``)."""
+        if traced and self.trace is not None:
+            start = time.perf_counter()
+            self.handlers[type(instruction)](instruction)
+            self.trace.record(instruction, self.round_index, start, time.perf_counter())
+        else:
+            self.handlers[type(instruction)](instruction)
         self.executed += 1
 
     def _active(self, names: tuple[str, ...] | None = None) -> list[str]:

@@ -36,22 +36,24 @@ def threads_per_rank() -> int:
     return max(1, (os.cpu_count() or 1) // local_ranks)
 
 
-def run_rank(plan_path: str, resume: bool) -> int:
+def run_rank(plan_path: str, resume: bool, trace: bool = False) -> int:
     """Replay this rank's program of the plan (rank and world size from the environment)."""
     plan = load_plan(plan_path)
     device = torch_device(plan.programs[0].device)
     if device.type == "cpu":
         torch.set_num_threads(threads_per_rank())
     world = init_world(plan.placement, device)
+    finished = False
     try:
         tasks = [(t.name, t.steps) for t in plan.tasks]
         progress = ProgressDisplay(tasks) if world.lead else ProgressDisplay(tasks, io.StringIO())
-        summary = PlanExecutor(plan, resume=resume, progress=progress, world=world).run()
+        summary = PlanExecutor(plan, resume=resume, progress=progress, world=world, trace=trace).run()
+        finished = True
     except CommunicationError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return FAILED_EXIT
     finally:
-        close_world()
+        close_world(world, finished)
     return report_summary(PROG, summary, plan.job.output_dir) if world.lead else 0
 
 
@@ -59,10 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description="Run one rank of a compiled multi-rank MuxTune plan.")
     parser.add_argument("plan", help="plan file written by muxtune-compile")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    parser.add_argument(
+        "--trace", action="store_true", help="write each rank's instruction timeline to output_dir/trace/ (Perfetto)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = parser.parse_args(argv)
     hint = f"continue with: muxtune-run {args.plan} --resume"
-    return run_command(PROG, lambda: run_rank(args.plan, args.resume), args.debug, interrupt_hint=hint)
+    return run_command(PROG, lambda: run_rank(args.plan, args.resume, args.trace), args.debug, interrupt_hint=hint)
 
 
 if __name__ == "__main__":

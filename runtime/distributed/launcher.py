@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import uuid
+from collections.abc import Sequence
 
 from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -33,8 +34,9 @@ def _how(exitcode: int) -> str:
     return f"exited with status {exitcode}"
 
 
-def launch_ranks(plan_path: str, num_ranks: int, resume: bool) -> int:
-    """Run the plan's ``num_ranks`` ranks as local processes; the job's exit status."""
+def launch_ranks(plan_path: str, num_ranks: int, flags: Sequence[str] = ()) -> int:
+    """Run the plan's ``num_ranks`` ranks as local processes, each with the command-line
+    ``flags`` (``--resume``, ``--trace``); the job's exit status."""
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(
         min_nodes=1,
@@ -48,7 +50,7 @@ def launch_ranks(plan_path: str, num_ranks: int, resume: bool) -> int:
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         logs_specs=DefaultLogsSpecs(),
     )
-    args = ("-u", "-m", "muxtune.runtime.launch", plan_path, *(("--resume",) if resume else ()))
+    args = ("-u", "-m", "muxtune.runtime.launch", plan_path, *flags)
     try:
         elastic_launch(config, sys.executable)(*args)
     except ChildFailedError as exc:

@@ -141,6 +141,11 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
 
 
-def close_world() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def close_world(world: World, finished: bool) -> None:
+    """Leave the process group; a rank that ``finished`` first waits for all others to finish
+    too, so none tears its connections down under another's last exchange."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        wait_for_all(world, "every rank finishes")
+    dist.destroy_process_group()
