@@ -19,6 +19,8 @@ import yaml
 from safetensors.torch import load_file
 from user_path import default_tasks, run_cli, write_job
 
+from muxtune.tools.bench_pipeline import trace_figures
+
 TOLERANCE = 1e-4
 STOP_WITHIN_S = 60
 
@@ -79,9 +81,12 @@ def test_multi_rank_run_equals_single_process(single_run: Path, tmp_path: Path, 
     placement = yaml.safe_load(plan.read_text())["placement"]
     assert placement["num_ranks"] == cluster["num_devices"]
     assert placement["pipeline_parallel"] == cluster["pipeline_parallel"]
-    result = run_cli("run", str(plan))
+    result = run_cli("run", str(plan), "--trace")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+    figures = trace_figures(tmp_path / "out", cluster["num_devices"])
+    assert 0.0 <= figures.bubble_fraction < 1.0
+    assert (figures.transfers > 0) == (cluster["pipeline_parallel"] > 1)
     names = ["sentiment", "qa"]
     assert_same_adapters(adapters(tmp_path / "out", names), adapters(single_run, names))
     for name in names:
