@@ -5,7 +5,6 @@ done, 2 bad input, 3 done but some task diverged, 1 a rank failed."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -13,29 +12,20 @@ from muxtune.common.cli import run_command
 from muxtune.plans import load_plan
 
 from .executor import PlanExecutor, check_runnable
+from .launch import PROG, run_arguments, run_rank
 from .summary_text import DIVERGED_EXIT, format_summary, report_summary
 
-PROG = "muxtune-run"
 __all__ = ["DIVERGED_EXIT", "format_summary", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="Run a compiled MuxTune plan.")
-    parser.add_argument("plan", help="plan file written by muxtune-compile")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
-    parser.add_argument(
-        "--trace", action="store_true", help="write each rank's instruction timeline to output_dir/trace/ (Perfetto)"
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    args = parser.parse_args(argv)
+    args = run_arguments("Run a compiled MuxTune plan.").parse_args(argv)
 
     def run() -> int:
         plan = load_plan(args.plan)
         if plan.placement.num_ranks > 1:
             check_runnable(plan)
             if "RANK" in os.environ:
-                from .launch import run_rank
-
                 return run_rank(args.plan, args.resume, args.trace)
             from .distributed.launcher import launch_ranks
 

@@ -57,15 +57,20 @@ def run_rank(plan_path: str, resume: bool, trace: bool = False) -> int:
     return report_summary(PROG, summary, plan.job.output_dir) if world.lead else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="Run one rank of a compiled multi-rank MuxTune plan.")
+def run_arguments(description: str) -> argparse.ArgumentParser:
+    """The command line `muxtune-run` and this module share: the plan, --resume, --trace, --debug."""
+    parser = argparse.ArgumentParser(prog=PROG, description=description)
     parser.add_argument("plan", help="plan file written by muxtune-compile")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     parser.add_argument(
         "--trace", action="store_true", help="write each rank's instruction timeline to output_dir/trace/ (Perfetto)"
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = run_arguments("Run one rank of a compiled multi-rank MuxTune plan.").parse_args(argv)
     hint = f"continue with: muxtune-run {args.plan} --resume"
     return run_command(PROG, lambda: run_rank(args.plan, args.resume, args.trace), args.debug, interrupt_hint=hint)
 
