@@ -69,6 +69,7 @@ def compile_job(
     policy: str = DEFAULT_POLICY,
     spec_path: str | None = None,
     profile: Profile | None = None,
+    align: bool = True,
 ) -> CompileResult:
     """Compile a validated job spec into a plan; raises CompileError listing every problem.
 
@@ -76,7 +77,8 @@ def compile_job(
     ``no_fuse`` (one hTask per task); `task_tokens` caps the tokens one task brings to one
     micro-batch; `policy` names how the traced graph is cut into subgraphs (`per_layers(N)` or
     `fine`; cut at stage boundaries too when the plan has several stages); `profile` is a
-    measured profile the cost model calibrates itself with.
+    measured profile the cost model calibrates itself with; ``align=False`` turns chunk
+    alignment off (budgets need not be multiples of the device's chunk size: chunk size 1).
     """
     if fusion not in FUSION_MODES:
         raise CompileError([f"fusion: must be one of {', '.join(FUSION_MODES)}, got {fusion!r}"])
@@ -130,7 +132,16 @@ def compile_job(
     options = placement_options(spec.cluster, cost)
     laid_out = {t.name: laid_out_dataset(t, datasets[t.name]) for t in tasks}
     job_plan = passes.run(
-        "solve", plan_job, tasks, laid_out, cost, options, memory_limit, mode=fusion, task_tokens=task_tokens
+        "solve",
+        plan_job,
+        tasks,
+        laid_out,
+        cost,
+        options,
+        memory_limit,
+        mode=fusion,
+        task_tokens=task_tokens,
+        align=align,
     )
     option = job_plan.option
     placement = make_placement(
@@ -158,7 +169,7 @@ def compile_job(
         placement=placement,
         partition=partition,
         tasks=tasks,
-        alignment=Alignment(chunk_size=cost.device.chunk_tokens),
+        alignment=Alignment(chunk_size=cost.device.chunk_tokens if align else 1),
         phases=phases,
         programs=programs,
         predictions=Predictions(num_rounds=phases[-1].last_round, tokens_per_round=0),

@@ -153,13 +153,15 @@ def plan_job(
     mode: str = "solve",
     max_htasks: int = MAX_HTASKS,
     task_tokens: int | None = None,
+    align: bool = True,
 ) -> JobPlan:
     """Decide every phase: fusion (solved or fixed by ``mode``), micro-batches and budgets;
     ``task_tokens`` caps the tokens one task brings to a micro-batch (never below its longest
-    sequence, nor below what the most micro-batches allowed need)."""
+    sequence, nor below what the most micro-batches allowed need). Budgets are multiples of the
+    device's chunk size, or of 1 without ``align`` (the alignment ablation)."""
     batches = {t.name: global_batches(t, datasets[t.name]) for t in tasks}
     all_names = [t.name for t in tasks]
-    chunk = cost.device.chunk_tokens
+    chunk = cost.device.chunk_tokens if align else 1
     phases, chosen = [], None
     sets = active_sets(tasks)
     budget, rounds_left = SOLVE_BUDGET, sum(count for _, count, _ in sets)

@@ -16,24 +16,17 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import torch
 
 from muxtune.compiler.compile import compile_job
 from muxtune.plans import load_plan, save_plan
-from muxtune.runtime.backbone import DTYPES
-from muxtune.runtime.data import batch_indices, load_dataset
 from muxtune.runtime.executor import PlanExecutor
 from muxtune.runtime.model_sources import resolve_model_dir
 from muxtune.runtime.progress import ProgressDisplay
-from muxtune.runtime.schedules import lr_multiplier
-from muxtune.runtime.task_runs import task_training
 from muxtune.runtime.tokenizer import load_tokenizer
 from muxtune.specs import load_job_spec
 
-from .hf_batches import padded_batch, padded_batch_loss
+from .bench_hf import train_sequential
 
 DEFAULT_SPEC = Path(__file__).resolve().parent / "data" / "quickstart.yaml"
 
@@ -58,50 +51,15 @@ def run_muxtune(plan_path: Path) -> dict:
 
 def run_transformers_peft(plan_path: Path) -> dict:
     """Each task alone in transformers + peft, one after another, on the same batches."""
-    import transformers
-    from peft import LoraConfig, get_peft_model
-
     plan = load_plan(plan_path)
     model_dir = resolve_model_dir(plan.job.model)
-    tokenizer = load_tokenizer(model_dir)
-    dtype = DTYPES[plan.job.dtype]
-    tokens = padded = 0
-    seconds = 0.0
-    for task in plan.tasks:
-        cfg = task_training(task)
-        examples = load_dataset(task.data.path, task.data.format, tokenizer, task.max_seq_len).usable
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.peft.r,
-                lora_alpha=cfg.peft.alpha,
-                lora_dropout=cfg.peft.dropout,
-                target_modules=list(cfg.peft.target_modules),
-                use_rslora=cfg.peft.use_rslora,
-                task_type="CAUSAL_LM",
-            ),
-        )
-        params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:
-            p.data = p.data.float()
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-        stream = batch_indices(len(examples), task.batch_size, task.seed)
-        started = time.perf_counter()
-        for step in range(task.steps):
-            batch = [examples[i] for i in next(stream)]
-            ids, mask, labels = padded_batch(batch)
-            padded_batch_loss(model(input_ids=ids, attention_mask=mask).logits, labels).backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_multiplier(cfg.schedule, step, cfg.warmup_steps, cfg.steps)
-            optimizer.step()
-            optimizer.zero_grad()
-            tokens += int(mask.sum())
-            padded += ids.numel()
-        seconds += time.perf_counter() - started
-        del model, optimizer
-    return {"tokens": tokens, "seconds": seconds, "padded_tokens": padded, "peak_rss_bytes": peak_rss_bytes()}
+    result = train_sequential(model_dir, plan.job.dtype, plan.tasks, load_tokenizer(model_dir))
+    return {
+        "tokens": result.tokens,
+        "seconds": result.train_seconds,
+        "padded_tokens": result.padded_tokens,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
 
 
 SIDES = {"muxtune": run_muxtune, "transformers_peft": run_transformers_peft}
