@@ -259,7 +259,8 @@ class PlanExecutor:
                 self.progress.message(note)
         if self.world is not None:
             shared = [job_record]
-            torch.distributed.broadcast_object_list(shared, src=0)
+            with self.world.exchanging("sharing the job record to resume from"):
+                torch.distributed.broadcast_object_list(shared, src=0)
             job_record = shared[0]
         return job_record
 
@@ -356,7 +357,7 @@ class PlanExecutor:
             for name in self._active(instruction.tasks)
             for _, p in owned_parameters(self.engine.tasks[name], self.owned)
         ]
-        all_reduce_gradients(params, self.world.data_groups[instruction.group], self.world.device)
+        all_reduce_gradients(params, self.world.data_groups[instruction.group], self.world)
 
     def _optimizer_step(self, instruction: OptimizerStep) -> None:
         assert self.engine is not None

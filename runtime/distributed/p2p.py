@@ -97,7 +97,8 @@ class StageExchange:
 
     def _isend(self, tensor: torch.Tensor, ins: Send, index: int) -> None:
         tensor = tensor.detach().to(self.world.device).contiguous()
-        self._pending.append((dist.isend(tensor, ins.peer, tag=message_tag(ins, index)), tensor))
+        with self.world.exchanging(f"sending hTask {ins.htask} micro-batch {ins.microbatch} to rank {ins.peer}"):
+            self._pending.append((dist.isend(tensor, ins.peer, tag=message_tag(ins, index)), tensor))
 
     def _recv(self, tensor: torch.Tensor, ins: Recv, index: int, what: str) -> torch.Tensor:
         try:

@@ -45,10 +45,11 @@ def _buckets(params: Sequence[nn.Parameter]) -> list[list[nn.Parameter]]:
     return [b for b in buckets if b]
 
 
-def all_reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup, device: torch.device) -> None:
+def all_reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup, world: World) -> None:
     """Sum the parameters' gradients over the replicas of ``group``: flat fp32 buckets, all
     issued before any is waited on. A replica without a gradient adds zeros; a parameter that
     no replica has a gradient for keeps none (as in a single process)."""
+    device = world.device
     pending = []
     for bucket in _buckets(params):
         flat = torch.cat(
@@ -64,9 +65,11 @@ def all_reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGrou
                 for p in bucket
             ]
         )
-        pending.append((bucket, flat, dist.all_reduce(flat, group=group, async_op=True)))
+        with world.exchanging("summing gradients over the data-parallel replicas"):
+            pending.append((bucket, flat, dist.all_reduce(flat, group=group, async_op=True)))
     for bucket, flat, work in pending:
-        work.wait()
+        with world.exchanging("summing gradients over the data-parallel replicas"):
+            work.wait()
         offset = 0
         for p in bucket:
             values = flat[offset : offset + p.numel()]
@@ -121,7 +124,8 @@ def gather_task_state(
         for key, p in owned_parameters(state, owned):
             part[key] = (p.detach().cpu().clone(), optimizer_state.get(index_of[key]))
     parts: list[dict | None] = [None] * world.size if world.lead else []
-    dist.gather_object(part, parts if world.lead else None, dst=0)
+    with world.exchanging(f"gathering task {state.config.name}'s state on rank 0"):
+        dist.gather_object(part, parts if world.lead else None, dst=0)
     if not world.lead:
         return None
     adapter = state.adapter_state()

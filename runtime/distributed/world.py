@@ -12,7 +12,9 @@ prologue, where ranks load the backbone and tokenize at their own pace, waits lo
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -84,10 +86,22 @@ class World:
         their all-reduce, so replica 0 speaks for them."""
         return self.position.replica == 0
 
+    @contextlib.contextmanager
+    def exchanging(self, what: str) -> Iterator[None]:
+        """Turn a failed or timed-out collective into a `CommunicationError` naming ``what``."""
+        try:
+            yield
+        except RuntimeError as exc:
+            raise CommunicationError(
+                f"rank {self.rank}: {what} failed: another rank stopped, or was silent for "
+                f"{self.comm_timeout.total_seconds():.0f} s: {first_line(exc)}"
+            ) from None
+
     def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
         """Reduce ``tensor`` over every rank in place (moved to the backend's device and back)."""
         on_device = tensor.to(self.device)
-        dist.all_reduce(on_device, op=op)
+        with self.exchanging("reducing per-task figures over all ranks"):
+            dist.all_reduce(on_device, op=op)
         tensor.copy_(on_device)
         return tensor
 
