@@ -180,9 +180,11 @@ class RunFolder:
         self.restarted = True
 
     def _lock(self) -> None:
-        if not self.path.exists():
+        try:
             self.path.mkdir(parents=True)
             self._created = True
+        except FileExistsError:
+            pass  # an existing folder, or one another run created a moment ago: the lock decides
         fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
