@@ -99,23 +99,17 @@ class TaskSnapshot:
     step: int
     status: TaskStatus
 
-    @classmethod
-    def of(cls, state: TaskState) -> TaskSnapshot:
-        """The snapshot of a task held whole by this process."""
-        return cls(
-            state.adapter_state(),
-            state.optimizer.state_dict(),
-            state.dropout_generator.get_state(),
-            state.step,
-            state.status,
-        )
+
+def checkpoint_dir(task_dir: Path, step: int) -> Path:
+    """Where a task's checkpoint after ``step`` lives."""
+    return task_dir / CHECKPOINTS / f"step-{step:06d}"
 
 
 def save_checkpoint(task_dir: Path, snapshot: TaskSnapshot) -> Path:
     """Write a task's state after its current step; returns the checkpoint folder."""
     root = task_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{snapshot.step:06d}"
+    final = checkpoint_dir(task_dir, snapshot.step)
     tmp = make_temp_dir(root, PARTIAL_PREFIX)
     try:
         save_file({k: v.contiguous() for k, v in snapshot.adapter.items()}, str(tmp / "adapter.safetensors"))

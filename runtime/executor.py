@@ -49,6 +49,7 @@ from .backbone import LoadedBackbone, load_model
 from .checkpoint import (
     CHECKPOINTS,
     TaskSnapshot,
+    checkpoint_dir,
     prune_checkpoints,
     remove_partial_checkpoints,
     restore_checkpoint,
@@ -272,12 +273,12 @@ class PlanExecutor:
         graph = rebuild_partition(self.backbone.model, description, head=False)
         self.interpreter = SubgraphInterpreter(graph, self.engine, StreamSet(self.engine.device))
         self.handlers.update(self.interpreter.handlers())
-        anchors = {anchor for state in self.engine.tasks.values() for anchor in state.modules}
-        num_stages = self.plan.placement.pipeline_parallel
-        layers = range(self.stage.first_layer, self.stage.last_layer + 1)
-        prefix = decoder_layer_prefix(self.backbone.model)
-        self.owned = owned_anchors(anchors, prefix, layers, self.stage.id == 0, self.stage.id == num_stages - 1)
         if self.world is not None:
+            anchors = {anchor for state in self.engine.tasks.values() for anchor in state.modules}
+            last = self.stage.id == self.plan.placement.pipeline_parallel - 1
+            layers = range(self.stage.first_layer, self.stage.last_layer + 1)
+            prefix = decoder_layer_prefix(self.backbone.model)
+            self.owned = owned_anchors(anchors, prefix, layers, self.stage.id == 0, last)
             self.exchange = StageExchange(self.plan.partition, self.world, self.interpreter.buffers)
 
     def _build_task(self, task: TaskPlan, examples: tuple[Example, ...], resume_from: dict | None) -> None:
@@ -414,10 +415,12 @@ class PlanExecutor:
         for name, state in states.items():
             run = self.runs[name]
             if state.status is not TaskStatus.DIVERGED and state.step > self._saved_step(name):
-                snapshot = self._snapshot(state)
-                run.checkpoint = run.directory / CHECKPOINTS / f"step-{state.step:06d}"
-                if snapshot is not None:
-                    save_checkpoint(run.directory, snapshot)
+                whole = self._whole_state(state, with_optimizer=True)
+                run.checkpoint = checkpoint_dir(run.directory, state.step)
+                if whole is not None:
+                    adapter, optimizer = whole
+                    rng = state.dropout_generator.get_state()
+                    save_checkpoint(run.directory, TaskSnapshot(adapter, optimizer, rng, state.step, state.status))
         if not self.lead:
             return
         self.tensorboard.flush()
@@ -439,21 +442,12 @@ class PlanExecutor:
         for name, run in self.runs.items():
             prune_checkpoints(run.directory, keep={tasks[name]["checkpoint"] for tasks in kept if name in tasks})
 
-    def _snapshot(self, state: TaskState) -> TaskSnapshot | None:
-        """The task's whole state, on rank 0 (gathered from the ranks owning its parts); None
-        elsewhere."""
+    def _whole_state(self, state: TaskState, with_optimizer: bool) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The task's adapter tensors and (``with_optimizer``) optimizer state dict, whole: on
+        rank 0, gathered from the ranks owning its parts; None on the other ranks."""
         if self.world is None:
-            return TaskSnapshot.of(state)
-        gathered = gather_task_state(state, self.owned, self.world, exports=self._exports, with_optimizer=True)
-        if gathered is None:
-            return None
-        adapter, optimizer = gathered
-        return TaskSnapshot(adapter, optimizer, state.dropout_generator.get_state(), state.step, state.status)
-
-    @property
-    def _exports(self) -> bool:
-        """Whether this rank's owned parts are the ones gathered (replica 0, shard 0)."""
-        return self.world is None or (self.world.position.replica == 0 and self.world.position.tp_index == 0)
+            return state.adapter_state(), state.optimizer.state_dict() if with_optimizer else {}
+        return gather_task_state(state, self.owned, self.world, with_optimizer=with_optimizer)
 
     def _saved_step(self, name: str) -> int:
         checkpoint = self.runs[name].checkpoint
@@ -464,16 +458,12 @@ class PlanExecutor:
         for name, state in self.engine.tasks.items():
             if state.status is not TaskStatus.FINISHED:
                 continue
-            if self.world is None:
-                adapter: dict[str, torch.Tensor] | None = state.adapter_state()
-            else:
-                gathered = gather_task_state(state, self.owned, self.world, exports=self._exports, with_optimizer=False)
-                adapter = gathered[0] if gathered is not None else None
-            if adapter is not None:
+            whole = self._whole_state(state, with_optimizer=False)
+            if whole is not None:
                 save_adapter(
                     self.runs[name].directory,
                     state.config.peft,
-                    adapter,
+                    whole[0],
                     base_model=base_model_name_or_path(self.plan.job.model, self.backbone.model_dir),
                     backbone=self.backbone.config,
                 )

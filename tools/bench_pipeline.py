@@ -54,9 +54,10 @@ def measured_bubble(events: list[dict], num_ranks: int) -> float:
     """1 - compute time / (ranks x round time), over every round after the first."""
     spans: dict[int, list[float]] = {}
     busy = 0.0
+    first_round = min((e["args"]["round"] for e in events), default=0)
     for event in events:
         round_index = event["args"]["round"]
-        if round_index == min(e["args"]["round"] for e in events):
+        if round_index == first_round:
             continue
         start, end = event["ts"], event["ts"] + event["dur"]
         span = spans.setdefault(round_index, [start, end])

@@ -111,15 +111,15 @@ def optimizer_steps(engine: MultiTaskEngine, names: Sequence[str], world: World)
 
 
 def gather_task_state(
-    state: TaskState, owned: Collection[str], world: World, *, exports: bool, with_optimizer: bool
+    state: TaskState, owned: Collection[str], world: World, *, with_optimizer: bool
 ) -> tuple[dict[str, torch.Tensor], dict] | None:
     """On rank 0: the task's whole adapter state (``<anchor>.<param>`` -> tensor, each from its
     owner) and, ``with_optimizer``, its whole optimizer state dict; None on the other ranks.
-    Ranks with ``exports`` false (other replicas and shards) send nothing."""
+    Only ranks whose parts are exported (`World.exports`) send theirs."""
     keys = [f"{anchor}.{name}" for anchor, module in state.modules.items() for name, _ in module.named_parameters()]
     index_of = {key: i for i, key in enumerate(keys)}
     part: dict[str, tuple[torch.Tensor, dict | None]] = {}
-    if exports:
+    if world.exports:
         optimizer_state = state.optimizer.state_dict()["state"] if with_optimizer else {}
         for key, p in owned_parameters(state, owned):
             part[key] = (p.detach().cpu().clone(), optimizer_state.get(index_of[key]))

@@ -81,6 +81,12 @@ class World:
         return self.last_stage and self.position.tp_index == 0
 
     @property
+    def exports(self) -> bool:
+        """Whether this rank's owned task parts are the ones gathered on rank 0: replicas and
+        shards repeat what replica 0, shard 0 holds."""
+        return self.position.replica == 0 and self.position.tp_index == 0
+
+    @property
     def counts_gradients(self) -> bool:
         """Whether this rank's gradients count in a norm: replicas hold equal gradients after
         their all-reduce, so replica 0 speaks for them."""
