@@ -14,7 +14,7 @@ from muxtune.plans import Phase, SolverReport, TaskPlan
 from muxtune.runtime.data import TokenizedDataset
 from muxtune.specs import ClusterSpec
 
-from .cost.devices import GIB
+from .cost.devices import GIB, MEMORY_RESERVE, planning_bytes
 from .cost.model import CostModel
 from .errors import CompileError
 from .passes.align import active_sets, fused_phase
@@ -109,12 +109,12 @@ def infeasible(problem: FusionProblem, cost: CostModel, memory_limit: int, tasks
     device = f"a {_gb(memory_limit)} device"
     tightest = min(range(len(costs.headroom)), key=costs.headroom.__getitem__)
     if costs.headroom[tightest] <= 0:
-        used = memory_limit - costs.headroom[tightest]
+        used = planning_bytes(memory_limit) - costs.headroom[tightest]
         return CompileError(
             [
                 f"cluster.memory_gb: the backbone's weights, the runtime and {len(tasks)} tasks' adapter and optimizer "
-                f"state need {_gb(used)} on stage {tightest} of {device}: add devices (cluster.num_devices) "
-                "or raise cluster.memory_gb"
+                f"state need {_gb(used)} on stage {tightest} of {device} ({MEMORY_RESERVE:.0%} of it kept free): "
+                "add devices (cluster.num_devices) or raise cluster.memory_gb"
             ]
         )
     by_name = {t.name: t for t in tasks}

@@ -82,6 +82,17 @@ DEVICE_TABLES["cuda"] = dataclasses.replace(DEVICE_TABLES["h100"], name="cuda")
 """A GPU of unknown type is planned for as an H100."""
 
 
+MEMORY_RESERVE = 0.08
+"""Share of a device's memory the planner leaves free for what its model does not count:
+allocator fragmentation, library workspaces, thread arenas. Measured CPU peaks came within
+3% of the prediction, either side, on different machines."""
+
+
+def planning_bytes(memory_bytes: int) -> int:
+    """The part of ``memory_bytes`` the planner may fill."""
+    return int(memory_bytes * (1.0 - MEMORY_RESERVE))
+
+
 def device_spec(name: str, memory_gb: float | str = "auto") -> DeviceSpec:
     """The table row for ``name`` (``cpu``, ``cuda``, ``a40``, ``a100``, ``h100``, ``h200``), with
     the memory size the spec declares (``cluster.memory_gb``) when not ``auto``."""

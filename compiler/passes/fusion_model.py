@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ..cost.devices import planning_bytes
 from ..cost.load import SegmentLoad
 from ..cost.model import CostModel
 from .demand import TaskDemand
@@ -115,6 +116,7 @@ def placement_costs(
     shard = cost.with_tensor_parallel(option.tensor_parallel)
     num_stages = option.num_stages
     stages, headroom = [], []
+    usable = planning_bytes(memory_limit)
     for s, layers in enumerate(option.stage_layers):
         first, last = s == 0, s == num_stages - 1
         edges = (shard.model.edge_ops[0] if first else 0) + (shard.model.edge_ops[1] if last else 0)
@@ -129,7 +131,7 @@ def placement_costs(
             )
         )
         static = shard.static_bytes(layers, first, last, all_tasks)
-        headroom.append(memory_limit - static)
+        headroom.append(usable - static)
     tokens, own_time, memory = {}, {}, {}
     dp = option.data_parallel
     caps = budget_caps or {}

@@ -299,8 +299,8 @@ class _Model:
         else:
             first, last = 0, len(labels) - 1
         decision = Decision(self.placement, tuple(tuple(sorted(groups[h])) for h in labels), ms, first, last)
-        bound = int(solver.BestObjectiveBound())
-        return decision, int(solver.ObjectiveValue()), bound, solver.StatusName(status), solver.deterministic_time
+        bound = round(solver.BestObjectiveBound())  # CP-SAT reports integer objectives as floats
+        return decision, round(solver.ObjectiveValue()), bound, solver.StatusName(status), solver.deterministic_time
 
 
 def solve(problem: FusionProblem, budget: float = PHASE_LIMIT) -> Solution | None:

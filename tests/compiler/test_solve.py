@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from muxtune.compiler.passes.fusion_model import (
@@ -89,8 +89,30 @@ def problems(draw) -> FusionProblem:
     return FusionProblem(tuple(f"t{i}" for i in range(num_tasks)), choices, max_htasks, tuple(placements))
 
 
+CP_SAT_FLOAT_OBJECTIVE = FusionProblem(
+    tasks=("t0", "t1", "t2"),
+    microbatch_choices=(3,),
+    max_htasks=3,
+    placements=(
+        PlacementCosts(
+            option=PlacementOption(stage_layers=(1,), tensor_parallel=1, data_parallel=1),
+            stages=(StageTerms(fixed=(0, 0), gemm_per_token=(0, 0), weight=(0, 8), per_token=(0, 0)),),
+            headroom=(10,),
+            tokens={(i, 3): 1 for i in range(3)},
+            own_time={(i, 3): ((0, 0),) for i in range(3)},
+            memory={(i, 3): (0,) for i in range(3)},
+            transfer_fixed=0,
+            transfer_per_token=0,
+            constant=2,
+        ),
+    ),
+)
+"""CP-SAT reports this optimum (26) as 25.999999999999993."""
+
+
 @settings(max_examples=60, deadline=None)
 @given(problems())
+@example(CP_SAT_FLOAT_OBJECTIVE)
 def test_solver_matches_brute_force(problem: FusionProblem) -> None:
     expected = brute_force(problem)
     solution = solve(problem)
