@@ -48,13 +48,9 @@ PROFILE_TASK = "profile"
 LORA_TARGETS: dict[str, tuple[str, ...]] = {"gpt2": ("c_attn",)}
 """The measurement task's LoRA targets per family (default q_proj and v_proj; gpt2 fuses them)."""
 RUNTIME_PROBE = """
-import resource, sys, torch, muxtune.runtime.executor
-try:  # VmRSS: ru_maxrss would count the parent's pages from before exec
-    with open("/proc/self/status") as status:
-        print(next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:")))
-except (OSError, StopIteration):
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(rss if sys.platform == "darwin" else rss * 1024)
+import torch, muxtune.runtime.executor
+from muxtune.common.memory import peak_resident_bytes
+print(peak_resident_bytes())
 """
 """Prints the resident bytes of a process that imported torch and the runtime (what `muxtune-run` imports)."""
 

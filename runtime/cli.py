@@ -1,4 +1,4 @@
-"""`muxtune-run plan.yaml [--resume] [--trace]`: replay a plan; adapters, metrics and checkpoints land in
+"""`muxtune-run plan.yaml [--resume] [--trace] [--profile]`: replay a plan; adapters, metrics and checkpoints land in
 the plan's output_dir. A plan for several ranks starts one process per rank on this machine
 (see `distributed.launcher`); under torchrun each process runs its own rank. Exit status: 0
 done, 2 bad input, 3 done but some task diverged, 1 a rank failed."""
@@ -12,7 +12,7 @@ from muxtune.common.cli import run_command
 from muxtune.plans import load_plan
 
 from .executor import PlanExecutor, check_runnable
-from .launch import PROG, run_arguments, run_rank
+from .launch import PROG, RunOptions, run_arguments, run_rank
 from .summary_text import DIVERGED_EXIT, format_summary, report_summary
 
 __all__ = ["DIVERGED_EXIT", "format_summary", "main"]
@@ -21,17 +21,18 @@ __all__ = ["DIVERGED_EXIT", "format_summary", "main"]
 def main(argv: list[str] | None = None) -> int:
     args = run_arguments("Run a compiled MuxTune plan.").parse_args(argv)
 
+    options = RunOptions.from_args(args)
+
     def run() -> int:
         plan = load_plan(args.plan)
         if plan.placement.num_ranks > 1:
             check_runnable(plan)
             if "RANK" in os.environ:
-                return run_rank(args.plan, args.resume, args.trace)
+                return run_rank(args.plan, options)
             from .distributed.launcher import launch_ranks
 
-            flags = [flag for flag, on in (("--resume", args.resume), ("--trace", args.trace)) if on]
-            return launch_ranks(args.plan, plan.placement.num_ranks, flags)
-        summary = PlanExecutor(plan, resume=args.resume, trace=args.trace).run()
+            return launch_ranks(args.plan, plan.placement.num_ranks, options.flags())
+        summary = PlanExecutor(plan, resume=options.resume, trace=options.trace, profile=options.profile).run()
         return report_summary(PROG, summary, plan.job.output_dir)
 
     hint = f"continue with: muxtune-run {args.plan} --resume"

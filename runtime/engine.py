@@ -22,6 +22,7 @@ from muxtune.specs import PeftSpec
 
 from .data import Example
 from .layout import MicroBatchLayout
+from .loss import linear_cross_entropy
 from .packing import IGNORE_INDEX, MicroBatch, pack_microbatches
 from .peft import attach_task, detach_task, prepare_examples
 from .schedules import lr_multiplier
@@ -203,12 +204,22 @@ class MultiTaskEngine:
             state.pending_target_tokens += num_scored
             if num_scored == 0:
                 continue
-            logits_NV = self.model.lm_head(hidden_NC, MicroBatchLayout.single_task(seg.task, num_scored))
-            task_nll = F.cross_entropy(logits_NV.float(), targets_S[scored_S], reduction="sum")
+            task_nll, term = self._task_loss(seg.task, hidden_NC, targets_S[scored_S], 1.0 / state.normalizer)
             state.pending_loss += float(task_nll.detach())
-            term = task_nll / state.normalizer
             total = term if total is None else total + term
         return total
+
+    def _task_loss(
+        self, task: str, hidden_NC: torch.Tensor, targets_N: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the task's summed cross-entropy on these rows, that sum times ``scale``): fused with
+        a frozen, bias-free head (`linear_cross_entropy`), through the head host otherwise."""
+        head = self.model.lm_head
+        if task not in head.adapters and head.bias is None and not head.weight.requires_grad:
+            return linear_cross_entropy(hidden_NC, head.weight, targets_N, scale)
+        logits_NV = head(hidden_NC, MicroBatchLayout.single_task(task, hidden_NC.shape[0]))
+        task_nll = F.cross_entropy(logits_NV.float(), targets_N, reduction="sum")
+        return task_nll, task_nll * scale
 
     def optimizer_step(self, task: str) -> StepResult:
         """Clip, schedule and step one task after its global batch.

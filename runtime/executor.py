@@ -77,6 +77,7 @@ from .model_sources import base_model_name_or_path
 from .models.loading import decoder_layer_prefix
 from .packing import pack_pieces, split_task_batch
 from .progress import ProgressDisplay
+from .round_profile import RoundProfiler
 from .run_folder import RunError, RunFolder
 from .run_logs import StepLog
 from .task_runs import TaskRun, peak_memory_bytes, task_training
@@ -106,6 +107,7 @@ class PlanExecutor:
         progress: ProgressDisplay | None = None,
         world: World | None = None,
         trace: bool = False,
+        profile: bool = False,
     ):
         self.plan = plan
         self.world = world
@@ -126,6 +128,7 @@ class PlanExecutor:
         self.exchange: StageExchange | None = None
         self.owned: set[str] = set()
         self.trace = ExecutionTrace(self.program.rank) if trace else None
+        self.profile = profile
         self.handlers = self._handler_table()
         self.executed = 0
         self.round_seconds: list[list[float]] = [[] for _ in plan.phases]
@@ -153,7 +156,19 @@ class PlanExecutor:
                 wait_for_all(self.world, "every rank loads its stage and builds the tasks")
             self.training_started = time.perf_counter()
             self.progress.restart_clock()
-            resumed_after = self.round_index
+            self._run_rounds()
+            for instruction in self.program.epilogue:
+                self.execute(instruction)
+            if self.trace is not None:
+                self.trace.write(self.output_dir)
+            self.progress.close()
+            return self._write_summary()
+
+    def _run_rounds(self) -> None:
+        """Every phase's body once per round still to run (under the profiler with ``profile``)."""
+        profiler = RoundProfiler(self.output_dir, self.program.rank, self.program.device) if self.profile else None
+        resumed_after = self.round_index
+        with profiler if profiler is not None else contextlib.nullcontext():
             for phase, body in zip(self.plan.phases, self.program.phases):
                 for round_index in range(max(phase.first_round, resumed_after + 1), phase.last_round + 1):
                     self.round_index = round_index
@@ -163,12 +178,10 @@ class PlanExecutor:
                     if self.exchange is not None:
                         self.exchange.drain()
                     self.round_seconds[phase.id].append(time.perf_counter() - started)
-            for instruction in self.program.epilogue:
-                self.execute(instruction)
-            if self.trace is not None:
-                self.trace.write(self.output_dir)
-            self.progress.close()
-            return self._write_summary()
+                    if profiler is not None:
+                        profiler.step()
+        if profiler is not None and self.lead:
+            self.progress.message(profiler.report())
 
     def _handler_table(self) -> dict[type, Callable[[Any], None]]:
         """The run-level handlers; the compute handlers join once every task is built."""

@@ -11,9 +11,11 @@ task diverged, 1 an exchange with another rank failed or timed out (the message 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -36,7 +38,24 @@ def threads_per_rank() -> int:
     return max(1, (os.cpu_count() or 1) // local_ranks)
 
 
-def run_rank(plan_path: str, resume: bool, trace: bool = False) -> int:
+@dataclass(frozen=True)
+class RunOptions:
+    """What `muxtune-run`'s switches ask of every rank."""
+
+    resume: bool = False
+    trace: bool = False
+    profile: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunOptions:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    def flags(self) -> list[str]:
+        """The command-line switches that ask for these options."""
+        return [f"--{f.name}" for f in dataclasses.fields(self) if getattr(self, f.name)]
+
+
+def run_rank(plan_path: str, options: RunOptions) -> int:
     """Replay this rank's program of the plan (rank and world size from the environment)."""
     plan = load_plan(plan_path)
     device = torch_device(plan.programs[0].device)
@@ -47,7 +66,14 @@ def run_rank(plan_path: str, resume: bool, trace: bool = False) -> int:
     try:
         tasks = [(t.name, t.steps) for t in plan.tasks]
         progress = ProgressDisplay(tasks) if world.lead else ProgressDisplay(tasks, io.StringIO())
-        summary = PlanExecutor(plan, resume=resume, progress=progress, world=world, trace=trace).run()
+        summary = PlanExecutor(
+            plan,
+            resume=options.resume,
+            progress=progress,
+            world=world,
+            trace=options.trace,
+            profile=options.profile,
+        ).run()
         finished = True
     except CommunicationError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -58,12 +84,17 @@ def run_rank(plan_path: str, resume: bool, trace: bool = False) -> int:
 
 
 def run_arguments(description: str) -> argparse.ArgumentParser:
-    """The command line `muxtune-run` and this module share: the plan, --resume, --trace, --debug."""
+    """The command line `muxtune-run` and this module share: the plan, --resume, --trace, --profile, --debug."""
     parser = argparse.ArgumentParser(prog=PROG, description=description)
     parser.add_argument("plan", help="plan file written by muxtune-compile")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     parser.add_argument(
         "--trace", action="store_true", help="write each rank's instruction timeline to output_dir/trace/ (Perfetto)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile three rounds after the first with torch.profiler into output_dir/profile/",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
@@ -72,7 +103,8 @@ def run_arguments(description: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = run_arguments("Run one rank of a compiled multi-rank MuxTune plan.").parse_args(argv)
     hint = f"continue with: muxtune-run {args.plan} --resume"
-    return run_command(PROG, lambda: run_rank(args.plan, args.resume, args.trace), args.debug, interrupt_hint=hint)
+    options = RunOptions.from_args(args)
+    return run_command(PROG, lambda: run_rank(args.plan, options), args.debug, interrupt_hint=hint)
 
 
 if __name__ == "__main__":

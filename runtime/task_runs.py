@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from muxtune.common.memory import peak_resident_bytes
 from muxtune.plans import TaskPlan
 
 from .data import Example
@@ -52,7 +52,7 @@ class TaskRun:
 
 
 def peak_memory_bytes() -> int:
-    """Peak device memory on CUDA, else the process's peak resident set size."""
+    """Peak device memory on CUDA, else the process's peak resident set size (`peak_resident_bytes`)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return peak_resident_bytes()

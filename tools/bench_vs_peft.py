@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from muxtune.common.memory import peak_resident_bytes
 from muxtune.compiler.compile import compile_job
 from muxtune.plans import load_plan, save_plan
 from muxtune.runtime.executor import PlanExecutor
@@ -31,10 +31,6 @@ from .bench_hf import train_sequential
 DEFAULT_SPEC = Path(__file__).resolve().parent / "data" / "quickstart.yaml"
 
 
-def peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 def run_muxtune(plan_path: Path) -> dict:
     """The fused run, as `muxtune-run` does it (progress to a throwaway stream)."""
     plan = load_plan(plan_path)
@@ -45,7 +41,7 @@ def run_muxtune(plan_path: Path) -> dict:
         "tokens": tokens,
         "seconds": summary["train_seconds"],
         "padded_tokens": tokens,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_resident_bytes(),
     }
 
 
@@ -58,7 +54,7 @@ def run_transformers_peft(plan_path: Path) -> dict:
         "tokens": result.tokens,
         "seconds": result.train_seconds,
         "padded_tokens": result.padded_tokens,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_resident_bytes(),
     }
 
 

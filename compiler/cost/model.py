@@ -16,6 +16,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from muxtune.runtime.loss import chunk_rows
+
 from .devices import DeviceSpec
 from .load import MicroBatchLoad, SegmentLoad, total_tokens
 from .shapes import ModelShape, TaskShape
@@ -216,11 +218,14 @@ class CostModel:
         return int(_ACTIVATION_MARGIN * num_layers * per_layer)
 
     def loss_activation_bytes(self, load: MicroBatchLoad) -> int:
-        """Logits (in the dtype and in fp32) and their gradient, for every task at once."""
+        """What the fused head and loss (`runtime.loss`) hold, for every task at once: the hidden
+        states' gradient until backward, and one chunk's logits (in the dtype and fp32) and their
+        gradient while it is worked out."""
+        m = self.model
         targets = sum(s.target_tokens for s in load.values())
-        return int(
-            _ACTIVATION_MARGIN * targets * self.model.vocab / self.tensor_parallel * (self.model.dtype_bytes + 8)
-        )
+        rows = min(targets, chunk_rows(m.vocab))
+        held = targets * m.hidden * m.dtype_bytes + rows * m.vocab / self.tensor_parallel * (m.dtype_bytes + 8)
+        return int(_ACTIVATION_MARGIN * held)
 
     def weight_bytes(self, num_layers: int, first: bool, last: bool) -> int:
         """Backbone weights of a stage with ``num_layers`` layers (and the embeddings when

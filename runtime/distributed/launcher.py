@@ -36,7 +36,7 @@ def _how(exitcode: int) -> str:
 
 def launch_ranks(plan_path: str, num_ranks: int, flags: Sequence[str] = ()) -> int:
     """Run the plan's ``num_ranks`` ranks as local processes, each with the command-line
-    ``flags`` (``--resume``, ``--trace``); the job's exit status."""
+    ``flags`` (``--resume``, ``--trace``, ``--profile``); the job's exit status."""
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(
         min_nodes=1,

@@ -85,8 +85,11 @@ class LoraModule(OperatorPeftModule):
         return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - p)
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor, host: nn.Module) -> torch.Tensor:
-        delta = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
-        return y + (delta * self.scaling).to(y.dtype)
+        """peft's `y + B(A(dropout(x))) * s`, added in the adapter's dtype and rounded once; one
+        `addmm` does the expand, the scaling and the add (the scaling lands on the rank-sized
+        gradient in backward, not on the output-sized one)."""
+        h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))
+        return torch.addmm(y.to(h.dtype), h, self.lora_B.weight.t(), alpha=self.scaling).to(y.dtype)
 
 
 MAGNITUDE = "lora_magnitude_vector"

@@ -3,7 +3,7 @@ jobs name what binds, fixed fusion modes, per-phase re-planning and determinism.
 
 from __future__ import annotations
 
-import os
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,17 +27,6 @@ def big_batch_job(directory: Path, batch_size: int = 48, steps: int = 2) -> Path
     return write_job(directory, tasks)
 
 
-def run_measuring_peak(command: list[str], cwd: Path) -> int:
-    """Run ``command`` to a successful end; its own peak resident bytes (not earlier children's)."""
-    with open(cwd / "stderr.txt", "w+") as stderr:
-        child = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        stderr.seek(0)
-        assert child.returncode == 0, stderr.read()
-    return usage.ru_maxrss * 1024
-
-
 def test_memory_limit_splits_micro_batches_and_is_respected_when_run(tmp_path: Path) -> None:
     job = big_batch_job(tmp_path)
     spec = load_job_spec(job)
@@ -50,7 +39,11 @@ def test_memory_limit_splits_micro_batches_and_is_respected_when_run(tmp_path: P
     assert limited.predictions.est_peak_memory_bytes <= limit < high
     assert sum(h.num_microbatches for h in limited.phases[0].htasks) > 1
     plan_path = save_plan(limited, tmp_path / "plan.yaml")
-    peak = run_measuring_peak([sys.executable, "-m", "muxtune.runtime.cli", str(plan_path)], tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "muxtune.runtime.cli", str(plan_path)], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    peak = json.loads((Path(limited.job.output_dir) / "summary.json").read_text())["peak_memory_bytes"]
     assert peak <= limit, f"measured peak {peak / GIB:.3f} GB over the {limit / GIB:.3f} GB limit"
 
 

@@ -170,3 +170,19 @@ def test_run_takes_exactly_the_planned_instructions(reference_run: Path) -> None
     for timing, predicted in zip(timings, plan.predictions.phases):
         assert 0 < timing["median_round_seconds"] <= timing["seconds"] <= summary["train_seconds"]
         assert timing["predicted_round_seconds"] == predicted.seconds_per_round
+
+
+def test_profile_writes_operator_table_and_trace_and_changes_nothing(reference_run: Path, tmp_path: Path) -> None:
+    job = write_job(tmp_path)
+    assert run_cli("compile", str(job), "-o", str(tmp_path / "plan.yaml")).returncode == 0
+    result = run_cli("run", str(tmp_path / "plan.yaml"), "--profile")
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "out" / "profile" / "rank-0.txt").read_text()
+    assert "round(s) after the first 1" in table and "aten::mm" in table
+    trace = json.loads((tmp_path / "out" / "profile" / "rank-0.json").read_text())
+    assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
+    names = [t["name"] for t in default_tasks()]
+    profiled, plain = adapters(tmp_path / "out", names), adapters(reference_run / "out", names)
+    for name in names:
+        for key, value in plain[name].items():
+            assert torch.equal(profiled[name][key], value), f"{name}:{key}"
