@@ -7,6 +7,8 @@ from collections.abc import Mapping
 
 from muxtune.plans import Plan
 
+from .passes.solve import MEMORY_SLACK
+
 _GIB = 1 << 30
 
 
@@ -41,7 +43,12 @@ def explain(plan: Plan, alternatives: Mapping[str, Plan]) -> str:
         lines.append(
             f"phase {phase.id} (rounds {phase.first_round}-{phase.last_round}, {len(phase.tasks)} tasks): "
             f"{report.method} {report.status}, round {report.objective_seconds:.3f} s on the solver's proxy "
-            f"(bound {report.bound_seconds:.3f} s, gap {report.gap:.1%})"
+            f"(bound {report.bound_seconds:.3f} s, gap {report.gap:.1%}"
+            + (
+                f"; the fastest, {report.fastest_seconds:.3f} s, needs more memory)"
+                if report.fastest_seconds < report.objective_seconds
+                else ")"
+            )
         )
         for htask in phase.htasks:
             budgets = ", ".join(f"{n} {b}" for n, b in zip(htask.tasks, htask.token_budgets))
@@ -58,7 +65,8 @@ def explain(plan: Plan, alternatives: Mapping[str, Plan]) -> str:
     lines.append("why: the solver minimizes the predicted round time (busiest stage, pipeline fill and drain,")
     lines.append("     transfers, optimizer steps) subject to every device's memory; fewer, larger micro-batches")
     lines.append("     amortize per-call overheads and weight reads, more micro-batches or split groups fit memory")
-    lines.append("     and shorten the pipeline's fill and drain.")
+    lines.append("     and shorten the pipeline's fill and drain. Among plans at most")
+    lines.append(f"     {MEMORY_SLACK:.0%} slower than the fastest it takes the one with the least peak memory.")
     lines.append(f"  {'plan':<22} {'s/round':>10} {'tokens/s':>11} {'total s':>10} {'peak GB':>9} {'bubble':>7}")
     lines.append(_row("planner", plan))
     names = {"no_fuse": "one hTask per task", "fuse": "one hTask of all"}

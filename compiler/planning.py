@@ -199,6 +199,7 @@ def plan_job(
                 gap=round(solution.gap, 6),
                 deterministic_seconds=round(solution.deterministic_seconds, 6),
                 num_candidates=solution.num_candidates,
+                fastest_seconds=seconds(solution.fastest),
             )
         else:
             found = _fixed(problem, mode)
@@ -206,7 +207,7 @@ def plan_job(
                 raise infeasible(problem, cost, memory_limit, tasks)
             decision = found[0]
             value = seconds(found[1])
-            report = SolverReport(index, "fixed", "FIXED", value, value, 0.0, 0.0, len(problem.placements))
+            report = SolverReport(index, "fixed", "FIXED", value, value, 0.0, 0.0, len(problem.placements), value)
         assert evaluate(problem, decision) is not None
         option = problem.placements[decision.placement].option
         chosen = option

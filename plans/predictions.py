@@ -66,10 +66,12 @@ class Predictions:
 @dataclass(frozen=True)
 class SolverReport:
     """How phase ``phase``'s fusion and budgets were decided. Times are seconds of one round on
-    the solver's cost proxy; ``gap`` is (objective - bound) / objective; ``status`` is CP-SAT's
+    the solver's cost proxy; ``gap`` is (fastest - bound) / fastest; ``status`` is CP-SAT's
     (OPTIMAL, FEASIBLE), FALLBACK (CP-SAT found nothing), BUDGET (the job's solver budget was
     spent: the greedy search's decision) or FIXED; ``deterministic_seconds`` is CP-SAT's own
-    deterministic work measure (not wall time, so plans stay byte-identical)."""
+    deterministic work measure (not wall time, so plans stay byte-identical);
+    ``fastest_seconds`` is the fastest decision's round: the chosen one (``objective_seconds``)
+    may be a little slower when it needs less memory."""
 
     phase: int
     method: str
@@ -79,6 +81,7 @@ class SolverReport:
     gap: float
     deterministic_seconds: float
     num_candidates: int
+    fastest_seconds: float
 
 
 def _keys(cls: type) -> tuple[str, ...]:
@@ -150,6 +153,7 @@ def read_solver_reports(raw: Any, errors: list[str]) -> tuple[SolverReport, ...]
                 gap=r.get("gap", _unit_fraction),
                 deterministic_seconds=r.get("deterministic_seconds", non_negative_number),
                 num_candidates=r.get("num_candidates", integer),
+                fastest_seconds=r.get("fastest_seconds", non_negative_number),
             )
         )
     return tuple(reports)

@@ -281,6 +281,7 @@ def _solver_lines(summary: dict[str, Any]) -> list[str]:
             r["method"],
             r["status"],
             format_seconds(r["objective_seconds"]),
+            format_seconds(r["fastest_seconds"]),
             format_seconds(r["bound_seconds"]),
             format_ratio(r["gap"]),
             format_seconds(r["deterministic_seconds"]),
@@ -288,8 +289,8 @@ def _solver_lines(summary: dict[str, Any]) -> list[str]:
         ]
         for r in summary["solver"]
     ]
-    headers = ["phase", "method", "status", "objective s", "bound s", "gap", "deterministic s", "candidates"]
-    return render_table(headers, rows, right=[0, 3, 4, 5, 6, 7])
+    headers = ["phase", "method", "status", "round s", "fastest s", "bound s", "gap", "deterministic s", "candidates"]
+    return render_table(headers, rows, right=[0, 3, 4, 5, 6, 7, 8])
 
 
 def render_text(path: str, summary: dict[str, Any]) -> str:

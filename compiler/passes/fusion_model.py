@@ -59,12 +59,13 @@ class StageTerms:
 @dataclass(frozen=True)
 class PlacementCosts:
     """Everything the solver needs for one placement option: per stage its shared terms, its
-    memory head-room, and per (task, m) the task's tokens in one micro-batch, its own time on
-    each stage (forward, backward incl. loss) and its activation bytes on each stage; the
-    transfer terms and the per-round constant."""
+    static bytes (weights, runtime, adapter state) and memory head-room, and per (task, m) the
+    task's tokens in one micro-batch, its own time on each stage (forward, backward incl. loss)
+    and its activation bytes on each stage; the transfer terms and the per-round constant."""
 
     option: PlacementOption
     stages: tuple[StageTerms, ...]
+    static: tuple[int, ...]
     headroom: tuple[int, ...]
     tokens: dict[tuple[int, int], int]
     own_time: dict[tuple[int, int], tuple[tuple[int, int], ...]]
@@ -115,7 +116,7 @@ def placement_costs(
     ``budget_caps`` are ruled out (as if they did not fit in memory)."""
     shard = cost.with_tensor_parallel(option.tensor_parallel)
     num_stages = option.num_stages
-    stages, headroom = [], []
+    stages, static_bytes, headroom = [], [], []
     usable = planning_bytes(memory_limit)
     for s, layers in enumerate(option.stage_layers):
         first, last = s == 0, s == num_stages - 1
@@ -131,6 +132,7 @@ def placement_costs(
             )
         )
         static = shard.static_bytes(layers, first, last, all_tasks)
+        static_bytes.append(static)
         headroom.append(usable - static)
     tokens, own_time, memory = {}, {}, {}
     dp = option.data_parallel
@@ -165,6 +167,7 @@ def placement_costs(
     return PlacementCosts(
         option=option,
         stages=tuple(stages),
+        static=tuple(static_bytes),
         headroom=tuple(headroom),
         tokens=tokens,
         own_time=own_time,
@@ -187,6 +190,15 @@ def microbatch_time(costs: PlacementCosts, stage: int, group: Sequence[int], m: 
 def fits(costs: PlacementCosts, group: Sequence[int], m: int) -> bool:
     """Whether the hTask's worst micro-batch fits every stage's memory head-room."""
     return all(sum(costs.memory[i, m][s] for i in group) <= room for s, room in enumerate(costs.headroom))
+
+
+def peak_bytes(costs: PlacementCosts, groups: Sequence[Sequence[int]], ms: Sequence[int]) -> int:
+    """The fullest stage's memory: its static bytes and the largest hTask's worst micro-batches
+    (one hTask's activations are alive at a time)."""
+    return max(
+        static + max(sum(costs.memory[i, m][s] for i in g) for g, m in zip(groups, ms))
+        for s, static in enumerate(costs.static)
+    )
 
 
 def steady_time(costs: PlacementCosts, groups: Sequence[Sequence[int]], ms: Sequence[int]) -> int:

@@ -14,8 +14,9 @@ from muxtune.compiler.passes.fusion_model import (
     PlacementOption,
     StageTerms,
     evaluate,
+    peak_bytes,
 )
-from muxtune.compiler.passes.solve import greedy, solve
+from muxtune.compiler.passes.solve import MEMORY_SLACK, greedy, solve
 
 
 def set_partitions(items: list[int], max_blocks: int):
@@ -31,21 +32,35 @@ def set_partitions(items: list[int], max_blocks: int):
             yield [[head], *partition]
 
 
-def brute_force(problem: FusionProblem) -> int | None:
-    """The smallest round time over every placement, split, micro-batch count and ends."""
-    best = None
+def every_decision(problem: FusionProblem, placements: range | None = None):
+    """Every (decision, round time) that fits memory: placement, split, micro-batch counts, ends."""
     tasks = list(range(len(problem.tasks)))
-    for placement in range(len(problem.placements)):
+    for placement in placements if placements is not None else range(len(problem.placements)):
         for partition in set_partitions(tasks, problem.max_htasks):
             groups = tuple(tuple(sorted(g)) for g in partition)
             for ms in itertools.product(problem.microbatch_choices, repeat=len(groups)):
                 for first, last in itertools.product(range(len(groups)), repeat=2):
                     if len(groups) > 1 and first == last:
                         continue
-                    value = evaluate(problem, Decision(placement, groups, ms, first, last))
-                    if value is not None and (best is None or value < best):
-                        best = value
-    return best
+                    decision = Decision(placement, groups, ms, first, last)
+                    value = evaluate(problem, decision)
+                    if value is not None:
+                        yield decision, value
+
+
+def brute_force(problem: FusionProblem) -> int | None:
+    """The smallest round time over every decision."""
+    return min((value for _, value in every_decision(problem)), default=None)
+
+
+def least_memory(problem: FusionProblem, placement: int, round_time: int) -> int:
+    """The least peak memory on ``placement`` over decisions no slower than ``round_time``."""
+    costs = problem.placements[placement]
+    return min(
+        peak_bytes(costs, d.groups, d.microbatches)
+        for d, value in every_decision(problem, range(placement, placement + 1))
+        if value <= round_time
+    )
 
 
 @st.composite
@@ -77,6 +92,7 @@ def problems(draw) -> FusionProblem:
             PlacementCosts(
                 option=PlacementOption(tuple([1] * num_stages), 1, 1),
                 stages=stages,
+                static=tuple(draw(st.integers(0, 100)) for _ in range(num_stages)),
                 headroom=tuple(draw(st.integers(10, 200)) for _ in range(num_stages)),
                 tokens=tokens,
                 own_time=own,
@@ -97,6 +113,7 @@ CP_SAT_FLOAT_OBJECTIVE = FusionProblem(
         PlacementCosts(
             option=PlacementOption(stage_layers=(1,), tensor_parallel=1, data_parallel=1),
             stages=(StageTerms(fixed=(0, 0), gemm_per_token=(0, 0), weight=(0, 8), per_token=(0, 0)),),
+            static=(0,),
             headroom=(10,),
             tokens={(i, 3): 1 for i in range(3)},
             own_time={(i, 3): ((0, 0),) for i in range(3)},
@@ -111,17 +128,24 @@ CP_SAT_FLOAT_OBJECTIVE = FusionProblem(
 
 
 @settings(max_examples=60, deadline=None)
-@given(problems())
-@example(CP_SAT_FLOAT_OBJECTIVE)
-def test_solver_matches_brute_force(problem: FusionProblem) -> None:
+@given(problems(), st.sampled_from([0.0, MEMORY_SLACK, 0.25, 1.0]))
+@example(CP_SAT_FLOAT_OBJECTIVE, MEMORY_SLACK)
+def test_solver_matches_brute_force(problem: FusionProblem, slack: float) -> None:
+    """The fastest round equals brute force's; the chosen decision is the least-memory one on
+    its placement within ``slack`` of it."""
     expected = brute_force(problem)
-    solution = solve(problem)
+    solution = solve(problem, memory_slack=slack)
     if expected is None:
         assert solution is None
         return
     assert solution is not None
     assert solution.status == "OPTIMAL"
-    assert solution.objective == expected == evaluate(problem, solution.decision)
+    assert solution.fastest == expected
+    limit = int(expected * (1 + slack))
+    assert solution.objective == evaluate(problem, solution.decision) <= limit
+    costs = problem.placements[solution.decision.placement]
+    peak = peak_bytes(costs, solution.decision.groups, solution.decision.microbatches)
+    assert peak == least_memory(problem, solution.decision.placement, limit)
 
 
 @settings(max_examples=30, deadline=None)
