@@ -143,17 +143,19 @@ def read_solver_reports(raw: Any, errors: list[str]) -> tuple[SolverReport, ...]
     reports = []
     for i, item in enumerate(_read_items(raw, "solver", errors, "solver reports")):
         r = MappingReader(item, at("solver", i), errors, _keys(SolverReport), "solver report mapping")
+        objective = r.get("objective_seconds", non_negative_number)
         reports.append(
             SolverReport(
                 phase=r.get("phase", non_negative_int),
                 method=r.get("method", one_of(*SOLVER_METHODS)),
                 status=r.get("status", non_empty_str),
-                objective_seconds=r.get("objective_seconds", non_negative_number),
+                objective_seconds=objective,
                 bound_seconds=r.get("bound_seconds", non_negative_number),
                 gap=r.get("gap", _unit_fraction),
                 deterministic_seconds=r.get("deterministic_seconds", non_negative_number),
                 num_candidates=r.get("num_candidates", integer),
-                fastest_seconds=r.get("fastest_seconds", non_negative_number),
+                # plans written before the memory pass chose the fastest decision
+                fastest_seconds=r.get("fastest_seconds", non_negative_number, objective),
             )
         )
     return tuple(reports)

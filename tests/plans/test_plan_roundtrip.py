@@ -32,6 +32,7 @@ from muxtune.plans import (
     PlanError,
     Predictions,
     RankProgram,
+    SolverReport,
     dump_plan,
     load_plan,
     plan_from_dict,
@@ -228,3 +229,16 @@ def test_structure_changes_change_fingerprint() -> None:
     d = build_pipeline_plan()
     e = build_pipeline_plan(partition=replace(d.partition, policy="other"))
     assert d.fingerprint != e.fingerprint
+
+
+def test_solver_reports_round_trip_and_older_plans_read_the_fastest_as_chosen(plan: Plan) -> None:
+    reports = tuple(
+        SolverReport(p.id, "cp-sat", "OPTIMAL", 4.0 + p.id, 3.9, 0.0, 0.5, 1, 3.9 + p.id) for p in plan.phases
+    )
+    with_reports = replace(plan, solver=reports)
+    data = plan_to_dict(with_reports)
+    assert plan_from_dict(data) == with_reports
+    for report in data["solver"]:
+        del report["fastest_seconds"]
+    older = plan_from_dict(data)
+    assert [r.fastest_seconds for r in older.solver] == [r.objective_seconds for r in reports]
