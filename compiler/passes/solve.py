@@ -247,11 +247,6 @@ class _Model:
                     if s == 0:
                         for room_stage, room in enumerate(costs.headroom):
                             model.Add(sum(costs.memory[i, m][room_stage] * zv for i, zv in members) <= max(room, 0))
-        self.peak = model.NewIntVar(0, max(costs.static) + max(max(room, 0) for room in costs.headroom), "peak")
-        for s in stages:
-            for h in slots:
-                held = sum(costs.memory[i, m][s] * zv for (i, g, m), zv in z.items() if g == h)
-                model.Add(self.peak >= costs.static[s] + held)
         busiest = model.NewIntVar(0, horizon, "busiest")
         model.Add(busiest >= lower_bound(costs, problem) - costs.constant)
         for s in stages:
@@ -284,9 +279,16 @@ class _Model:
         model.Minimize(objective)
 
     def least_memory_within(self, round_time: int) -> None:
-        """Minimize peak memory instead, over decisions whose round time is at most ``round_time``."""
-        self.model.Add(self.objective <= round_time)
-        self.model.Minimize(self.peak)
+        """Minimize peak memory instead (`fusion_model.peak_bytes`), over decisions whose round
+        time is at most ``round_time``."""
+        costs, model = self.costs, self.model
+        peak = model.NewIntVar(0, max(costs.static) + max(max(room, 0) for room in costs.headroom), "peak")
+        for s, static in enumerate(costs.static):
+            for h in sorted({g for _, g, _ in self.z}):
+                held = sum(costs.memory[i, m][s] * zv for (i, g, m), zv in self.z.items() if g == h)
+                model.Add(peak >= static + held)
+        model.Add(self.objective <= round_time)
+        model.Minimize(peak)
 
     def hint(self, decision: Decision) -> None:
         """Start the search from ``decision`` (canonical: hTask h's first task is at least h)."""
