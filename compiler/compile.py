@@ -32,6 +32,7 @@ from muxtune.runtime.model_sources import ModelSourceError, resolve_model_dir
 from muxtune.runtime.models import BackboneConfig, BackboneForCausalLM, build_model, read_hf_config
 from muxtune.runtime.models.loading import build_model_checked, check_checkpoint
 from muxtune.runtime.peft import PeftAttachError, attach_task, detach_task, find_anchors, prepare_examples
+from muxtune.runtime.sharding import TensorSplit
 from muxtune.runtime.tensorboard_log import report_to_problems
 from muxtune.runtime.tokenizer import TextTokenizer, load_tokenizer
 from muxtune.specs import JobSpec, LoraSpec, PeftSpec, TaskSpec
@@ -48,6 +49,7 @@ from .passes.placement import placement as make_placement
 from .passes.trace import trace_model
 from .planning import FUSION_MODES, placement_options, plan_job
 from .predict import predictions
+from .tensor_parallel import may_split, tensor_parallel_problems
 
 DEFAULT_POLICY = "per_layers(1024)"
 """One subgraph for all decoder layers: on one device there is no reason to cut."""
@@ -101,15 +103,11 @@ def compile_job(
     datasets = check_tasks(spec, config, tokenizer, errors, meta_model=meta_model)
     if errors:
         raise CompileError(errors)
-    notes = (
-        cluster_notes(spec)
-        + rank_notes(spec, meta_model)
-        + tuple(
-            f"tasks.{t.name}: {datasets[t.name].num_targetless} of {len(datasets[t.name].examples)} examples keep no "
-            f"target token within max_seq_len={t.max_seq_len} and are skipped"
-            for t in spec.tasks
-            if datasets[t.name].num_targetless
-        )
+    notes = rank_notes(spec, meta_model) + tuple(
+        f"tasks.{t.name}: {datasets[t.name].num_targetless} of {len(datasets[t.name].examples)} examples keep no "
+        f"target token within max_seq_len={t.max_seq_len} and are skipped"
+        for t in spec.tasks
+        if datasets[t.name].num_targetless
     )
     tasks = tuple(
         TaskPlan.from_spec(
@@ -129,7 +127,10 @@ def compile_job(
     traced = passes.run("trace", trace_model, config, {t.name: t.peft for t in tasks}, head=False)
     cost = passes.run("cost", build_cost_model, config, traced, meta_model, tasks, device, spec.dtype, profile)
     memory_limit = device_spec(device, spec.cluster.memory_gb).memory_bytes
-    options = placement_options(spec.cluster, cost)
+    split_problems = tensor_parallel_problems(config, spec) if may_split(spec) else []
+    if split_problems and spec.cluster.tensor_parallel != "auto":
+        raise CompileError([f"cluster.tensor_parallel: {spec.cluster.tensor_parallel}: {p}" for p in split_problems])
+    options = placement_options(spec.cluster, cost, splittable=not split_problems)
     laid_out = {t.name: laid_out_dataset(t, datasets[t.name]) for t in tasks}
     job_plan = passes.run(
         "solve",
@@ -149,6 +150,9 @@ def compile_job(
     )
     if len(option.stage_layers) > 1:
         partition_policy = policy_from_name(stage_policy_name(placement, policy))
+    if option.tensor_parallel > 1:
+        split = TensorSplit(option.tensor_parallel, 0)
+        traced = passes.run("trace", trace_model, config, {t.name: t.peft for t in tasks}, head=False, split=split)
     first_layers = tuple(stage.first_layer for stage in placement.stages)
     partition = plan_partition(
         passes.run("partition", partition_pass, traced, partition_policy), stage_of=stage_of_layer(first_layers)
@@ -311,16 +315,6 @@ def check_init_from(task: TaskSpec, where: str, shapes: dict[str, tuple[int, ...
                 f"{where}.init_from: the adapter {what} {', '.join(keys[:3])}{more} "
                 f"(its config: {spec}; the task's: {task.peft})"
             )
-
-
-def cluster_notes(spec: JobSpec) -> tuple[str, ...]:
-    """Notes on cluster settings the runtime cannot honour yet."""
-    if spec.cluster.tensor_parallel not in ("auto", 1):
-        return (
-            f"cluster.tensor_parallel: {spec.cluster.tensor_parallel}: the runtime runs pipeline and data "
-            "parallel plans; tensor-parallel layers are not built yet, so such a plan stops before it starts",
-        )
-    return ()
 
 
 def stage_policy_name(placement: Placement, policy: str) -> str:

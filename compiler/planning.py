@@ -72,16 +72,17 @@ def stage_splits(cost: CostModel, num_stages: int) -> list[tuple[int, ...]]:
     return splits
 
 
-def placement_options(cluster: ClusterSpec, cost: CostModel) -> list[PlacementOption]:
+def placement_options(cluster: ClusterSpec, cost: CostModel, *, splittable: bool = True) -> list[PlacementOption]:
     """Every (pipeline, tensor, data) degree whose product is the device count, honouring the
-    spec's fixed degrees; tensor parallelism must divide heads and widths."""
+    spec's fixed degrees; tensor parallelism must divide heads and widths, and is 1 unless the
+    job is ``splittable`` (see `tensor_parallel.tensor_parallel_problems`)."""
     m = cost.model
     options = []
     for pp in _divisors(cluster.num_devices):
         if pp > m.num_layers or (cluster.pipeline_parallel != "auto" and pp != cluster.pipeline_parallel):
             continue
         for tp in _divisors(cluster.num_devices // pp):
-            if cluster.tensor_parallel != "auto" and tp != cluster.tensor_parallel:
+            if (cluster.tensor_parallel != "auto" and tp != cluster.tensor_parallel) or (tp > 1 and not splittable):
                 continue
             if any(width % tp for width in (m.num_heads, m.num_kv_heads, m.intermediate, m.hidden)):
                 continue

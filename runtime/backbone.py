@@ -11,6 +11,7 @@ from torch import nn
 from .layout import MicroBatchLayout
 from .model_sources import resolve_model_dir
 from .models import BackboneConfig, load_backbone
+from .sharding import TensorSplit
 from .tokenizer import TextTokenizer, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,14 +36,21 @@ def torch_device(device: str) -> torch.device:
     return torch.device("cuda")
 
 
-def load_model(model: str, dtype: str = "fp32", device: str = "cpu", layers: range | None = None) -> LoadedBackbone:
+def load_model(
+    model: str,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    layers: range | None = None,
+    split: TensorSplit | None = None,
+) -> LoadedBackbone:
     """Resolve a spec's `model` value, load the weights in `dtype` onto `device`, and the
-    tokenizer; with ``layers``, only those decoder layers (the rest stay on the meta device)."""
+    tokenizer; with ``layers``, only those decoder layers (the rest stay on the meta device);
+    with ``split``, one tensor-parallel shard of them."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = resolve_model_dir(model)
     tokenizer = load_tokenizer(model_dir)
-    backbone, config = load_backbone(model_dir, DTYPES[dtype], device=torch_device(device), layers=layers)
+    backbone, config = load_backbone(model_dir, DTYPES[dtype], device=torch_device(device), layers=layers, split=split)
     backbone.eval()
     for param in backbone.parameters():
         param.requires_grad_(False)

@@ -38,6 +38,7 @@ from muxtune.common.files import apply_umask_mode, atomic_write_bytes, make_temp
 from muxtune.common.text import quote
 
 from .engine import TaskState, TaskStatus, load_task_state
+from .sharding import local_optimizer_state
 
 CHECKPOINTS = "checkpoints"
 JOB_RECORD = "checkpoint.json"
@@ -225,7 +226,8 @@ def restore_checkpoint(checkpoint: Path, state: TaskState, root: Path | None = N
     info = verify_checkpoint(checkpoint, root)
     try:
         load_task_state(state.config.name, state.modules, load_file(str(checkpoint / "adapter.safetensors")))
-        state.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        state.optimizer.load_state_dict(local_optimizer_state(optimizer, state.parameters))
         state.dropout_generator.set_state(torch.load(checkpoint / "rng.pt", weights_only=True))
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"{checkpoint}: cannot restore checkpoint: {exc}") from None

@@ -11,7 +11,7 @@ import sys
 from muxtune.common.cli import run_command
 from muxtune.plans import load_plan
 
-from .executor import PlanExecutor, check_runnable
+from .executor import PlanExecutor
 from .launch import PROG, RunOptions, run_arguments, run_rank
 from .summary_text import DIVERGED_EXIT, format_summary, report_summary
 
@@ -26,7 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         plan = load_plan(args.plan)
         if plan.placement.num_ranks > 1:
-            check_runnable(plan)
             if "RANK" in os.environ:
                 return run_rank(args.plan, options)
             from .distributed.launcher import launch_ranks

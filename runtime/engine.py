@@ -26,6 +26,7 @@ from .loss import linear_cross_entropy
 from .packing import IGNORE_INDEX, MicroBatch, pack_microbatches
 from .peft import attach_task, detach_task, prepare_examples
 from .schedules import lr_multiplier
+from .sharding import local_part, shard_modules
 
 ADAMW_BETAS = (0.9, 0.999)
 ADAMW_EPS = 1e-8
@@ -130,6 +131,7 @@ class MultiTaskEngine:
         )
         if init_state is not None:
             load_task_state(config.name, modules, init_state)
+        shard_modules(modules, self.model)
         params = [p for module in modules.values() for p in module.parameters()]
         optimizer = torch.optim.AdamW(
             params, lr=config.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=config.weight_decay
@@ -291,7 +293,8 @@ class MultiTaskEngine:
 
 
 def load_task_state(task: str, modules: dict[str, nn.Module], state: dict[str, torch.Tensor]) -> None:
-    """Copy `<anchor>.<param>` tensors into a task's modules; every parameter must be given."""
+    """Copy `<anchor>.<param>` tensors into a task's modules; every parameter must be given
+    (in its single-process shape: a tensor-parallel shard takes its part)."""
     expected = {f"{anchor}.{name}": p for anchor, module in modules.items() for name, p in module.named_parameters()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -303,7 +306,7 @@ def load_task_state(task: str, modules: dict[str, nn.Module], state: dict[str, t
         )
     with torch.no_grad():
         for key, param in expected.items():
-            value = state[key]
+            value = local_part(param, state[key])
             if tuple(value.shape) != tuple(param.shape):
                 raise ValueError(f"task {task}: {key} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
             param.copy_(value.to(param.dtype))

@@ -8,10 +8,11 @@ checkpoints, adapters), compute handlers in `execution.interpreter`, pipeline se
 receives in `distributed.p2p`. Around the loop: the run folder (lock, records), progress, logs
 and the summary.
 
-In a multi-rank plan (`world` given), a rank loads its stage's layers only and runs its
-stage's subgraphs; every rank lays out every micro-batch itself (a data-parallel replica takes
-every D-th piece of each task's batch); per-task figures are reduced over all ranks; rank 0
-alone writes the run folder, from task states gathered from the ranks that own them.
+In a multi-rank plan (`world` given), a rank loads its stage's layers only (its
+tensor-parallel shard of them) and runs its stage's subgraphs; every rank lays out every
+micro-batch itself (a data-parallel replica takes every D-th piece of each task's batch);
+per-task figures are reduced over all ranks; rank 0 alone writes the run folder, from task
+states gathered from the ranks that own them.
 """
 
 from __future__ import annotations
@@ -80,20 +81,12 @@ from .progress import ProgressDisplay
 from .round_profile import RoundProfiler
 from .run_folder import RunError, RunFolder
 from .run_logs import StepLog
+from .sharding import TensorSplit
 from .task_runs import TaskRun, peak_memory_bytes, task_training
 from .tensorboard_log import TensorBoardLogs
 from .trace import ExecutionTrace
 
 SUMMARY = "summary.json"
-
-
-def check_runnable(plan: Plan) -> None:
-    """RunError for a plan this runtime cannot run: tensor-parallel placements."""
-    if plan.placement.tensor_parallel > 1:
-        raise RunError(
-            f"the plan shards layers over tensor_parallel={plan.placement.tensor_parallel} ranks; tensor-parallel "
-            "layers are not built yet: compile with cluster.tensor_parallel: 1"
-        )
 
 
 class PlanExecutor:
@@ -143,7 +136,6 @@ class PlanExecutor:
                 f"the plan places the job on {self.plan.placement.num_ranks} ranks; start them with muxtune-run "
                 "(or torchrun -m muxtune.runtime.launch)"
             )
-        check_runnable(self.plan)
         self.tensorboard.require_packages()
         folder_context = RunFolder(self.plan, resume=self.resume) if self.lead else contextlib.nullcontext()
         with folder_context as folder, self.tensorboard:
@@ -219,8 +211,12 @@ class PlanExecutor:
     def _load_backbone(self, ins: LoadBackbone) -> None:
         stage = self.plan.placement.stages[ins.stage]
         layers = range(stage.first_layer, stage.last_layer + 1) if self.plan.placement.pipeline_parallel > 1 else None
+        tensor_parallel = self.plan.placement.tensor_parallel
+        split = (
+            TensorSplit(tensor_parallel, self.world.position.tp_index) if self.world and tensor_parallel > 1 else None
+        )
         try:
-            self.backbone = load_model(self.plan.job.model, self.plan.job.dtype, self.program.device, layers)
+            self.backbone = load_model(self.plan.job.model, self.plan.job.dtype, self.program.device, layers, split)
         except ValueError as exc:
             raise RunError(str(exc)) from None
         backbone_dict = self.backbone.config.to_dict()
@@ -284,7 +280,14 @@ class PlanExecutor:
         assert self.backbone is not None and self.engine is not None
         description = partition_description(self.plan.partition, self.backbone.config.num_layers)
         graph = rebuild_partition(self.backbone.model, description, head=False)
-        self.interpreter = SubgraphInterpreter(graph, self.engine, StreamSet(self.engine.device))
+        streams = StreamSet(self.engine.device)
+        if self.world is None:
+            self.interpreter = SubgraphInterpreter(graph, self.engine, streams)
+        else:
+            world = self.world
+            self.interpreter = SubgraphInterpreter(
+                graph, self.engine, streams, guard=lambda: world.exchanging("a tensor-parallel collective")
+            )
         self.handlers.update(self.interpreter.handlers())
         if self.world is not None:
             anchors = {anchor for state in self.engine.tasks.values() for anchor in state.modules}

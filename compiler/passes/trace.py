@@ -10,6 +10,7 @@ import torch.fx
 from muxtune.runtime.execution import carries_peft
 from muxtune.runtime.models import BackboneConfig, build_model
 from muxtune.runtime.peft import attach_task
+from muxtune.runtime.sharding import TensorSplit
 from muxtune.runtime.tracing import trace_backbone
 from muxtune.specs import PeftSpec
 
@@ -20,13 +21,15 @@ def trace_model(
     dtype: torch.dtype = torch.float32,
     *,
     head: bool = True,
+    split: TensorSplit | None = None,
 ) -> torch.fx.GraphModule:
     """Build `backbone` on the meta device (no weights), attach each task's PEFT modules in the
     given order and trace it (its logits, or with ``head=False`` its hidden states, where a task
     adapting only the head has no module); PEFT hosts are `call_module` leaves, so the graph is
     the same whichever tasks are attached: one task per distinct PEFT config is. Raises
-    ValueError for a task whose target modules match nothing or are never called."""
-    model = build_model(backbone, dtype=dtype, device="meta")
+    ValueError for a task whose target modules match nothing or are never called. With
+    ``split``, one tensor-parallel shard is traced (its collectives are graph nodes)."""
+    model = build_model(backbone, dtype=dtype, device="meta", split=split)
     representative: dict[PeftSpec, str] = {}
     for name, config in tasks.items():
         representative.setdefault(config, name)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..engine import MultiTaskEngine, StepResult, TaskState
+from ..sharding import joined, parameter_shard
 from .world import World
 
 BUCKET_ELEMENTS = 1 << 22
@@ -45,10 +46,16 @@ def _buckets(params: Sequence[nn.Parameter]) -> list[list[nn.Parameter]]:
     return [b for b in buckets if b]
 
 
-def all_reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup, world: World) -> None:
-    """Sum the parameters' gradients over the replicas of ``group``: flat fp32 buckets, all
-    issued before any is waited on. A replica without a gradient adds zeros; a parameter that
-    no replica has a gradient for keeps none (as in a single process)."""
+def all_reduce_gradients(
+    params: Sequence[nn.Parameter],
+    group: dist.ProcessGroup,
+    world: World,
+    what: str = "summing gradients over the data-parallel replicas",
+) -> None:
+    """Sum the parameters' gradients over the ranks of ``group`` (data-parallel replicas, or
+    tensor-parallel shards for partial gradients): flat fp32 buckets, all issued before any is
+    waited on. A rank without a gradient adds zeros; a parameter that no rank has a gradient
+    for keeps none (as in a single process)."""
     device = world.device
     pending = []
     for bucket in _buckets(params):
@@ -65,10 +72,10 @@ def all_reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGrou
                 for p in bucket
             ]
         )
-        with world.exchanging("summing gradients over the data-parallel replicas"):
+        with world.exchanging(what):
             pending.append((bucket, flat, dist.all_reduce(flat, group=group, async_op=True)))
     for bucket, flat, work in pending:
-        with world.exchanging("summing gradients over the data-parallel replicas"):
+        with world.exchanging(what):
             work.wait()
         offset = 0
         for p in bucket:
@@ -79,16 +86,22 @@ def all_reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGrou
 
 
 def optimizer_steps(engine: MultiTaskEngine, names: Sequence[str], world: World) -> list[StepResult]:
-    """One optimizer step for each task in ``names`` on every rank at once: the loss, token
-    counts and squared gradient norm reduced over the world in one call, the same clipping
-    and divergence decision everywhere (one more call for parameters made non-finite)."""
+    """One optimizer step for each task in ``names`` on every rank at once: partial gradients
+    summed over the tensor-parallel shards, then the loss, token counts and squared gradient
+    norm reduced over the world in one call, the same clipping and divergence decision
+    everywhere (one more call for parameters made non-finite)."""
     states = [engine.tasks[name] for name in names]
+    if world.tensor_group is not None:
+        partial = [p for state in states for p in state.parameters if is_partial(p)]
+        all_reduce_gradients(
+            partial, world.tensor_group, world, "summing partial gradients over the tensor-parallel shards"
+        )
     figures = torch.zeros(len(states), 4, dtype=torch.float64)
     for i, state in enumerate(states):
         if world.counts_loss:
             figures[i, :3] = torch.tensor([state.pending_loss, state.pending_target_tokens, state.pending_tokens])
-        grads = [p.grad for p in state.parameters if p.grad is not None]
-        if world.counts_gradients and grads:
+        grads = [p.grad for p in state.parameters if p.grad is not None and world.counts_gradient(p)]
+        if grads:
             figures[i, 3] = float(torch.nn.utils.get_total_norm(grads)) ** 2
     world.all_reduce(figures)
     applied = []
@@ -114,15 +127,22 @@ def gather_task_state(
     state: TaskState, owned: Collection[str], world: World, *, with_optimizer: bool
 ) -> tuple[dict[str, torch.Tensor], dict] | None:
     """On rank 0: the task's whole adapter state (``<anchor>.<param>`` -> tensor, each from its
-    owner) and, ``with_optimizer``, its whole optimizer state dict; None on the other ranks.
-    Only ranks whose parts are exported (`World.exports`) send theirs."""
+    owner) and, ``with_optimizer``, its whole optimizer state dict, both in the single-process
+    form; None on the other ranks. Only ranks whose parts are exported (`World.exports`) send
+    theirs: every tensor-parallel shard its part of a split parameter (joined here), shard 0
+    what every shard holds whole."""
     keys = [f"{anchor}.{name}" for anchor, module in state.modules.items() for name, _ in module.named_parameters()]
     index_of = {key: i for i, key in enumerate(keys)}
-    part: dict[str, tuple[torch.Tensor, dict | None]] = {}
+    tp_index = world.position.tp_index
+    part: dict[str, tuple[int, int, torch.Tensor, dict | None]] = {}
     if world.exports:
         optimizer_state = state.optimizer.state_dict()["state"] if with_optimizer else {}
         for key, p in owned_parameters(state, owned):
-            part[key] = (p.detach().cpu().clone(), optimizer_state.get(index_of[key]))
+            shard = parameter_shard(p)
+            dim = shard.dim if shard is not None else None
+            if dim is None and tp_index != 0:
+                continue
+            part[key] = (tp_index, dim or 0, p.detach().cpu().clone(), optimizer_state.get(index_of[key]))
     parts: list[dict | None] = [None] * world.size if world.lead else []
     with world.exchanging(f"gathering task {state.config.name}'s state on rank 0"):
         dist.gather_object(part, parts if world.lead else None, dst=0)
@@ -132,14 +152,24 @@ def gather_task_state(
     optimizer = state.optimizer.state_dict() if with_optimizer else {}
     if with_optimizer:
         optimizer["state"] = dict(optimizer["state"])
+    pieces: dict[str, list[tuple[int, int, torch.Tensor, dict | None]]] = {}
     for received in parts:
-        for key, (tensor, entry) in (received or {}).items():
-            adapter[key] = tensor
-            if with_optimizer and entry is not None:
-                optimizer["state"][index_of[key]] = entry
+        for key, piece in (received or {}).items():
+            pieces.setdefault(key, []).append(piece)
+    for key, shards in pieces.items():
+        dim = shards[0][1]
+        adapter[key] = joined([(index, tensor) for index, _, tensor, _ in shards], dim)
+        if with_optimizer and all(entry is not None for *_, entry in shards):
+            optimizer["state"][index_of[key]] = joined([(index, entry) for index, _, _, entry in shards], dim)
     if with_optimizer:
         optimizer["state"] = dict(sorted(optimizer["state"].items()))
     return adapter, optimizer
+
+
+def is_partial(param: torch.Tensor) -> bool:
+    """A parameter every tensor-parallel shard holds whole, each adding a part of its gradient."""
+    shard = parameter_shard(param)
+    return shard is not None and shard.dim is None
 
 
 def gather_peak_memory(peak_bytes: int, world: World) -> list[int]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -25,6 +27,7 @@ from muxtune.plans import Placement
 from muxtune.plans.mesh import MeshPosition, position_of, rank_of
 
 from ..run_folder import RunError
+from ..sharding import parameter_shard
 
 COMM_TIMEOUT_ENV = "MUXTUNE_COMM_TIMEOUT"
 START_TIMEOUT_ENV = "MUXTUNE_START_TIMEOUT"
@@ -54,8 +57,10 @@ class World:
     """This rank's mesh position and the groups it reduces over.
 
     ``data_groups`` maps each data-parallel replica group (the plan's `AllReduce.group`) to its
-    process group; per-task figures (loss, token counts, gradient norm, divergence) are reduced
-    over the whole world, each rank adding only what it alone holds (see the properties)."""
+    process group; ``tensor_group`` is megatron-core's tensor-parallel group of this rank (None
+    without tensor parallelism). Per-task figures (loss, token counts, gradient norm,
+    divergence) are reduced over the whole world, each rank adding only what it alone holds
+    (see the properties and `counts_gradient`)."""
 
     rank: int
     size: int
@@ -64,6 +69,7 @@ class World:
     device: torch.device
     comm_timeout: timedelta
     data_groups: dict[tuple[int, ...], dist.ProcessGroup] = field(default_factory=dict)
+    tensor_group: dist.ProcessGroup | None = None
 
     @property
     def lead(self) -> bool:
@@ -82,15 +88,20 @@ class World:
 
     @property
     def exports(self) -> bool:
-        """Whether this rank's owned task parts are the ones gathered on rank 0: replicas and
-        shards repeat what replica 0, shard 0 holds."""
-        return self.position.replica == 0 and self.position.tp_index == 0
-
-    @property
-    def counts_gradients(self) -> bool:
-        """Whether this rank's gradients count in a norm: replicas hold equal gradients after
-        their all-reduce, so replica 0 speaks for them."""
+        """Whether this rank's owned task parts are gathered on rank 0: replicas repeat what
+        replica 0 holds (each tensor-parallel shard of it sends its parts, see
+        `reductions.gather_task_state`)."""
         return self.position.replica == 0
+
+    def counts_gradient(self, param: torch.Tensor) -> bool:
+        """Whether this rank's gradient of ``param`` counts in a norm: replicas hold equal
+        gradients after their all-reduce, so replica 0 speaks for them; of a tensor-parallel
+        group, every shard for a split parameter, shard 0 for one every shard holds whole (its
+        gradient is the same everywhere once summed)."""
+        if self.position.replica != 0:
+            return False
+        shard = parameter_shard(param)
+        return self.position.tp_index == 0 or (shard is not None and shard.dim is not None)
 
     @contextlib.contextmanager
     def exchanging(self, what: str) -> Iterator[None]:
@@ -140,7 +151,31 @@ def init_world(placement: Placement, device: torch.device) -> World:
             group = dist.new_group(list(ranks)) if len(ranks) > 1 else None
             if rank in ranks and group is not None:
                 world.data_groups[ranks] = group
+    if placement.tensor_parallel > 1:
+        world.tensor_group = megatron_tensor_group(placement, world)
     return world
+
+
+def megatron_tensor_group(placement: Placement, world: World) -> dist.ProcessGroup:
+    """megatron-core's ``parallel_state`` over the plan's mesh (its order ``tp-cp-ep-pp-dp`` is
+    the plan's rank numbering; exchanges give up after the communication timeout); this rank's
+    tensor-parallel group."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Transformer Engine and Apex are absent: the CPU path never needs them
+        from megatron.core import parallel_state
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=placement.tensor_parallel,
+        pipeline_model_parallel_size=placement.pipeline_parallel,
+        distributed_timeout_minutes=world.comm_timeout.total_seconds() / 60,
+        order="tp-cp-ep-pp-dp",
+    )
+    group = parallel_state.get_tensor_model_parallel_group()
+    position = world.position
+    expected = [
+        rank_of(placement, MeshPosition(position.stage, t, position.replica)) for t in range(placement.tensor_parallel)
+    ]
+    assert dist.get_process_group_ranks(group) == expected, "megatron's tensor-parallel group is not the plan's"
+    return group
 
 
 def wait_for_all(world: World, what: str) -> None:
@@ -168,4 +203,7 @@ def close_world(world: World, finished: bool) -> None:
         return
     if finished:
         wait_for_all(world, "every rank finishes")
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
     dist.destroy_process_group()

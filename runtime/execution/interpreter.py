@@ -13,7 +13,9 @@ Legend: T tokens of the packed buffer, C hidden size.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,12 +50,20 @@ def _needs_grad(value: Any) -> bool:
 
 class SubgraphInterpreter:
     """Runs `Forward`, `LossBackward`, `Backward`, `Free` and the event instructions on the
-    partitioned backbone of this rank."""
+    partitioned backbone of this rank; the forward and backward of collective subgraphs run
+    inside ``guard()`` (what turns a failed exchange into an error naming the rank)."""
 
-    def __init__(self, graph: PartitionedGraph, engine: MultiTaskEngine, streams: StreamSet) -> None:
+    def __init__(
+        self,
+        graph: PartitionedGraph,
+        engine: MultiTaskEngine,
+        streams: StreamSet,
+        guard: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+    ) -> None:
         self.graph = graph
         self.engine = engine
         self.streams = streams
+        self.guard = guard
         self.device = engine.device
         self.buffers: dict[tuple[int, int], MicroBatchBuffers] = {}
         self.final_output = graph.description.outputs[0]
@@ -94,7 +104,7 @@ class SubgraphInterpreter:
                 value = value.detach().requires_grad_(True)
                 leaves[name] = value
             args.append(value)
-        with self.streams.on(ins.stream):
+        with self.streams.on(ins.stream), self._guarded(ins.subgraph):
             outputs = subgraph.module(*args)
         buffers.leaves[ins.subgraph] = leaves
         buffers.outputs[ins.subgraph] = outputs
@@ -126,13 +136,17 @@ class SubgraphInterpreter:
         leaves = buffers.leaves.pop(ins.subgraph)
         if not pairs:
             return
-        with self.streams.on(ins.stream):
+        with self.streams.on(ins.stream), self._guarded(ins.subgraph):
             torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
         for name, leaf in leaves.items():
             if leaf.grad is None:
                 continue
             previous = buffers.grads.get(name)
             buffers.grads[name] = leaf.grad if previous is None else previous + leaf.grad
+
+    def _guarded(self, subgraph: int) -> AbstractContextManager[None]:
+        collective = self.graph.subgraphs[subgraph].description.kind == "collective"
+        return self.guard() if collective else contextlib.nullcontext()
 
     def free(self, ins: Free) -> None:
         del self.buffers[(ins.htask, ins.microbatch)]

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..sharding import TensorSplit
 from .config import BackboneConfig
 from .gpt2 import GPT2LMHeadModel
 from .layers import BackboneForCausalLM
@@ -24,13 +25,17 @@ def build_model(
     config: BackboneConfig,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    split: TensorSplit | None = None,
 ) -> BackboneForCausalLM:
     """Construct the family's model with randomly initialised parameters in `dtype` on `device`
-    ("meta" allocates nothing). Rotary tables stay fp32."""
+    ("meta" allocates nothing); with ``split``, one tensor-parallel shard of it (ValueError for
+    a family without tensor parallelism or widths that do not split). Rotary tables stay fp32."""
     model_cls = MODEL_CLASSES[config.family]
+    if split is not None and not model_cls.splittable:
+        raise ValueError(f"the {config.family} family has no tensor-parallel layers (the llama family has)")
     skip = _initializers_skipped() if torch.device(device).type == "meta" else contextlib.nullcontext()
     with torch.device(device), skip:
-        model = model_cls(config)
+        model = model_cls(config) if split is None else model_cls(config, split=split)
     model.to(dtype=dtype)
     model.reset_buffers()
     return model

@@ -256,6 +256,7 @@ class BackboneForCausalLM(nn.Module, abc.ABC):
     """
 
     base_model_prefix: str = "model"
+    splittable: bool = False  # whether the family builds tensor-parallel shards (a `split` argument)
     lm_head: HostLinear
 
     def __init__(self, config: BackboneConfig) -> None:

@@ -19,9 +19,11 @@ from torch import Tensor, nn
 
 from muxtune.common.text import clip_line
 
+from ..sharding import TensorSplit
 from .build import build_model
 from .config import BackboneConfig
 from .layers import BackboneForCausalLM
+from .tensor_parallel import local_shape, read_part
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -100,10 +102,11 @@ def build_model_checked(
     config_path: Path,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "meta",
+    split: TensorSplit | None = None,
 ) -> BackboneForCausalLM:
     """`build_model`, with a ValueError naming `config_path` when its sizes cannot make a model."""
     try:
-        return build_model(config, dtype=dtype, device=device)
+        return build_model(config, dtype=dtype, device=device, split=split)
     except _BUILD_ERRORS as exc:
         raise ValueError(f"{config_path}: these sizes do not make a model: {_first_line(exc)}") from None
 
@@ -291,12 +294,14 @@ def load_backbone(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     layers: range | None = None,
+    split: TensorSplit | None = None,
 ) -> tuple[BackboneForCausalLM, BackboneConfig]:
     """Build the model on the meta device and assign the checkpoint's tensors cast to `dtype`.
 
     With ``layers`` (a pipeline stage's decoder layers), the other decoder layers are neither
     read nor allocated: their parameters stay on the meta device. Embeddings, final norm and
-    head are always loaded. FileNotFoundError names a missing config/weights file; ValueError
+    head are always loaded. With ``split``, one tensor-parallel shard: each split tensor's part
+    alone is read. FileNotFoundError names a missing config/weights file; ValueError
     names an unreadable file or lists missing, unexpected and shape-mismatched tensor keys. A
     tied lm_head is taken from the embedding.
     """
@@ -305,20 +310,30 @@ def load_backbone(
         raise FileNotFoundError(f"checkpoint directory {root} does not exist")
     config = read_hf_config(root)
     files = checkpoint_files(root)
-    model = build_model_checked(config, root / "config.json", dtype=dtype)
+    model = build_model_checked(config, root / "config.json", dtype=dtype, split=split)
     skipped = outside_layers(model, layers) if layers is not None else None
+    names = set(model.state_dict()) if split is not None else set()
+
+    def model_key(key: str) -> str:
+        return _canonical_key(key, names, model.base_model_prefix)
+
     infos: dict[str, TensorInfo] = {}
     if skipped is not None:
         for file in files:
             infos.update(read_safetensors_header(file))
+        if split is not None:
+            infos = {k: TensorInfo(local_shape(model, model_key(k), v.shape), v.floating) for k, v in infos.items()}
         wanted = set(match_checkpoint(model, infos, f"checkpoint {root}", skipped))
     tensors: dict[str, Tensor] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for key in f.keys():
-                    if skipped is None or key in wanted:
-                        tensors[key] = f.get_tensor(key)
+                    if skipped is not None and key not in wanted:
+                        continue
+                    tensors[key] = (
+                        f.get_tensor(key) if split is None else read_part(model, model_key(key), f.get_slice(key))
+                    )
         except (SafetensorError, OSError) as exc:
             raise _unreadable(file, exc) from None
     assign_weights(model, tensors, dtype, source=f"checkpoint {root}", skipped=skipped)

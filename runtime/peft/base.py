@@ -71,6 +71,13 @@ class OperatorPeftModule(nn.Module, abc.ABC):
     def adapt(self, x: torch.Tensor, y: torch.Tensor, host: nn.Module) -> torch.Tensor:
         """Return the adapted output for one task's segment."""
 
+    def shard_dims(self, style: str) -> dict[str, int | None] | None:
+        """How the module splits at a ``style`` ("column" or "row") tensor-parallel host: per
+        parameter name, the dimension split over the shards, or None for a parameter every shard
+        holds whole whose gradient is a partial sum (see `muxtune.runtime.sharding`). None: the
+        method has no tensor-parallel form there."""
+        return None
+
 
 class PeftHost(nn.Module):
     """Mixin for a frozen backbone module that hosts the PEFT modules of any number of tasks in

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from muxtune.specs import BiasSpec
 
+from ..sharding import full_features, parameter_shard
 from .base import AttachmentKind, OperatorPeftModule
 from .registry import (
     AdapterError,
@@ -50,7 +51,15 @@ class BiasDelta(OperatorPeftModule):
         with torch.no_grad():
             self.bias_delta.zero_()
 
+    def shard_dims(self, style: str) -> dict[str, int | None] | None:
+        """Split with a column-parallel host's outputs; whole at a row-parallel host, where shard
+        0 alone adds it to the partial outputs (so its gradient is a partial sum)."""
+        return {"bias_delta": 0 if style == "column" else None}
+
     def adapt(self, x: Tensor, y: Tensor, host: nn.Module) -> Tensor:
+        shard = parameter_shard(self.bias_delta)
+        if shard is not None and shard.dim is None and shard.split.index != 0:
+            return y
         return y + self.bias_delta.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -62,7 +71,7 @@ def attach_bias(spec: BiasSpec, ctx: AttachContext) -> dict[str, nn.Module]:
     return attach_operator_modules(
         ctx,
         targeted_anchors(ctx.model, spec.target_modules),
-        lambda _, host: BiasDelta(host.out_features, dtype=ctx.dtype, device=ctx.device),
+        lambda _, host: BiasDelta(full_features(host)[1], dtype=ctx.dtype, device=ctx.device),
     )
 
 

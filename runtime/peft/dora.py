@@ -90,6 +90,11 @@ class DoraModule(LoraModule):
         with torch.no_grad():
             self.lora_magnitude_vector.weight.copy_(self._initial_magnitude)
 
+    def shard_dims(self, style: str) -> dict[str, int | None] | None:
+        """None: the weight norm needs whole rows of the frozen weight and of B A, which a
+        row-parallel host splits; DoRA runs on hosts every rank holds whole only."""
+        return None
+
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """||W + s * B A|| per output row, outside the autograd graph (peft's `get_weight_norm`)."""
         with torch.no_grad():

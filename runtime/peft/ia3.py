@@ -18,6 +18,7 @@ from torch import nn
 
 from muxtune.specs import IA3Spec
 
+from ..sharding import full_features
 from .base import AttachmentKind, OperatorPeftModule
 from .registry import (
     AdapterError,
@@ -63,6 +64,12 @@ class IA3Module(OperatorPeftModule):
             return x
         return (x.to(self.ia3_l.dtype) * self.ia3_l.flatten()).to(x.dtype)
 
+    def shard_dims(self, style: str) -> dict[str, int | None] | None:
+        """Split with the features it scales where the host splits them (outputs of a
+        column-parallel host, inputs of a row-parallel one); whole elsewhere, a partial gradient."""
+        split_here = (style == "row") == self.is_feedforward
+        return {"ia3_l": (1 if self.is_feedforward else 0) if split_here else None}
+
     def adapt(self, x: torch.Tensor, y: torch.Tensor, host: nn.Module) -> torch.Tensor:
         if self.is_feedforward:
             return y
@@ -81,8 +88,7 @@ def attach_ia3(spec: IA3Spec, ctx: AttachContext) -> dict[str, nn.Module]:
         ctx,
         targeted_anchors(ctx.model, spec.target_modules),
         lambda name, host: IA3Module(
-            host.in_features,
-            host.out_features,
+            *full_features(host),
             is_feedforward(name, feedforward),
             dtype=ctx.dtype,
             device=ctx.device,

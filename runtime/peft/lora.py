@@ -14,6 +14,7 @@ from torch import nn
 
 from muxtune.specs import LoraSpec
 
+from ..sharding import full_features
 from .base import AttachmentKind, OperatorPeftModule, uniform_init_
 from .registry import (
     AdapterFiles,
@@ -84,6 +85,13 @@ class LoraModule(OperatorPeftModule):
         keep = torch.rand(x.shape, generator=self.dropout_generator, device=self.dropout_generator.device) >= p
         return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - p)
 
+    def shard_dims(self, style: str) -> dict[str, int | None] | None:
+        """Column-parallel host: B's rows split, A whole; row-parallel: A's columns split, B whole
+        (its partial products are summed with the host's partial outputs)."""
+        if style == "column":
+            return {"lora_B.weight": 0, "lora_A.weight": None}
+        return {"lora_A.weight": 1, "lora_B.weight": None}
+
     def adapt(self, x: torch.Tensor, y: torch.Tensor, host: nn.Module) -> torch.Tensor:
         """peft's `y + B(A(dropout(x))) * s`, added in the adapter's dtype and rounded once; one
         `addmm` does the expand, the scaling and the add (the scaling lands on the rank-sized
@@ -121,7 +129,7 @@ def attach_lora(spec: LoraSpec, ctx: AttachContext) -> dict[str, nn.Module]:
 
     def build(_: str, host: nn.Module) -> LoraModule:
         if not spec.use_dora:
-            return LoraModule(host.in_features, host.out_features, config, dtype=ctx.dtype, device=ctx.device)
+            return LoraModule(*full_features(host), config, dtype=ctx.dtype, device=ctx.device)
         fan_in_fan_out = host_fan_in_fan_out(host)
         magnitude = initial_magnitude(host, fan_in_fan_out, ctx.dtype, ctx.device)
         return DoraModule(

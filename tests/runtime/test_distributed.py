@@ -73,14 +73,17 @@ def single_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"num_devices": 2, "pipeline_parallel": 2},
         {"num_devices": 2, "pipeline_parallel": 1},
         {"num_devices": 4, "pipeline_parallel": 2},
+        {"num_devices": 2, "pipeline_parallel": 1, "tensor_parallel": 2},
+        {"num_devices": 4, "pipeline_parallel": 2, "tensor_parallel": 2},
     ],
-    ids=["pipeline2", "data2", "pipeline2xdata2"],
+    ids=["pipeline2", "data2", "pipeline2xdata2", "tensor2", "pipeline2xtensor2"],
 )
 def test_multi_rank_run_equals_single_process(single_run: Path, tmp_path: Path, cluster: dict) -> None:
     plan = compile_job(tmp_path, two_tasks(), **cluster)
     placement = yaml.safe_load(plan.read_text())["placement"]
     assert placement["num_ranks"] == cluster["num_devices"]
     assert placement["pipeline_parallel"] == cluster["pipeline_parallel"]
+    assert placement["tensor_parallel"] == cluster.get("tensor_parallel", 1)
     result = run_cli("run", str(plan), "--trace")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
@@ -163,10 +166,14 @@ def long_single_run(tmp_path_factory: pytest.TempPathFactory, long_tasks: list[d
     return directory / "out"
 
 
+TWO_RANKS = [{"pipeline_parallel": 2}, {"pipeline_parallel": 1, "tensor_parallel": 2}]
+
+
+@pytest.mark.parametrize("degrees", TWO_RANKS, ids=["pipeline2", "tensor2"])
 def test_killed_rank_stops_the_job_and_resume_finishes_it(
-    tmp_path: Path, long_tasks: list[dict], long_single_run: Path
+    tmp_path: Path, long_tasks: list[dict], long_single_run: Path, degrees: dict
 ) -> None:
-    plan = compile_job(tmp_path, long_tasks, num_devices=2, pipeline_parallel=2)
+    plan = compile_job(tmp_path, long_tasks, num_devices=2, **degrees)
     launcher = start_and_wait_for_step(plan, tmp_path / "out" / "qa" / "metrics.jsonl", 4)
     code, stderr, seconds = stop_rank(launcher, 1, signal.SIGKILL)
     assert code == 1 and seconds < STOP_WITHIN_S, (code, seconds, stderr)
@@ -181,19 +188,25 @@ def test_killed_rank_stops_the_job_and_resume_finishes_it(
     assert steps == list(range(1, 61)), "every step logged once across the kill"
 
 
-def test_hung_rank_stops_the_job_within_a_minute(tmp_path: Path, long_tasks: list[dict]) -> None:
-    plan = compile_job(tmp_path, long_tasks, num_devices=2, pipeline_parallel=2)
+@pytest.mark.parametrize("degrees", TWO_RANKS, ids=["pipeline2", "tensor2"])
+def test_hung_rank_stops_the_job_within_a_minute(tmp_path: Path, long_tasks: list[dict], degrees: dict) -> None:
+    plan = compile_job(tmp_path, long_tasks, num_devices=2, **degrees)
     launcher = start_and_wait_for_step(plan, tmp_path / "out" / "qa" / "metrics.jsonl", 2)
     code, stderr, seconds = stop_rank(launcher, 1, signal.SIGSTOP)
     assert code == 1 and seconds < STOP_WITHIN_S, (code, seconds, stderr)
     assert "rank 1" in stderr and "Traceback" not in stderr
 
 
-def test_tensor_parallel_plan_is_refused_before_it_starts(tmp_path: Path) -> None:
+def test_a_method_without_a_tensor_parallel_form_is_refused_or_left_whole(tmp_path: Path) -> None:
     tasks = two_tasks(steps=1)
-    job = write_job(tmp_path, tasks, dtype="fp32", cluster={"device": "cpu", "num_devices": 2, "tensor_parallel": 2})
+    tasks[1]["peft"] = {**tasks[1]["peft"], "use_dora": True}
+    cluster = {"device": "cpu", "num_devices": 2, "tensor_parallel": 2}
+    job = write_job(tmp_path, tasks, dtype="fp32", cluster=cluster)
     plan = tmp_path / "plan.yaml"
+    result = run_cli("compile", str(job), "-o", str(plan))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cluster.tensor_parallel: 2: tasks[1].peft: lora at model.layers.0.self_attn.q_proj" in result.stderr
+    assert "DoraModule" in result.stderr and not plan.exists()
+    job = write_job(tmp_path, tasks, dtype="fp32", cluster={**cluster, "tensor_parallel": "auto"})
     assert run_cli("compile", str(job), "-o", str(plan)).returncode == 0
-    result = run_cli("run", str(plan))
-    assert result.returncode == 2 and "tensor_parallel=2" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "out").exists()
+    assert yaml.safe_load(plan.read_text())["placement"]["tensor_parallel"] == 1

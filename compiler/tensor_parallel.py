@@ -1,0 +1,38 @@
+"""Whether a job's backbone and tasks can be split over tensor-parallel ranks: the backbone family
+has tensor-parallel layers, and every task's PEFT modules have a tensor-parallel form at the
+operators they adapt (`OperatorPeftModule.shard_dims`)."""
+
+from __future__ import annotations
+
+import torch
+
+from muxtune.runtime.models import BackboneConfig, build_model
+from muxtune.runtime.peft import attach_task, detach_task
+from muxtune.runtime.sharding import TensorSplit, split_problem
+from muxtune.specs import JobSpec
+
+
+def may_split(spec: JobSpec) -> bool:
+    """Whether the cluster spec leaves room for tensor parallelism (fixed above 1, or auto on
+    several devices)."""
+    degree = spec.cluster.tensor_parallel
+    return degree != 1 and (degree != "auto" or spec.cluster.num_devices > 1)
+
+
+def tensor_parallel_problems(config: BackboneConfig, spec: JobSpec) -> list[str]:
+    """Why the job cannot run tensor-parallel, one line per backbone or task problem (empty
+    when it can); the tasks' PEFT configs are assumed to fit the unsplit backbone."""
+    try:
+        model = build_model(config, device="meta", split=TensorSplit(1, 0))
+    except ValueError as exc:
+        return [f"model: {exc}"]
+    problems = []
+    for i, task in enumerate(spec.tasks):
+        modules = attach_task(model, task.name, task.peft, seed=0, dropout_generator=torch.Generator())
+        for anchor, module in modules.items():
+            problem = split_problem(module, model.get_submodule(anchor))
+            if problem is not None:
+                problems.append(f"tasks[{i}].peft: {task.peft.method} at {anchor}: {problem}")
+                break
+        detach_task(model, task.name)
+    return problems

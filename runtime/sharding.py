@@ -1,0 +1,145 @@
+"""Tensor-parallel shards: which slice of a full tensor a rank holds, and how a task's PEFT
+state moves between its per-rank parts and its single-process form.
+
+A backbone built with a `TensorSplit` has *column*-parallel linear hosts (output features split:
+q/k/v, gate/up) and *row*-parallel ones (input features split: o/down; a collective sums their
+partial outputs). A task's PEFT module at such a host is built at full size and initialized, so
+its values are the single-process run's, then cut (`shard_modules`). Each of its parameters is
+then either split along one dimension, or replicated with *partial* gradients (every shard adds
+a part; their sum over the tensor-parallel group is the gradient). Parameters of modules at
+hosts that are not split (the head, the embeddings) are plain replicas: equal gradients on
+every shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+ShardStyle = Literal["column", "row", "heads"]
+"""Column: output features split; row: input features split; heads: an attention host's heads
+split (its `HostShard` features are the full query and key/value widths)."""
+
+
+@dataclass(frozen=True)
+class TensorSplit:
+    """Shard ``index`` of ``size`` equal, contiguous parts."""
+
+    size: int
+    index: int
+
+    def length(self, full: int) -> int:
+        """The part of ``full`` one shard holds (ValueError when it does not split evenly)."""
+        if full % self.size:
+            raise ValueError(f"a size of {full} does not split into {self.size} equal parts")
+        return full // self.size
+
+    def take(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """This shard's slice of ``tensor`` along ``dim`` (a view)."""
+        part = self.length(tensor.shape[dim])
+        return tensor.narrow(dim, self.index * part, part)
+
+
+@dataclass(frozen=True)
+class HostShard:
+    """How a linear host is split, and its full (unsplit) feature counts."""
+
+    style: ShardStyle
+    split: TensorSplit
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class ParameterShard:
+    """A PEFT parameter's part: split along ``dim``, or (``dim`` None) replicated with partial
+    gradients."""
+
+    split: TensorSplit
+    dim: int | None
+
+
+_SHARD = "muxtune_shard"
+
+
+def host_shard(host: nn.Module) -> HostShard | None:
+    """The host's split, None for a host every rank holds whole."""
+    return getattr(host, "tensor_shard", None)
+
+
+def full_features(host: nn.Module) -> tuple[int, int]:
+    """A linear host's (in, out) features as in the unsplit model: what its PEFT modules are built for."""
+    shard = host_shard(host)
+    return (shard.in_features, shard.out_features) if shard is not None else (host.in_features, host.out_features)
+
+
+def parameter_shard(param: torch.Tensor) -> ParameterShard | None:
+    """How a PEFT parameter is split (None: a plain replica, or no tensor parallelism)."""
+    return getattr(param, _SHARD, None)
+
+
+def split_problem(module: nn.Module, host: nn.Module) -> str | None:
+    """Why ``module`` cannot run at ``host`` split over tensor-parallel ranks, or None."""
+    shard = host_shard(host)
+    if shard is None:
+        return None
+    dims = getattr(module, "shard_dims", lambda style: None)(shard.style)
+    if dims is None:
+        return f"{type(module).__name__} has no tensor-parallel form at a {shard.style}-parallel operator"
+    return None
+
+
+def shard_modules(modules: Mapping[str, nn.Module], model: nn.Module) -> None:
+    """Cut each full-size module at a split host of ``model`` (anchors are module paths) to
+    this rank's part, as its `shard_dims(style)` says; its parameters are replaced by new ones."""
+    for anchor, module in modules.items():
+        shard = host_shard(model.get_submodule(anchor))
+        if shard is None:
+            continue
+        problem = split_problem(module, model.get_submodule(anchor))
+        assert problem is None, f"{anchor}: {problem} (the compiler refuses such plans)"
+        for name, dim in module.shard_dims(shard.style).items():
+            owner_path, _, attribute = name.rpartition(".")
+            owner = module.get_submodule(owner_path)
+            full = getattr(owner, attribute)
+            value = full.detach() if dim is None else shard.split.take(full.detach(), dim).clone()
+            param = nn.Parameter(value, requires_grad=full.requires_grad)
+            setattr(param, _SHARD, ParameterShard(shard.split, dim))
+            setattr(owner, attribute, param)
+
+
+def local_part(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value``, a tensor of ``param``'s single-process shape (the parameter or one of its
+    optimizer moments), cut to this rank's part; scalars and unsplit parameters pass through."""
+    shard = parameter_shard(param)
+    if shard is None or shard.dim is None or value.dim() == 0:
+        return value
+    return shard.split.take(value, shard.dim)
+
+
+def local_optimizer_state(state_dict: dict[str, Any], params: list[torch.Tensor]) -> dict[str, Any]:
+    """A single-process optimizer state dict (parameters by index, in ``params`` order) cut to
+    this rank's parts."""
+    state = {
+        index: {
+            key: local_part(params[index], value) if torch.is_tensor(value) else value for key, value in entry.items()
+        }
+        for index, entry in state_dict["state"].items()
+    }
+    return {**state_dict, "state": state}
+
+
+def joined(parts: list[tuple[int, Any]], dim: int) -> Any:
+    """The single-process value of a split tensor (or optimizer entry) from its (shard index,
+    part) pairs: tensors concatenated along ``dim`` in shard order, scalars from shard 0."""
+    ordered = [part for _, part in sorted(parts, key=lambda pair: pair[0])]
+    first = ordered[0]
+    if isinstance(first, dict):
+        return {key: joined([(i, part[key]) for i, part in enumerate(ordered)], dim) for key in first}
+    if torch.is_tensor(first) and first.dim() > 0:
+        return torch.cat(ordered, dim=dim)
+    return first
