@@ -5,11 +5,12 @@ operators they adapt (`OperatorPeftModule.shard_dims`)."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from muxtune.runtime.models import BackboneConfig, build_model
 from muxtune.runtime.peft import attach_task, detach_task
 from muxtune.runtime.sharding import TensorSplit, split_problem
-from muxtune.specs import JobSpec
+from muxtune.specs import JobSpec, PeftSpec
 
 
 def may_split(spec: JobSpec) -> bool:
@@ -27,12 +28,24 @@ def tensor_parallel_problems(config: BackboneConfig, spec: JobSpec) -> list[str]
     except ValueError as exc:
         return [f"model: {exc}"]
     problems = []
+    verdicts: dict[PeftSpec, str | None] = {}  # one attachment per distinct PEFT config
     for i, task in enumerate(spec.tasks):
-        modules = attach_task(model, task.name, task.peft, seed=0, dropout_generator=torch.Generator())
+        if task.peft not in verdicts:
+            verdicts[task.peft] = first_split_problem(model, task.name, task.peft)
+        if verdicts[task.peft] is not None:
+            problems.append(f"tasks[{i}].peft: {verdicts[task.peft]}")
+    return problems
+
+
+def first_split_problem(model: nn.Module, task: str, peft: PeftSpec) -> str | None:
+    """The first anchor where ``peft``'s module cannot be split on ``model`` (built with a
+    split), named with the reason; None when every module can."""
+    modules = attach_task(model, task, peft, seed=0, dropout_generator=torch.Generator())
+    try:
         for anchor, module in modules.items():
             problem = split_problem(module, model.get_submodule(anchor))
             if problem is not None:
-                problems.append(f"tasks[{i}].peft: {task.peft.method} at {anchor}: {problem}")
-                break
-        detach_task(model, task.name)
-    return problems
+                return f"{peft.method} at {anchor}: {problem}"
+        return None
+    finally:
+        detach_task(model, task)

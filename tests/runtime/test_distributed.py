@@ -75,8 +75,9 @@ def single_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"num_devices": 4, "pipeline_parallel": 2},
         {"num_devices": 2, "pipeline_parallel": 1, "tensor_parallel": 2},
         {"num_devices": 4, "pipeline_parallel": 2, "tensor_parallel": 2},
+        {"num_devices": 4, "pipeline_parallel": 1, "tensor_parallel": 2},
     ],
-    ids=["pipeline2", "data2", "pipeline2xdata2", "tensor2", "pipeline2xtensor2"],
+    ids=["pipeline2", "data2", "pipeline2xdata2", "tensor2", "pipeline2xtensor2", "tensor2xdata2"],
 )
 def test_multi_rank_run_equals_single_process(single_run: Path, tmp_path: Path, cluster: dict) -> None:
     plan = compile_job(tmp_path, two_tasks(), **cluster)
@@ -104,6 +105,28 @@ def test_multi_rank_run_equals_single_process(single_run: Path, tmp_path: Path, 
         assert (tmp_path / "out" / name / "checkpoints" / "step-000002" / "state.json").is_file()
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert len(summary["rank_peak_memory_bytes"]) == cluster["num_devices"]
+
+
+def test_tensor_parallel_splits_ia3_and_bias_like_one_process(tmp_path: Path) -> None:
+    """(IA)^3 scaling outputs and (feedforward) inputs, and bias deltas at column- and
+    row-parallel operators, trained on 2 tensor-parallel ranks, equal the single-process run."""
+    tasks = two_tasks(steps=2)
+    tasks[0]["peft"] = {
+        "method": "ia3",
+        "target_modules": ["k_proj", "v_proj", "up_proj", "down_proj"],
+        "feedforward_modules": ["down_proj"],
+    }
+    tasks[1]["peft"] = {"method": "bias", "target_modules": ["q_proj", "o_proj", "down_proj"]}
+    for task in tasks:
+        task["lr"] = 1e-2
+    runs = {}
+    for name, cluster in (("one", {}), ("two", {"num_devices": 2, "pipeline_parallel": 1, "tensor_parallel": 2})):
+        (tmp_path / name).mkdir()
+        result = run_cli("run", str(compile_job(tmp_path / name, tasks, **cluster)))
+        assert result.returncode == 0, result.stderr
+        runs[name] = adapters(tmp_path / name / "out", ["sentiment", "qa"])
+    assert_same_adapters(runs["two"], runs["one"])
+    assert all(float((v - 1).abs().max()) > 1e-4 for v in runs["one"]["sentiment"].values()), "the scales moved"
 
 
 def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
