@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from muxtune.runtime.models import BackboneConfig, build_model
-from muxtune.runtime.peft import attach_task, detach_task
-from muxtune.runtime.sharding import TensorSplit, split_problem
+from muxtune.runtime.peft import PeftHost, attach_task, detach_task
+from muxtune.runtime.peft.registry import backbone_modules
+from muxtune.runtime.sharding import TensorSplit, host_shard, split_problem
 from muxtune.specs import JobSpec, PeftSpec
 
 
@@ -38,14 +39,15 @@ def tensor_parallel_problems(config: BackboneConfig, spec: JobSpec) -> list[str]
 
 
 def first_split_problem(model: nn.Module, task: str, peft: PeftSpec) -> str | None:
-    """The first anchor where ``peft``'s module cannot be split on ``model`` (built with a
-    split), named with the reason; None when every module can."""
-    modules = attach_task(model, task, peft, seed=0, dropout_generator=torch.Generator())
+    """The first host of ``model`` (built with a split) where ``peft``'s module cannot be split,
+    named with the reason; None when every module can."""
+    attach_task(model, task, peft, seed=0, dropout_generator=torch.Generator())
     try:
-        for anchor, module in modules.items():
-            problem = split_problem(module, model.get_submodule(anchor))
-            if problem is not None:
-                return f"{peft.method} at {anchor}: {problem}"
+        for path, host in backbone_modules(model):
+            if isinstance(host, PeftHost) and task in host.adapters:
+                problem = split_problem(host.adapters[task], host_shard(host))
+                if problem is not None:
+                    return f"{peft.method} at {path}: {problem}"
         return None
     finally:
         detach_task(model, task)

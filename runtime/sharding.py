@@ -82,9 +82,17 @@ def parameter_shard(param: torch.Tensor) -> ParameterShard | None:
     return getattr(param, _SHARD, None)
 
 
-def split_problem(module: nn.Module, host: nn.Module) -> str | None:
-    """Why ``module`` cannot run at ``host`` split over tensor-parallel ranks, or None."""
-    shard = host_shard(host)
+def anchor_shard(model: nn.Module, anchor: str) -> HostShard | None:
+    """The split of the host at ``anchor`` (a module path, or a method's own anchor name such as
+    prompt tuning's, which no split host has)."""
+    try:
+        return host_shard(model.get_submodule(anchor))
+    except AttributeError:
+        return None
+
+
+def split_problem(module: nn.Module, shard: HostShard | None) -> str | None:
+    """Why ``module`` cannot run at a host split as ``shard`` says, or None."""
     if shard is None:
         return None
     dims = getattr(module, "shard_dims", lambda style: None)(shard.style)
@@ -97,10 +105,10 @@ def shard_modules(modules: Mapping[str, nn.Module], model: nn.Module) -> None:
     """Cut each full-size module at a split host of ``model`` (anchors are module paths) to
     this rank's part, as its `shard_dims(style)` says; its parameters are replaced by new ones."""
     for anchor, module in modules.items():
-        shard = host_shard(model.get_submodule(anchor))
+        shard = anchor_shard(model, anchor)
         if shard is None:
             continue
-        problem = split_problem(module, model.get_submodule(anchor))
+        problem = split_problem(module, shard)
         assert problem is None, f"{anchor}: {problem} (the compiler refuses such plans)"
         for name, dim in module.shard_dims(shard.style).items():
             owner_path, _, attribute = name.rpartition(".")

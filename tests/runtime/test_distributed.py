@@ -107,10 +107,14 @@ def test_multi_rank_run_equals_single_process(single_run: Path, tmp_path: Path, 
     assert len(summary["rank_peak_memory_bytes"]) == cluster["num_devices"]
 
 
-def test_tensor_parallel_splits_ia3_and_bias_like_one_process(tmp_path: Path) -> None:
-    """(IA)^3 scaling outputs and (feedforward) inputs, and bias deltas at column- and
-    row-parallel operators, trained on 2 tensor-parallel ranks, equal the single-process run."""
-    tasks = two_tasks(steps=2)
+def test_tensor_parallel_splits_ia3_bias_and_prompts_like_one_process(tmp_path: Path) -> None:
+    """(IA)^3 scaling outputs and (feedforward) inputs, bias deltas at column- and row-parallel
+    operators, and prompt tuning's soft tokens (whole on every rank), trained on 2
+    tensor-parallel ranks, equal the single-process run."""
+    tasks = default_tasks()[:3]
+    for task in tasks:
+        task.update(steps=2, save_every=2)
+    tasks[2]["peft"] = {"method": "prompt_tuning", "num_virtual_tokens": 4}
     tasks[0]["peft"] = {
         "method": "ia3",
         "target_modules": ["k_proj", "v_proj", "up_proj", "down_proj"],
@@ -124,7 +128,7 @@ def test_tensor_parallel_splits_ia3_and_bias_like_one_process(tmp_path: Path) ->
         (tmp_path / name).mkdir()
         result = run_cli("run", str(compile_job(tmp_path / name, tasks, **cluster)))
         assert result.returncode == 0, result.stderr
-        runs[name] = adapters(tmp_path / name / "out", ["sentiment", "qa"])
+        runs[name] = adapters(tmp_path / name / "out", ["sentiment", "qa", "instructions"])
     assert_same_adapters(runs["two"], runs["one"])
     assert all(float((v - 1).abs().max()) > 1e-4 for v in runs["one"]["sentiment"].values()), "the scales moved"
 
