@@ -145,7 +145,6 @@ def test_init_from_and_validate(reference_run: Path, tmp_path: Path) -> None:
     job = write_job(tmp_path, tasks, cluster={"num_devices": 2, "tensor_parallel": 2})
     validated = run_cli("compile", str(job), "--validate")
     assert validated.returncode == 0 and "valid" in validated.stdout
-    assert "cluster.tensor_parallel: 2: the runtime runs pipeline and data parallel plans" in validated.stderr
     assert not (tmp_path / "plan.yaml").exists() and not (tmp_path / "out").exists()
     result = compile_and_run(tmp_path, tasks=tasks)
     assert result.returncode == 0, result.stderr
