@@ -164,9 +164,9 @@ class CostModel:
         if segment.target_tokens <= 0:
             return 0.0
         m = self.model
-        head = m.head_params / self.tensor_parallel
+        head = m.head_params  # whole on every tensor-parallel shard
         gemm = max(2 * head * segment.target_tokens / self.flops, head * m.dtype_bytes / self.bandwidth)
-        softmax = 6 * m.vocab * 4 * segment.target_tokens / self.tensor_parallel / self.bandwidth
+        softmax = 6 * m.vocab * 4 * segment.target_tokens / self.bandwidth
         return self.calibration.loss * (2 * gemm + softmax + _LOSS_OPS * self.overhead)
 
     def loss_seconds(self, load: MicroBatchLoad) -> float:
@@ -195,7 +195,7 @@ class CostModel:
         """Ring all-reduce of these tasks' gradients (fp32) over ``group_size`` replicas."""
         if group_size <= 1:
             return 0.0
-        params = sum(self.tasks[t].total_params for t in tasks) / self.tensor_parallel
+        params = sum(self.tasks[t].total_params for t in tasks) * self._adapter_share()
         volume = 2 * (group_size - 1) / group_size * params * _ADAPTER_BYTES
         return 2 * (group_size - 1) * self.device.link_latency_seconds + volume / self.device.link_bandwidth
 
@@ -224,19 +224,19 @@ class CostModel:
         m = self.model
         targets = sum(s.target_tokens for s in load.values())
         rows = min(targets, chunk_rows(m.vocab))
-        held = targets * m.hidden * m.dtype_bytes + rows * m.vocab / self.tensor_parallel * (m.dtype_bytes + 8)
+        held = targets * m.hidden * m.dtype_bytes + rows * m.vocab * (m.dtype_bytes + 8)
         return int(_ACTIVATION_MARGIN * held)
 
     def weight_bytes(self, num_layers: int, first: bool, last: bool) -> int:
-        """Backbone weights of a stage with ``num_layers`` layers (and the embeddings when
-        ``first``, the head when ``last``), per shard."""
+        """Backbone weights of a stage with ``num_layers`` layers (split over the tensor-parallel
+        shards) and the embeddings when ``first``, the head when ``last`` (whole on every shard)."""
         m = self.model
-        params = num_layers * m.layer_params
+        params = num_layers * m.layer_params / self.tensor_parallel
         if first:
             params += m.embed_params
         if last and not (first and m.tied_head):
             params += m.head_params
-        return int(params * m.dtype_bytes / self.tensor_parallel)
+        return int(params * m.dtype_bytes)
 
     def adapter_bytes(self, tasks: Sequence[str], num_layers: int, edges: bool) -> int:
         """Parameters, gradients and AdamW moments (fp32) of these tasks' modules on a stage."""
@@ -244,7 +244,12 @@ class CostModel:
         for name in tasks:
             shape = self.tasks[name]
             total += shape.layer_params * num_layers + (shape.edge_params if edges else 0)
-        return int(4 * _ADAPTER_BYTES * total / self.tensor_parallel)
+        return int(4 * _ADAPTER_BYTES * total * self._adapter_share())
+
+    def _adapter_share(self) -> float:
+        """The share of a task's PEFT parameters one tensor-parallel shard holds: LoRA splits one
+        of its two matrices at each split operator (of about equal size) and keeps the other whole."""
+        return (1 + 1 / self.tensor_parallel) / 2
 
     def static_bytes(self, num_layers: int, first: bool, last: bool, tasks: Sequence[str]) -> int:
         """A rank's memory before any micro-batch: runtime, weights, every task's adapter state."""
