@@ -120,6 +120,28 @@ def shard_modules(modules: Mapping[str, nn.Module], model: nn.Module) -> None:
             setattr(owner, attribute, param)
 
 
+def mark_partial(module: nn.Module, split: TensorSplit) -> None:
+    """Tag every parameter of ``module`` as whole on every shard of ``split``'s group, with
+    partial gradients (for a module every shard uses a different part of)."""
+    for param in module.parameters():
+        setattr(param, _SHARD, ParameterShard(split, None))
+
+
+_EVERY_STAGE = "muxtune_every_stage"
+
+
+def mark_every_stage(module: nn.Module) -> None:
+    """Tag every parameter of ``module`` as used by every decoder layer (prefix tuning's encoder):
+    each pipeline stage holds it whole and adds a part of its gradient."""
+    for param in module.parameters():
+        setattr(param, _EVERY_STAGE, True)
+
+
+def used_on_every_stage(param: torch.Tensor) -> bool:
+    """Whether every pipeline stage adds a part of ``param``'s gradient (see `mark_every_stage`)."""
+    return getattr(param, _EVERY_STAGE, False)
+
+
 def local_part(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value``, a tensor of ``param``'s single-process shape (the parameter or one of its
     optimizer moments), cut to this rank's part; scalars and unsplit parameters pass through."""

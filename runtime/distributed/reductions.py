@@ -1,10 +1,13 @@
-"""Per-task reductions across ranks: data-parallel gradient sums, the optimizer step's loss,
-token counts, gradient norm and divergence decision, and a task's state gathered on rank 0.
+"""Per-task reductions across ranks: data-parallel gradient sums, partial gradients summed over
+tensor-parallel shards and over pipeline stages, the optimizer step's loss, token counts,
+gradient norm and divergence decision, and a task's state gathered on rank 0.
 
 A rank holds the PEFT modules of every anchor (they are small), but only the anchors its
 stage runs ("owned" anchors) ever get gradients or change; the others keep their initial
-values. Rank 0 assembles a task's state from the owners (replica 0, shard 0), so checkpoints
-and adapters have the single-process format: a job can resume on another mesh.
+values. A module every stage uses (prefix tuning's encoder) is trained on every stage, each
+adding its layers' part of the gradient. Rank 0 assembles a task's state from the owners
+(replica 0; each tensor-parallel shard's part), so checkpoints and adapters have the
+single-process format: a job can resume on another mesh.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..engine import MultiTaskEngine, StepResult, TaskState
-from ..sharding import joined, parameter_shard
+from ..sharding import joined, parameter_shard, used_on_every_stage
 from .world import World
 
 BUCKET_ELEMENTS = 1 << 22
@@ -25,12 +28,13 @@ BUCKET_ELEMENTS = 1 << 22
 
 
 def owned_parameters(state: TaskState, owned: Collection[str]) -> list[tuple[str, nn.Parameter]]:
-    """The task's parameters at the ``owned`` anchors, keyed ``<anchor>.<param>``, in module order."""
+    """The task's parameters this rank trains, keyed ``<anchor>.<param>``, in module order: those
+    at the ``owned`` anchors, and those every pipeline stage uses (`used_on_every_stage`)."""
     return [
         (f"{anchor}.{name}", p)
         for anchor, module in state.modules.items()
-        if anchor in owned
         for name, p in module.named_parameters()
+        if anchor in owned or used_on_every_stage(p)
     ]
 
 
@@ -96,6 +100,9 @@ def optimizer_steps(engine: MultiTaskEngine, names: Sequence[str], world: World)
         all_reduce_gradients(
             partial, world.tensor_group, world, "summing partial gradients over the tensor-parallel shards"
         )
+    if world.stage_group is not None:
+        shared = [p for state in states for p in state.parameters if used_on_every_stage(p)]
+        all_reduce_gradients(shared, world.stage_group, world, "summing gradients of modules every stage uses")
     figures = torch.zeros(len(states), 4, dtype=torch.float64)
     for i, state in enumerate(states):
         if world.counts_loss:
@@ -140,7 +147,7 @@ def gather_task_state(
         for key, p in owned_parameters(state, owned):
             shard = parameter_shard(p)
             dim = shard.dim if shard is not None else None
-            if dim is None and tp_index != 0:
+            if (dim is None and tp_index != 0) or (used_on_every_stage(p) and world.position.stage != 0):
                 continue
             part[key] = (tp_index, dim or 0, p.detach().cpu().clone(), optimizer_state.get(index_of[key]))
     parts: list[dict | None] = [None] * world.size if world.lead else []

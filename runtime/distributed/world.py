@@ -27,7 +27,7 @@ from muxtune.plans import Placement
 from muxtune.plans.mesh import MeshPosition, position_of, rank_of
 
 from ..run_folder import RunError
-from ..sharding import parameter_shard
+from ..sharding import parameter_shard, used_on_every_stage
 
 COMM_TIMEOUT_ENV = "MUXTUNE_COMM_TIMEOUT"
 START_TIMEOUT_ENV = "MUXTUNE_START_TIMEOUT"
@@ -58,7 +58,8 @@ class World:
 
     ``data_groups`` maps each data-parallel replica group (the plan's `AllReduce.group`) to its
     process group; ``tensor_group`` is megatron-core's tensor-parallel group of this rank (None
-    without tensor parallelism). Per-task figures (loss, token counts, gradient norm,
+    without tensor parallelism), ``stage_group`` the ranks of every pipeline stage with this
+    rank's shard and replica (None with one stage). Per-task figures (loss, token counts, gradient norm,
     divergence) are reduced over the whole world, each rank adding only what it alone holds
     (see the properties and `counts_gradient`)."""
 
@@ -70,6 +71,7 @@ class World:
     comm_timeout: timedelta
     data_groups: dict[tuple[int, ...], dist.ProcessGroup] = field(default_factory=dict)
     tensor_group: dist.ProcessGroup | None = None
+    stage_group: dist.ProcessGroup | None = None
 
     @property
     def lead(self) -> bool:
@@ -97,8 +99,8 @@ class World:
         """Whether this rank's gradient of ``param`` counts in a norm: replicas hold equal
         gradients after their all-reduce, so replica 0 speaks for them; of a tensor-parallel
         group, every shard for a split parameter, shard 0 for one every shard holds whole (its
-        gradient is the same everywhere once summed)."""
-        if self.position.replica != 0:
+        gradient is the same everywhere once summed); stage 0 for one every stage uses."""
+        if self.position.replica != 0 or (used_on_every_stage(param) and self.position.stage != 0):
             return False
         shard = parameter_shard(param)
         return self.position.tp_index == 0 or (shard is not None and shard.dim is not None)
@@ -151,6 +153,15 @@ def init_world(placement: Placement, device: torch.device) -> World:
             group = dist.new_group(list(ranks)) if len(ranks) > 1 else None
             if rank in ranks and group is not None:
                 world.data_groups[ranks] = group
+    if placement.pipeline_parallel > 1:
+        for tp_index in range(placement.tensor_parallel):
+            for replica in range(placement.data_parallel):
+                ranks = [
+                    rank_of(placement, MeshPosition(s, tp_index, replica)) for s in range(placement.pipeline_parallel)
+                ]
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    world.stage_group = group
     if placement.tensor_parallel > 1:
         world.tensor_group = megatron_tensor_group(placement, world)
     return world

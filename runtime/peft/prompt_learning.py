@@ -31,6 +31,7 @@ from torch import nn
 
 from muxtune.specs import PrefixTuningSpec, PromptTuningSpec
 
+from ..sharding import TensorSplit, host_shard, mark_every_stage, mark_partial
 from .base import AttachmentKind, InputPrefixModule, KVPrefixModule, PeftHost, uniform_init_
 from .registry import (
     AdapterError,
@@ -131,19 +132,35 @@ class PrefixEncoder(nn.Module):
 
 class PrefixLayer(KVPrefixModule):
     """One layer's view of a task's `PrefixEncoder`. Only the first layer's view registers the
-    encoder as a submodule, so the task's parameters are counted and saved once."""
+    encoder as a submodule, so the task's parameters are counted and saved once. At an attention
+    host split over tensor-parallel ranks (``split``), the view holds this shard's heads only."""
 
-    def __init__(self, encoder: PrefixEncoder, layer: int, num_kv_heads: int, head_dim: int, owner: bool) -> None:
+    def __init__(
+        self,
+        encoder: PrefixEncoder,
+        layer: int,
+        num_kv_heads: int,
+        head_dim: int,
+        owner: bool,
+        split: TensorSplit | None = None,
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.split = split
         if owner:
             self.encoder = encoder
         self._shared = (encoder,)  # a tuple: a reference nn.Module does not register
 
+    def shard_dims(self, style: str) -> dict[str, int | None] | None:
+        """No parameters of its own: the encoder is whole on every shard (see `attach_prefix`)."""
+        return {} if style == "heads" else None
+
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         kv = self._shared[0].layer_table(self.layer).view(-1, 2, self.num_kv_heads, self.head_dim)
+        if self.split is not None:
+            kv = self.split.take(kv, 2)
         return kv[:, 0], kv[:, 1]
 
     def extra_repr(self) -> str:
@@ -168,15 +185,24 @@ def prefix_geometry(model: nn.Module) -> tuple[list[PeftHost], int, int]:
     hosts = _hosts(model, AttachmentKind.KV_PREFIX)
     if not hosts:
         raise PeftAttachError("method", "the model has no attention layer to prefix")
-    shapes = {(host.num_kv_heads, host.head_dim) for host in hosts}
+    shapes = {(_whole_kv_heads(host), host.head_dim) for host in hosts}
     if len(shapes) != 1:
         raise PeftAttachError("method", f"the model's layers differ in key/value shape ({sorted(shapes)})")
     num_kv_heads, head_dim = shapes.pop()
     return hosts, num_kv_heads, head_dim
 
 
+def _whole_kv_heads(host: PeftHost) -> int:
+    """An attention host's key/value heads in the unsplit model."""
+    shard = host_shard(host)
+    return shard.out_features // host.head_dim if shard is not None else host.num_kv_heads
+
+
 def attach_prefix(spec: PrefixTuningSpec, ctx: AttachContext) -> dict[str, nn.Module]:
-    """The task's prefix encoder, and one view of it at every attention host."""
+    """The task's prefix encoder, and one view of it at every attention host. With attention
+    split over tensor-parallel ranks, each view takes its shard's heads and the encoder is whole
+    on every shard, its gradient a partial sum; over pipeline stages, likewise every stage holds
+    it whole and adds its layers' part of the gradient."""
     hosts, num_kv_heads, head_dim = prefix_geometry(ctx.model)
     token_dim = num_kv_heads * head_dim
     hidden = (spec.encoder_hidden_size or token_dim) if spec.prefix_projection else None
@@ -186,8 +212,16 @@ def attach_prefix(spec: PrefixTuningSpec, ctx: AttachContext) -> dict[str, nn.Mo
     )
     if not meta:
         encoder.reset_parameters(ctx.generator)
+    mark_every_stage(encoder)
+    splits = {shard.split for shard in map(host_shard, hosts) if shard is not None}
+    for split in splits:
+        mark_partial(encoder, split)
     for layer, host in enumerate(hosts):
-        host.add_adapter(ctx.task, PrefixLayer(encoder, layer, num_kv_heads, head_dim, owner=layer == 0))
+        shard = host_shard(host)
+        view = PrefixLayer(
+            encoder, layer, num_kv_heads, head_dim, owner=layer == 0, split=shard.split if shard else None
+        )
+        host.add_adapter(ctx.task, view)
     return {PROMPT_ENCODER: encoder}
 
 

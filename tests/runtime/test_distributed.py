@@ -23,6 +23,7 @@ from muxtune.tools.bench_pipeline import trace_figures
 
 TOLERANCE = 1e-4
 STOP_WITHIN_S = 60
+TWO_RANKS = [{"pipeline_parallel": 2}, {"pipeline_parallel": 1, "tensor_parallel": 2}]
 
 
 def two_tasks(steps: int = 3, save_every: int = 2) -> list[dict]:
@@ -107,14 +108,26 @@ def test_multi_rank_run_equals_single_process(single_run: Path, tmp_path: Path, 
     assert len(summary["rank_peak_memory_bytes"]) == cluster["num_devices"]
 
 
-def test_tensor_parallel_splits_ia3_bias_and_prompts_like_one_process(tmp_path: Path) -> None:
-    """(IA)^3 scaling outputs and (feedforward) inputs, bias deltas at column- and row-parallel
-    operators, and prompt tuning's soft tokens (whole on every rank), trained on 2
-    tensor-parallel ranks, equal the single-process run."""
+@pytest.mark.parametrize(
+    "degrees",
+    [
+        *TWO_RANKS,
+        {"num_devices": 4, "pipeline_parallel": 2},
+        {"num_devices": 4, "pipeline_parallel": 2, "tensor_parallel": 2},
+    ],
+    ids=["pipeline2", "tensor2", "pipeline2xdata2", "pipeline2xtensor2"],
+)
+def test_other_methods_over_several_ranks_equal_one_process(tmp_path: Path, degrees: dict) -> None:
+    """(IA)^3 scaling outputs and (feedforward) inputs, bias deltas (at column- and row-parallel
+    operators), prompt tuning's soft tokens and prefix tuning's keys and values (used by every
+    stage; split by heads over tensor-parallel ranks), trained on pipeline stages, data-parallel
+    replicas and tensor-parallel ranks, equal the single-process run."""
     tasks = default_tasks()[:3]
+    tasks.append({**tasks[0], "name": "prefixes"})
     for task in tasks:
         task.update(steps=2, save_every=2)
     tasks[2]["peft"] = {"method": "prompt_tuning", "num_virtual_tokens": 4}
+    tasks[3]["peft"] = {"method": "prefix_tuning", "num_virtual_tokens": 3, "prefix_projection": True}
     tasks[0]["peft"] = {
         "method": "ia3",
         "target_modules": ["k_proj", "v_proj", "up_proj", "down_proj"],
@@ -124,11 +137,11 @@ def test_tensor_parallel_splits_ia3_bias_and_prompts_like_one_process(tmp_path: 
     for task in tasks:
         task["lr"] = 1e-2
     runs = {}
-    for name, cluster in (("one", {}), ("two", {"num_devices": 2, "pipeline_parallel": 1, "tensor_parallel": 2})):
+    for name, cluster in (("one", {}), ("two", {"num_devices": 2, **degrees})):
         (tmp_path / name).mkdir()
         result = run_cli("run", str(compile_job(tmp_path / name, tasks, **cluster)))
         assert result.returncode == 0, result.stderr
-        runs[name] = adapters(tmp_path / name / "out", ["sentiment", "qa", "instructions"])
+        runs[name] = adapters(tmp_path / name / "out", ["sentiment", "qa", "instructions", "prefixes"])
     assert_same_adapters(runs["two"], runs["one"])
     assert all(float((v - 1).abs().max()) > 1e-4 for v in runs["one"]["sentiment"].values()), "the scales moved"
 
@@ -191,9 +204,6 @@ def long_single_run(tmp_path_factory: pytest.TempPathFactory, long_tasks: list[d
     result = run_cli("run", str(compile_job(directory, long_tasks)))
     assert result.returncode == 0, result.stderr
     return directory / "out"
-
-
-TWO_RANKS = [{"pipeline_parallel": 2}, {"pipeline_parallel": 1, "tensor_parallel": 2}]
 
 
 @pytest.mark.parametrize("degrees", TWO_RANKS, ids=["pipeline2", "tensor2"])
