@@ -13,11 +13,16 @@ every shard.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 ShardStyle = Literal["column", "row", "heads"]
@@ -64,6 +69,23 @@ class ParameterShard:
 
 
 _SHARD = "muxtune_shard"
+
+
+@functools.cache
+def megatron(module: str) -> ModuleType:
+    """A megatron-core module (``megatron.core.<module>``), imported on first use: the import
+    takes seconds and warns that Transformer Engine and Apex are absent, which the CPU path
+    never needs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module(f"megatron.core.{module}")
+
+
+def sum_over_shards(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` in place over megatron-core's tensor-parallel group (a small reduction a
+    PEFT module needs inside its forward, such as DoRA's weight norms)."""
+    dist.all_reduce(tensor, group=megatron("parallel_state").get_tensor_model_parallel_group())
+    return tensor
 
 
 def host_shard(host: nn.Module) -> HostShard | None:

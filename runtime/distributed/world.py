@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -27,7 +26,7 @@ from muxtune.plans import Placement
 from muxtune.plans.mesh import MeshPosition, position_of, rank_of
 
 from ..run_folder import RunError
-from ..sharding import parameter_shard, used_on_every_stage
+from ..sharding import megatron, parameter_shard, used_on_every_stage
 
 COMM_TIMEOUT_ENV = "MUXTUNE_COMM_TIMEOUT"
 START_TIMEOUT_ENV = "MUXTUNE_START_TIMEOUT"
@@ -171,9 +170,7 @@ def megatron_tensor_group(placement: Placement, world: World) -> dist.ProcessGro
     """megatron-core's ``parallel_state`` over the plan's mesh (its order ``tp-cp-ep-pp-dp`` is
     the plan's rank numbering; exchanges give up after the communication timeout); this rank's
     tensor-parallel group."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Transformer Engine and Apex are absent: the CPU path never needs them
-        from megatron.core import parallel_state
+    parallel_state = megatron("parallel_state")
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=placement.tensor_parallel,
         pipeline_model_parallel_size=placement.pipeline_parallel,

@@ -19,38 +19,24 @@ weight gradient for the frozen weight in every backward.
 
 from __future__ import annotations
 
-import functools
-import warnings
-from types import ModuleType
-
 import torch
 from torch import Tensor, nn
 
 from ..execution.subgraphs import collective
-from ..sharding import HostShard, TensorSplit, host_shard
-
-
-@functools.cache
-def _mappings() -> ModuleType:
-    """megatron-core's tensor-parallel mappings, imported on first use (the import takes seconds
-    and warns that Transformer Engine and Apex are absent, which the CPU path never needs)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.tensor_parallel import mappings
-    return mappings
+from ..sharding import HostShard, TensorSplit, host_shard, megatron
 
 
 @collective
 def enter_tensor_parallel(x_TC: Tensor) -> Tensor:
     """The replicated input of column-parallel operators: identity, its gradient summed over the
     tensor-parallel group."""
-    return _mappings().copy_to_tensor_model_parallel_region(x_TC)
+    return megatron("tensor_parallel.mappings").copy_to_tensor_model_parallel_region(x_TC)
 
 
 @collective
 def leave_tensor_parallel(x_TC: Tensor) -> Tensor:
     """The sum over the tensor-parallel group of row-parallel operators' partial outputs."""
-    return _mappings().reduce_from_tensor_model_parallel_region(x_TC)
+    return megatron("tensor_parallel.mappings").reduce_from_tensor_model_parallel_region(x_TC)
 
 
 def check_split(what: str, widths: dict[str, int], split: TensorSplit) -> None:

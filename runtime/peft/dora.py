@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoraConfig, LoraModule
+from ..sharding import full_features, host_shard, sum_over_shards
+from .lora import MAGNITUDE, LoraConfig, LoraModule
 from .registry import PeftAttachError
 
 
@@ -51,14 +52,32 @@ def oriented_weight(host: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
     return host.weight.t() if fan_in_fan_out else host.weight
 
 
+def row_norms(weight_OI: torch.Tensor, host: nn.Module) -> torch.Tensor:
+    """The row norms of a weight-shaped tensor of ``host``, in its dtype: at a row-parallel host
+    (input features split over tensor-parallel ranks) the shards' squared norms are summed."""
+    shard = host_shard(host)
+    if shard is None or shard.style != "row":
+        return torch.linalg.norm(weight_OI, dim=1).to(weight_OI.dtype)
+    squares = sum_over_shards(weight_OI.float().pow(2).sum(dim=1))
+    return squares.sqrt().to(weight_OI.dtype)
+
+
 def initial_magnitude(host: nn.Module, fan_in_fan_out: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """peft's initial magnitude: the row norms of the base weight, in its dtype (B = 0 at init).
-    A meta backbone (the compiler's shape checks) gets ones of the right shape."""
+    """peft's initial magnitude: the row norms of the base weight, in its dtype (B = 0 at init),
+    for every output feature of the unsplit operator (a column-parallel shard fills its own rows
+    and leaves the others zero: it keeps only its own). A meta backbone (the compiler's shape
+    checks) gets ones of the right shape."""
     weight = oriented_weight(host, fan_in_fan_out)
+    out_features = full_features(host)[1]
     if weight.is_meta:
-        return torch.ones(weight.shape[0], dtype=dtype, device=device)
+        return torch.ones(out_features, dtype=dtype, device=device)
     with torch.no_grad():
-        norm = torch.linalg.norm(weight, dim=1).to(weight.dtype)
+        norm = row_norms(weight, host)
+    shard = host_shard(host)
+    if shard is not None and shard.style == "column":
+        whole = torch.zeros(out_features, dtype=norm.dtype, device=norm.device)
+        shard.split.take(whole, 0).copy_(norm)
+        norm = whole
     return norm.to(device=device, dtype=dtype)
 
 
@@ -91,20 +110,22 @@ class DoraModule(LoraModule):
             self.lora_magnitude_vector.weight.copy_(self._initial_magnitude)
 
     def shard_dims(self, style: str) -> dict[str, int | None] | None:
-        """None: the weight norm needs whole rows of the frozen weight and of B A, which a
-        row-parallel host splits; DoRA runs on hosts every rank holds whole only."""
-        return None
+        """LoRA's split, and the magnitude with the output features: split at a column-parallel
+        host, whole at a row-parallel one (where every shard scales its partial outputs)."""
+        dims = super().shard_dims(style)
+        return None if dims is None else {**dims, f"{MAGNITUDE}.weight": 0 if style == "column" else None}
 
-    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """||W + s * B A|| per output row, outside the autograd graph (peft's `get_weight_norm`)."""
+    def weight_norm(self, weight: torch.Tensor, host: nn.Module) -> torch.Tensor:
+        """||W + s * B A|| per output row, outside the autograd graph (peft's `get_weight_norm`);
+        summed over the shards of a row-parallel host."""
         with torch.no_grad():
             lora_weight = (self.lora_B.weight @ self.lora_A.weight).to(weight.dtype)
-            return torch.linalg.norm(weight + self.scaling * lora_weight, dim=1).to(weight.dtype)
+            return row_norms(weight + self.scaling * lora_weight, host)
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor, host: nn.Module) -> torch.Tensor:
         x = x.to(self.lora_A.weight.dtype)
         weight = oriented_weight(host, self.fan_in_fan_out).to(x.dtype)
-        scale = (self.lora_magnitude_vector.weight / self.weight_norm(weight)).view(1, -1)
+        scale = (self.lora_magnitude_vector.weight / self.weight_norm(weight, host)).view(1, -1)
         if self.config.dropout == 0.0 or not self.training:
             base = y if host.bias is None else y - host.bias
         else:

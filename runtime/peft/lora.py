@@ -133,8 +133,7 @@ def attach_lora(spec: LoraSpec, ctx: AttachContext) -> dict[str, nn.Module]:
         fan_in_fan_out = host_fan_in_fan_out(host)
         magnitude = initial_magnitude(host, fan_in_fan_out, ctx.dtype, ctx.device)
         return DoraModule(
-            host.in_features,
-            host.out_features,
+            *full_features(host),
             config,
             magnitude,
             fan_in_fan_out=fan_in_fan_out,
