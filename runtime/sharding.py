@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional
 from torch import nn
 
 ShardStyle = Literal["column", "row", "heads"]
@@ -81,11 +82,22 @@ def megatron(module: str) -> ModuleType:
         return importlib.import_module(f"megatron.core.{module}")
 
 
+def _tensor_group() -> dist.ProcessGroup:
+    return megatron("parallel_state").get_tensor_model_parallel_group()
+
+
 def sum_over_shards(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` in place over megatron-core's tensor-parallel group (a small reduction a
-    PEFT module needs inside its forward, such as DoRA's weight norms)."""
-    dist.all_reduce(tensor, group=megatron("parallel_state").get_tensor_model_parallel_group())
+    """Sum ``tensor`` in place over megatron-core's tensor-parallel group, outside autograd (a
+    small reduction a PEFT module needs inside its forward, such as DoRA's weight norms)."""
+    dist.all_reduce(tensor, group=_tensor_group())
     return tensor
+
+
+def summed_over_shards(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over the tensor-parallel group, as a differentiable op: its backward
+    sums the gradients over the group too (what a PEFT module that needs a row-parallel host's
+    whole output computes it with)."""
+    return torch.distributed.nn.functional.all_reduce(tensor, group=_tensor_group())
 
 
 def host_shard(host: nn.Module) -> HostShard | None:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from muxtune.specs import AdapterSpec
 from muxtune.specs.peft import ADAPTER_ACTIVATIONS, ADAPTER_VARIANTS
 
+from ..sharding import full_features, host_shard, summed_over_shards
 from .base import AttachmentKind, OperatorPeftModule, uniform_init_
 from .registry import (
     AdapterError,
@@ -95,9 +96,21 @@ class BottleneckAdapter(OperatorPeftModule):
             self.adapter_up.weight.zero_()
             self.adapter_up.bias.zero_()
 
+    def shard_dims(self, style: str) -> dict[str, int | None] | None:
+        """At a row-parallel host (where the attach points are): whole, each parameter's gradient
+        a partial sum (see `adapt`)."""
+        return {name: None for name, _ in self.named_parameters()} if style == "row" else None
+
     def adapt(self, x: Tensor, y: Tensor, host: nn.Module) -> Tensor:
-        h = y.to(self.adapter_down.weight.dtype)
-        return y + self.adapter_up(self.act(self.adapter_down(h))).to(y.dtype)
+        """``y + up(act(down(y)))``. At a row-parallel host ``y`` is this shard's partial output:
+        the adapter runs on the whole output (summed over the shards) and each of the T shards
+        adds a T-th of its result, so the shards' outputs sum to the unsplit one."""
+        shard = host_shard(host)
+        whole = y if shard is None else summed_over_shards(y)
+        delta = self.adapter_up(self.act(self.adapter_down(whole.to(self.adapter_down.weight.dtype))))
+        if shard is not None:
+            delta = delta / shard.split.size
+        return y + delta.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"non_linearity={self.non_linearity}"
@@ -115,7 +128,7 @@ def attach_adapter(spec: AdapterSpec, ctx: AttachContext) -> dict[str, nn.Module
         ctx,
         anchors,
         lambda _, host: BottleneckAdapter(
-            host.out_features, spec.bottleneck_size, spec.non_linearity, dtype=ctx.dtype, device=ctx.device
+            full_features(host)[1], spec.bottleneck_size, spec.non_linearity, dtype=ctx.dtype, device=ctx.device
         ),
     )
 

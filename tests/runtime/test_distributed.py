@@ -119,16 +119,18 @@ def test_multi_rank_run_equals_single_process(single_run: Path, tmp_path: Path, 
 )
 def test_other_methods_over_several_ranks_equal_one_process(tmp_path: Path, degrees: dict) -> None:
     """(IA)^3 scaling outputs and (feedforward) inputs, bias deltas and DoRA (at column- and
-    row-parallel operators), prompt tuning's soft tokens and prefix tuning's keys and values
-    (used by every stage; split by heads over tensor-parallel ranks), trained on pipeline stages, data-parallel
+    row-parallel operators), bottleneck adapters (on row-parallel operators' whole outputs),
+    prompt tuning's soft tokens and prefix tuning's keys and values (used by every stage; split
+    by heads over tensor-parallel ranks), trained on pipeline stages, data-parallel
     replicas and tensor-parallel ranks, equal the single-process run."""
     tasks = default_tasks()[:3]
-    tasks += [{**tasks[0], "name": "prefixes"}, {**tasks[1], "name": "dora"}]
+    tasks += [{**tasks[0], "name": "prefixes"}, {**tasks[1], "name": "dora"}, {**tasks[0], "name": "bottleneck"}]
     for task in tasks:
         task.update(steps=2, save_every=2)
     tasks[2]["peft"] = {"method": "prompt_tuning", "num_virtual_tokens": 4}
     tasks[3]["peft"] = {"method": "prefix_tuning", "num_virtual_tokens": 3, "prefix_projection": True}
     tasks[4]["peft"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "o_proj", "down_proj"], "use_dora": True}
+    tasks[5]["peft"] = {"method": "adapter", "bottleneck_size": 8}
     tasks[0]["peft"] = {
         "method": "ia3",
         "target_modules": ["k_proj", "v_proj", "up_proj", "down_proj"],
@@ -233,18 +235,3 @@ def test_hung_rank_stops_the_job_within_a_minute(tmp_path: Path, long_tasks: lis
     code, stderr, seconds = stop_rank(launcher, 1, signal.SIGSTOP)
     assert code == 1 and seconds < STOP_WITHIN_S, (code, seconds, stderr)
     assert "rank 1" in stderr and "Traceback" not in stderr
-
-
-def test_a_method_without_a_tensor_parallel_form_is_refused_or_left_whole(tmp_path: Path) -> None:
-    tasks = two_tasks(steps=1)
-    tasks[1]["peft"] = {"method": "adapter", "bottleneck_size": 8}
-    cluster = {"device": "cpu", "num_devices": 2, "tensor_parallel": 2}
-    job = write_job(tmp_path, tasks, dtype="fp32", cluster=cluster)
-    plan = tmp_path / "plan.yaml"
-    result = run_cli("compile", str(job), "-o", str(plan))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "cluster.tensor_parallel: 2: tasks[1].peft: adapter at model.layers.0.self_attn.o_proj" in result.stderr
-    assert "BottleneckAdapter" in result.stderr and not plan.exists()
-    job = write_job(tmp_path, tasks, dtype="fp32", cluster={**cluster, "tensor_parallel": "auto"})
-    assert run_cli("compile", str(job), "-o", str(plan)).returncode == 0
-    assert yaml.safe_load(plan.read_text())["placement"]["tensor_parallel"] == 1
