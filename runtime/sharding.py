@@ -1,5 +1,6 @@
-"""Tensor-parallel shards: which slice of a full tensor a rank holds, and how a task's PEFT
-state moves between its per-rank parts and its single-process form.
+"""How a task's PEFT state is spread over ranks: tensor-parallel shards (which slice of a full
+tensor a rank holds, and how the state moves between its per-rank parts and its single-process
+form), modules every pipeline stage uses, and megatron-core's tensor-parallel group.
 
 A backbone built with a `TensorSplit` has *column*-parallel linear hosts (output features split:
 q/k/v, gate/up) and *row*-parallel ones (input features split: o/down; a collective sums their

@@ -66,7 +66,7 @@ def _owner(model: nn.Module, key: str) -> tuple[HostShard | None, str]:
 def _split_dim(shard: HostShard | None, name: str, shape: tuple[int, ...]) -> int | None:
     """The dimension of a host's tensor that is split (None: held whole, or a shape that does
     not split, which the checkpoint check then reports)."""
-    if shard is None or (shard.style == "row" and name == "bias"):
+    if shard is None or shard.style == "heads" or (shard.style == "row" and name == "bias"):
         return None
     dim = 0 if shard.style == "column" else 1
     return dim if dim < len(shape) and shape[dim] % shard.split.size == 0 else None

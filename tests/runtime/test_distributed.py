@@ -108,45 +108,56 @@ def test_multi_rank_run_equals_single_process(single_run: Path, tmp_path: Path, 
     assert len(summary["rank_peak_memory_bytes"]) == cluster["num_devices"]
 
 
-@pytest.mark.parametrize(
-    "degrees",
-    [
-        *TWO_RANKS,
-        {"num_devices": 4, "pipeline_parallel": 2},
-        {"num_devices": 4, "pipeline_parallel": 2, "tensor_parallel": 2},
-    ],
-    ids=["pipeline2", "tensor2", "pipeline2xdata2", "pipeline2xtensor2"],
-)
-def test_other_methods_over_several_ranks_equal_one_process(tmp_path: Path, degrees: dict) -> None:
-    """(IA)^3 scaling outputs and (feedforward) inputs, bias deltas and DoRA (at column- and
-    row-parallel operators), bottleneck adapters (on row-parallel operators' whole outputs),
-    prompt tuning's soft tokens and prefix tuning's keys and values (used by every stage; split
-    by heads over tensor-parallel ranks), trained on pipeline stages, data-parallel
-    replicas and tensor-parallel ranks, equal the single-process run."""
+def other_methods() -> list[dict]:
+    """Six tasks: (IA)^3 scaling outputs and (feedforward) inputs, bias deltas and DoRA (at
+    column- and row-parallel operators), bottleneck adapters (on row-parallel operators' whole
+    outputs), prompt tuning's soft tokens and prefix tuning's keys and values (used by every
+    stage; split by heads over tensor-parallel ranks)."""
     tasks = default_tasks()[:3]
     tasks += [{**tasks[0], "name": "prefixes"}, {**tasks[1], "name": "dora"}, {**tasks[0], "name": "bottleneck"}]
     for task in tasks:
-        task.update(steps=2, save_every=2)
-    tasks[2]["peft"] = {"method": "prompt_tuning", "num_virtual_tokens": 4}
-    tasks[3]["peft"] = {"method": "prefix_tuning", "num_virtual_tokens": 3, "prefix_projection": True}
-    tasks[4]["peft"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "o_proj", "down_proj"], "use_dora": True}
-    tasks[5]["peft"] = {"method": "adapter", "bottleneck_size": 8}
+        task.update(steps=2, save_every=2, lr=1e-2)
     tasks[0]["peft"] = {
         "method": "ia3",
         "target_modules": ["k_proj", "v_proj", "up_proj", "down_proj"],
         "feedforward_modules": ["down_proj"],
     }
     tasks[1]["peft"] = {"method": "bias", "target_modules": ["q_proj", "o_proj", "down_proj"]}
-    for task in tasks:
-        task["lr"] = 1e-2
-    runs = {}
-    for name, cluster in (("one", {}), ("two", {"num_devices": 2, **degrees})):
-        (tmp_path / name).mkdir()
-        result = run_cli("run", str(compile_job(tmp_path / name, tasks, **cluster)))
-        assert result.returncode == 0, result.stderr
-        runs[name] = adapters(tmp_path / name / "out", [task["name"] for task in tasks])
-    assert_same_adapters(runs["two"], runs["one"])
-    assert all(float((v - 1).abs().max()) > 1e-4 for v in runs["one"]["sentiment"].values()), "the scales moved"
+    tasks[2]["peft"] = {"method": "prompt_tuning", "num_virtual_tokens": 4}
+    tasks[3]["peft"] = {"method": "prefix_tuning", "num_virtual_tokens": 3, "prefix_projection": True}
+    tasks[4]["peft"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "o_proj", "down_proj"], "use_dora": True}
+    tasks[5]["peft"] = {"method": "adapter", "bottleneck_size": 8}
+    return tasks
+
+
+@pytest.fixture(scope="module")
+def other_methods_single_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("other-methods-single")
+    result = run_cli("run", str(compile_job(directory, other_methods())))
+    assert result.returncode == 0, result.stderr
+    return directory / "out"
+
+
+@pytest.mark.parametrize(
+    "degrees",
+    [
+        {"num_devices": 2, "pipeline_parallel": 1, "tensor_parallel": 2},
+        {"num_devices": 4, "pipeline_parallel": 2},
+        {"num_devices": 4, "pipeline_parallel": 2, "tensor_parallel": 2},
+    ],
+    ids=["tensor2", "pipeline2xdata2", "pipeline2xtensor2"],
+)
+def test_other_methods_over_several_ranks_equal_one_process(
+    tmp_path: Path, other_methods_single_run: Path, degrees: dict
+) -> None:
+    """Every other PEFT method (`other_methods`) trained on pipeline stages, data-parallel
+    replicas and tensor-parallel ranks equals the single-process run."""
+    names = [task["name"] for task in other_methods()]
+    result = run_cli("run", str(compile_job(tmp_path, other_methods(), **degrees)))
+    assert result.returncode == 0, result.stderr
+    expected = adapters(other_methods_single_run, names)
+    assert_same_adapters(adapters(tmp_path / "out", names), expected)
+    assert all(float((v - 1).abs().max()) > 1e-4 for v in expected["sentiment"].values()), "the scales moved"
 
 
 def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
