@@ -60,12 +60,17 @@ def assert_same_adapters(got: dict, expected: dict) -> None:
             assert difference <= TOLERANCE, f"{name}:{key} differs by {difference:.2e} (relative)"
 
 
-@pytest.fixture(scope="module")
-def single_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("single")
-    result = run_cli("run", str(compile_job(directory, two_tasks())))
+def run_on_one_process(factory: pytest.TempPathFactory, name: str, tasks: list[dict]) -> Path:
+    """The output folder of ``tasks`` compiled for and run on one process."""
+    directory = factory.mktemp(name)
+    result = run_cli("run", str(compile_job(directory, tasks)))
     assert result.returncode == 0, result.stderr
     return directory / "out"
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run_on_one_process(tmp_path_factory, "single", two_tasks())
 
 
 @pytest.mark.parametrize(
@@ -132,10 +137,7 @@ def other_methods() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def other_methods_single_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("other-methods-single")
-    result = run_cli("run", str(compile_job(directory, other_methods())))
-    assert result.returncode == 0, result.stderr
-    return directory / "out"
+    return run_on_one_process(tmp_path_factory, "other-methods-single", other_methods())
 
 
 @pytest.mark.parametrize(
@@ -214,10 +216,7 @@ def long_tasks() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def long_single_run(tmp_path_factory: pytest.TempPathFactory, long_tasks: list[dict]) -> Path:
-    directory = tmp_path_factory.mktemp("long-single")
-    result = run_cli("run", str(compile_job(directory, long_tasks)))
-    assert result.returncode == 0, result.stderr
-    return directory / "out"
+    return run_on_one_process(tmp_path_factory, "long-single", long_tasks)
 
 
 @pytest.mark.parametrize("degrees", TWO_RANKS, ids=["pipeline2", "tensor2"])
