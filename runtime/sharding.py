@@ -118,8 +118,8 @@ def parameter_shard(param: torch.Tensor) -> ParameterShard | None:
 
 
 def anchor_shard(model: nn.Module, anchor: str) -> HostShard | None:
-    """The split of the host at ``anchor`` (a module path, or a method's own anchor name such as
-    prompt tuning's, which no split host has)."""
+    """The split of the host at ``anchor`` (a module path; None for a path that names no module,
+    such as prompt tuning's own anchor name)."""
     try:
         return host_shard(model.get_submodule(anchor))
     except AttributeError:

@@ -91,18 +91,17 @@ def all_reduce_gradients(
 
 def optimizer_steps(engine: MultiTaskEngine, names: Sequence[str], world: World) -> list[StepResult]:
     """One optimizer step for each task in ``names`` on every rank at once: partial gradients
-    summed over the tensor-parallel shards, then the loss, token counts and squared gradient
+    summed over the tensor-parallel shards and the pipeline stages, then the loss, token counts and squared gradient
     norm reduced over the world in one call, the same clipping and divergence decision
     everywhere (one more call for parameters made non-finite)."""
     states = [engine.tasks[name] for name in names]
-    if world.tensor_group is not None:
-        partial = [p for state in states for p in state.parameters if is_partial(p)]
-        all_reduce_gradients(
-            partial, world.tensor_group, world, "summing partial gradients over the tensor-parallel shards"
-        )
-    if world.stage_group is not None:
-        shared = [p for state in states for p in state.parameters if used_on_every_stage(p)]
-        all_reduce_gradients(shared, world.stage_group, world, "summing gradients of modules every stage uses")
+    partial_sums = (
+        (world.tensor_group, is_partial, "summing partial gradients over the tensor-parallel shards"),
+        (world.stage_group, used_on_every_stage, "summing gradients of modules every stage uses"),
+    )
+    for group, partial, what in partial_sums:
+        if group is not None:
+            all_reduce_gradients([p for state in states for p in state.parameters if partial(p)], group, world, what)
     figures = torch.zeros(len(states), 4, dtype=torch.float64)
     for i, state in enumerate(states):
         if world.counts_loss:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..execution.subgraphs import collective
-from ..sharding import HostShard, TensorSplit, host_shard, megatron
+from ..sharding import HostShard, TensorSplit, anchor_shard, megatron
 
 
 @collective
@@ -56,11 +56,9 @@ def split_linear(host: nn.Module, style: str, split: TensorSplit | None) -> nn.M
 
 
 def _owner(model: nn.Module, key: str) -> tuple[HostShard | None, str]:
+    """The split of the module holding the state key ``key``, and the tensor's own name."""
     path, _, name = key.rpartition(".")
-    try:
-        return host_shard(model.get_submodule(path)), name
-    except AttributeError:
-        return None, name
+    return anchor_shard(model, path), name
 
 
 def _split_dim(shard: HostShard | None, name: str, shape: tuple[int, ...]) -> int | None:
