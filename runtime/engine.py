@@ -252,7 +252,11 @@ class MultiTaskEngine:
 
     def parameters_finite(self, task: str) -> bool:
         """Whether every trainable parameter of the task is finite."""
-        return all(bool(torch.isfinite(p).all()) for p in self.tasks[task].parameters)
+        parameters = [p for p in self.tasks[task].parameters if p.numel() > 0]
+        if not parameters:
+            return True
+        largest = torch._foreach_max(torch._foreach_abs(parameters))
+        return bool(torch.isfinite(torch.stack(largest)).all())
 
     def finish_step(
         self,

@@ -10,54 +10,57 @@ families call with the micro-batch layout: each sequence of a task with a prefix
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layout import MicroBatchLayout
 from ..peft.base import AttachmentKind, KVPrefixModule, PeftHost
 
 Prefix = tuple[Tensor, Tensor]
-"""A sequence's prefix keys and values, each [P, H, D] (already repeated to the query heads)."""
+"""A sequence's prefix keys and values, each [P, Hkv, D]."""
 
 
-def repeat_kv(x_THkvD: Tensor, n_rep: int) -> Tensor:
-    """Repeat each key/value head n_rep times (head h reads kv head h // n_rep), like
-    transformers' repeat_kv."""
-    if n_rep == 1:
-        return x_THkvD
-    t, hkv, d = x_THkvD.shape
-    return x_THkvD[:, :, None, :].expand(t, hkv, n_rep, d).reshape(t, hkv * n_rep, d)
-
-
-def _visible_mask(length: int, num_prefix: int, window: int | None, device: torch.device) -> Tensor:
-    """Boolean [L, P + L] mask over a sequence's keys after `num_prefix` prefix keys: key j is
-    visible to query i (at position P + i) iff j <= P + i, and, with a sliding window W,
-    j > P + i - W (as transformers masks a cache of P tokens)."""
+@functools.lru_cache(maxsize=4096)
+def _hidden_mask(length: int, num_prefix: int, window: int | None, device: torch.device) -> Tensor:
+    """Boolean [L, P + L] mask of the keys a sequence's queries must not see, after `num_prefix`
+    prefix keys: key j is visible to query i (at position P + i) iff j <= P + i, and, with a
+    sliding window W, j > P + i - W (as transformers masks a cache of P tokens). Cached: a
+    micro-batch's sequences repeat lengths, and every layer asks again."""
     i = torch.arange(length, device=device)[:, None] + num_prefix
     j = torch.arange(num_prefix + length, device=device)[None, :]
     visible = j <= i
-    return visible if window is None else visible & (j > i - window)
+    if window is not None:
+        visible &= j > i - window
+    return ~visible
 
 
 def _attend(
-    q_LHD: Tensor, k_LHD: Tensor, v_LHD: Tensor, scale: float, window: int | None, prefix: Prefix | None
+    q_LHD: Tensor, k_LHkvD: Tensor, v_LHkvD: Tensor, scale: float, window: int | None, prefix: Prefix | None
 ) -> Tensor:
-    """One sequence's causal attention [L, H, D], after its prefix keys/values when given."""
-    length = q_LHD.shape[0]
+    """One sequence's causal attention [L, H, D], after its prefix keys/values when given.
+
+    transformers' eager numerics: scores and the weighted sum in the inputs' dtype, softmax in
+    fp32. Query heads are grouped by the key/value head they read (head h reads h // (H / Hkv)),
+    so each product is one batched matmul over Hkv groups and keys are never repeated."""
+    length, num_heads, head_dim = q_LHD.shape
+    num_kv_heads = k_LHkvD.shape[1]
+    group = num_heads // num_kv_heads
+    num_prefix = 0
     if prefix is not None:
-        k_LHD = torch.cat((prefix[0], k_LHD), dim=0)
-        v_LHD = torch.cat((prefix[1], v_LHD), dim=0)
-    q, k, v = (t.transpose(0, 1) for t in (q_LHD, k_LHD, v_LHD))
-    if prefix is not None:
-        mask = _visible_mask(length, prefix[0].shape[0], window, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    elif window is not None and length > window:
-        mask = _visible_mask(length, 0, window, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return out.transpose(0, 1)
+        num_prefix = prefix[0].shape[0]
+        k_LHkvD = torch.cat((prefix[0], k_LHkvD), dim=0)
+        v_LHkvD = torch.cat((prefix[1], v_LHkvD), dim=0)
+    keys = num_prefix + length
+    q_grouped = q_LHD.reshape(length, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    q_grouped = q_grouped.reshape(num_kv_heads, group * length, head_dim)
+    scores = torch.bmm(q_grouped, k_LHkvD.permute(1, 2, 0)) * scale
+    scores = scores.view(num_kv_heads, group, length, keys)
+    scores = scores.masked_fill(_hidden_mask(length, num_prefix, window, q_LHD.device), float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_LHD.dtype)
+    out = torch.bmm(weights.view(num_kv_heads, group * length, keys), v_LHkvD.transpose(0, 1))
+    return out.view(num_kv_heads, group, length, head_dim).permute(2, 0, 1, 3).reshape(length, num_heads, head_dim)
 
 
 def _sequence_lengths(cu_seqlens: Tensor, num_tokens: int) -> list[int]:
@@ -82,16 +85,12 @@ def _packed_attention(
     prefixes: list[Prefix | None] | None,
 ) -> Tensor:
     """`packed_causal_attention` over sequences of `lengths`, sequence i after `prefixes[i]`."""
-    num_heads, head_dim = q_THD.shape[1], q_THD.shape[2]
-    scale = head_dim**-0.5 if scale is None else scale
-    n_rep = num_heads // k_THkvD.shape[1]
-    k_THD = repeat_kv(k_THkvD, n_rep)
-    v_THD = repeat_kv(v_THkvD, n_rep)
+    scale = q_THD.shape[2] ** -0.5 if scale is None else scale
     prefixes = [None] * len(lengths) if prefixes is None else prefixes
     # torch.split (not slicing) so that backward assembles the gradient once, instead of one
     # full-size zero tensor per sequence.
     outs: list[Tensor] = []
-    for q, k, v, prefix in zip(q_THD.split(lengths), k_THD.split(lengths), v_THD.split(lengths), prefixes):
+    for q, k, v, prefix in zip(q_THD.split(lengths), k_THkvD.split(lengths), v_THkvD.split(lengths), prefixes):
         if q.shape[0] > 0:
             outs.append(_attend(q, k, v, scale, sliding_window, prefix))
     if not outs:
@@ -149,16 +148,12 @@ class PackedAttention(PeftHost):
         lengths = _sequence_lengths(layout.cu_seqlens_S1, q_THD.shape[0])
         if not any(seg.task in self.adapters for seg in layout.segments):
             return _packed_attention(q_THD, k_THkvD, v_THkvD, lengths, self.scale, self.sliding_window, None)
-        n_rep = self.num_heads // self.num_kv_heads
         task_prefix: dict[str, Prefix] = {}
         for seg in layout.segments:
             module = self.adapters[seg.task] if seg.task in self.adapters else None
             if isinstance(module, KVPrefixModule):
                 keys, values = module.keys_values()
-                task_prefix[seg.task] = (
-                    repeat_kv(keys.to(k_THkvD.dtype), n_rep),
-                    repeat_kv(values.to(v_THkvD.dtype), n_rep),
-                )
+                task_prefix[seg.task] = (keys.to(k_THkvD.dtype), values.to(v_THkvD.dtype))
         prefixes: list[Prefix | None] = []
         starts = layout.cu_seqlens_S1.tolist()[:-1]
         segments = iter(layout.segments)

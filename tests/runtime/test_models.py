@@ -20,7 +20,6 @@ from muxtune.runtime.models import (
     load_backbone,
     packed_causal_attention,
 )
-from muxtune.runtime.models import attention as attention_module
 from muxtune.runtime.peft import PeftHost
 from muxtune.runtime.tracing import trace_backbone
 
@@ -203,4 +202,3 @@ def test_attention_never_crosses_sequences() -> None:
     torch.testing.assert_close(packed_causal_attention(q, k2, v2, cu)[:4], out[:4], atol=0, rtol=0)
     with pytest.raises(ValueError, match="cu_seqlens"):
         packed_causal_attention(q, k, v, torch.tensor([0, 4, 9]))
-    assert attention_module.repeat_kv(k, 2)[:, 3].equal(k[:, 1])
