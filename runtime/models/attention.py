@@ -22,18 +22,42 @@ Prefix = tuple[Tensor, Tensor]
 """A sequence's prefix keys and values, each [P, Hkv, D]."""
 
 
-@functools.lru_cache(maxsize=4096)
-def _hidden_mask(length: int, num_prefix: int, window: int | None, device: torch.device) -> Tensor:
-    """Boolean [L, P + L] mask of the keys a sequence's queries must not see, after `num_prefix`
-    prefix keys: key j is visible to query i (at position P + i) iff j <= P + i, and, with a
-    sliding window W, j > P + i - W (as transformers masks a cache of P tokens). Cached: a
-    micro-batch's sequences repeat lengths, and every layer asks again."""
+CACHED_BIAS_BYTES = 1 << 20
+"""Largest additive mask kept between calls; at most `BIAS_CACHE_SIZE` are kept."""
+BIAS_CACHE_SIZE = 64
+
+
+def _visible(length: int, num_prefix: int, window: int | None, device: torch.device) -> Tensor:
+    """Boolean [L, P + L]: key j is visible to query i (at position P + i) iff j <= P + i, and,
+    with a sliding window W, j > P + i - W (as transformers masks a cache of P tokens)."""
     i = torch.arange(length, device=device)[:, None] + num_prefix
     j = torch.arange(num_prefix + length, device=device)[None, :]
     visible = j <= i
     if window is not None:
         visible &= j > i - window
-    return ~visible
+    return visible
+
+
+def _make_bias(
+    length: int, num_prefix: int, window: int | None, group: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    hidden = ~_visible(length, num_prefix, window, device)
+    bias = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+    return bias.expand(group, *bias.shape).reshape(group * length, num_prefix + length)
+
+
+_cached_bias = functools.lru_cache(maxsize=BIAS_CACHE_SIZE)(_make_bias)
+
+
+def _hidden_bias(
+    length: int, num_prefix: int, window: int | None, group: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """Additive mask [G * L, P + L] of a sequence's grouped query rows (0 where a key is visible,
+    -inf where not; rows repeat per query head of a group). Small ones are cached: a micro-batch's
+    sequences repeat lengths, and every layer asks again."""
+    size = group * length * (num_prefix + length) * torch.empty((), dtype=dtype).element_size()
+    make = _cached_bias if size <= CACHED_BIAS_BYTES else _make_bias
+    return make(length, num_prefix, window, group, dtype, device)
 
 
 def _attend(
@@ -43,7 +67,8 @@ def _attend(
 
     transformers' eager numerics: scores and the weighted sum in the inputs' dtype, softmax in
     fp32. Query heads are grouped by the key/value head they read (head h reads h // (H / Hkv)),
-    so each product is one batched matmul over Hkv groups and keys are never repeated."""
+    so each product is one batched matmul over Hkv groups and keys are never repeated; one
+    `baddbmm` scales the scores and adds the mask."""
     length, num_heads, head_dim = q_LHD.shape
     num_kv_heads = k_LHkvD.shape[1]
     group = num_heads // num_kv_heads
@@ -52,14 +77,12 @@ def _attend(
         num_prefix = prefix[0].shape[0]
         k_LHkvD = torch.cat((prefix[0], k_LHkvD), dim=0)
         v_LHkvD = torch.cat((prefix[1], v_LHkvD), dim=0)
-    keys = num_prefix + length
     q_grouped = q_LHD.reshape(length, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
     q_grouped = q_grouped.reshape(num_kv_heads, group * length, head_dim)
-    scores = torch.bmm(q_grouped, k_LHkvD.permute(1, 2, 0)) * scale
-    scores = scores.view(num_kv_heads, group, length, keys)
-    scores = scores.masked_fill(_hidden_mask(length, num_prefix, window, q_LHD.device), float("-inf"))
+    bias = _hidden_bias(length, num_prefix, window, group, q_LHD.dtype, q_LHD.device)
+    scores = torch.baddbmm(bias, q_grouped, k_LHkvD.permute(1, 2, 0), alpha=scale)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_LHD.dtype)
-    out = torch.bmm(weights.view(num_kv_heads, group * length, keys), v_LHkvD.transpose(0, 1))
+    out = torch.bmm(weights, v_LHkvD.transpose(0, 1))
     return out.view(num_kv_heads, group, length, head_dim).permute(2, 0, 1, 3).reshape(length, num_heads, head_dim)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from muxtune.runtime.models import attention
 from muxtune.runtime.models.attention import _packed_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 6, 2, 8
@@ -40,7 +41,12 @@ def reference(q, k, v, lengths, window, prefixes):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("with_prefix", [False, True])
-def test_packed_attention_matches_sdpa(dtype: torch.dtype, window: int | None, with_prefix: bool) -> None:
+@pytest.mark.parametrize("cached_masks", [True, False])
+def test_packed_attention_matches_sdpa(
+    dtype: torch.dtype, window: int | None, with_prefix: bool, cached_masks: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not cached_masks:
+        monkeypatch.setattr(attention, "CACHED_BIAS_BYTES", 0)
     generator = torch.Generator().manual_seed(0)
     total = sum(LENGTHS)
 
