@@ -37,6 +37,8 @@ _LOSS_OPS = 25
 _OPTIMIZER_OPS_PER_TENSOR = 14
 _OPTIMIZER_PASSES = 16
 """fp32 values read or written per trainable parameter by clipping and AdamW."""
+_SOFTMAX_BYTES = 4
+"""CPU attention's softmax runs in fp32 (transformers' eager numerics) and keeps its output."""
 _ACTIVATION_MARGIN = 1.35
 """What autograd, casts and the allocator keep beyond the analytic count of saved tensors:
 measured on tiny-llama (fp32, three tasks, 48-sequence batches), the process's peak grew by
@@ -214,7 +216,7 @@ class CostModel:
             per_layer += shape.layer_saved_elements * _ADAPTER_BYTES * segment.tokens
             if self.device.kind == "cpu":
                 keys = segment.squared_tokens + shape.extra_keys * segment.tokens
-                per_layer += (m.num_heads / tp) * keys * m.dtype_bytes
+                per_layer += (m.num_heads / tp) * keys * _saved_score_bytes(m.dtype_bytes)
         return int(_ACTIVATION_MARGIN * num_layers * per_layer)
 
     def loss_activation_bytes(self, load: MicroBatchLoad) -> int:
@@ -271,3 +273,9 @@ def replace_rates(
         op_overhead_seconds=overhead,
         runtime_bytes=runtime,
     )
+
+
+def _saved_score_bytes(dtype_bytes: int) -> int:
+    """Bytes CPU attention keeps per score for backward: the fp32 softmax output, plus its copy
+    in the backbone's dtype (what the value product saw) when that dtype is narrower."""
+    return _SOFTMAX_BYTES + (dtype_bytes if dtype_bytes < _SOFTMAX_BYTES else 0)
