@@ -29,7 +29,7 @@ _ADAPTER_BYTES = 4
 _OPS_PER_ANCHOR = (6, 12)
 """Eager operators one task's module issues at one host, forward and backward."""
 _OPS_PER_SEQUENCE = (6, 10)
-"""Operators attention issues per sequence per layer, forward and backward (slices, SDPA)."""
+"""Operators attention issues per sequence per layer, forward and backward (slices, products, softmax)."""
 _ELEMENTWISE_PASSES = (14, 28)
 """Hidden-width tensors read or written per token by a layer's element-wise work (norms,
 RoPE, residual adds, activations), forward and backward."""

@@ -41,6 +41,7 @@ def _visible(length: int, num_prefix: int, window: int | None, device: torch.dev
 def _make_bias(
     length: int, num_prefix: int, window: int | None, group: int, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
+    """`_hidden_bias`, made afresh."""
     hidden = ~_visible(length, num_prefix, window, device)
     bias = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
     return bias.expand(group, *bias.shape).reshape(group * length, num_prefix + length)
@@ -55,7 +56,7 @@ def _hidden_bias(
     """Additive mask [G * L, P + L] of a sequence's grouped query rows (0 where a key is visible,
     -inf where not; rows repeat per query head of a group). Small ones are cached: a micro-batch's
     sequences repeat lengths, and every layer asks again."""
-    size = group * length * (num_prefix + length) * torch.empty((), dtype=dtype).element_size()
+    size = group * length * (num_prefix + length) * dtype.itemsize
     make = _cached_bias if size <= CACHED_BIAS_BYTES else _make_bias
     return make(length, num_prefix, window, group, dtype, device)
 
