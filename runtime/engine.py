@@ -23,6 +23,7 @@ from muxtune.specs import PeftSpec
 from .data import Example
 from .layout import MicroBatchLayout
 from .loss import linear_cross_entropy
+from .optimizer import AdamW
 from .packing import IGNORE_INDEX, MicroBatch, pack_microbatches
 from .peft import attach_task, detach_task, prepare_examples
 from .schedules import lr_multiplier
@@ -74,7 +75,7 @@ class TaskState:
 
     config: TaskTraining
     modules: dict[str, nn.Module]
-    optimizer: torch.optim.AdamW
+    optimizer: AdamW
     dropout_generator: torch.Generator
     step: int = 0
     status: TaskStatus = TaskStatus.ACTIVE
@@ -133,9 +134,7 @@ class MultiTaskEngine:
             load_task_state(config.name, modules, init_state)
         shard_modules(modules, self.model)
         params = [p for module in modules.values() for p in module.parameters()]
-        optimizer = torch.optim.AdamW(
-            params, lr=config.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=config.weight_decay
-        )
+        optimizer = AdamW(params, lr=config.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=config.weight_decay)
         state = TaskState(config=config, modules=modules, optimizer=optimizer, dropout_generator=dropout_generator)
         self.tasks[config.name] = state
         return state
