@@ -93,11 +93,56 @@ class LoraModule(OperatorPeftModule):
         return {"lora_A.weight": 1, "lora_B.weight": None}
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor, host: nn.Module) -> torch.Tensor:
-        """peft's `y + B(A(dropout(x))) * s`, added in the adapter's dtype and rounded once; one
-        `addmm` does the expand, the scaling and the add (the scaling lands on the rank-sized
-        gradient in backward, not on the output-sized one)."""
-        h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))
-        return torch.addmm(y.to(h.dtype), h, self.lora_B.weight.t(), alpha=self.scaling).to(y.dtype)
+        """peft's `y + B(A(dropout(x))) * s`, added in the adapter's dtype and rounded once (see
+        `ParallelLora`)."""
+        weight_A = self.lora_A.weight
+        if self.config.dropout != 0.0 and self.training:
+            x = self.dropout(x.to(weight_A.dtype))
+        return ParallelLora.apply(x, y, weight_A, self.lora_B.weight, self.scaling)
+
+
+class ParallelLora(torch.autograd.Function):
+    """`(y.to(w) + s * (x.to(w) @ A^T) @ B^T).to(y.dtype)` for the adapter's dtype w, with the
+    operators autograd would run for that expression, forward and backward, so results are
+    bitwise the same; what differs is what is kept and copied. Backward recasts the input
+    instead of keeping its copy in w (the input itself is usually kept anyway, and shared by
+    every anchor reading it: ~13 KB less per token and layer for a 7-target task on a bf16
+    backbone), and passes the output's gradient to `y` as it is (the round trip through w is
+    exact) instead of casting it twice."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, y: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        h = x.to(weight_A.dtype).mm(weight_A.t())
+        out = torch.addmm(y.to(h.dtype), h, weight_B.t(), alpha=scaling).to(y.dtype)
+        ctx.save_for_backward(x, h, weight_A, weight_B)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, h, weight_A, weight_B = ctx.saved_tensors
+        need_x, need_y, need_A, need_B = ctx.needs_input_grad[:4]
+        scaling = ctx.scaling
+        grad = grad_out.to(h.dtype)
+        grad_x = grad_y = grad_A = grad_B = None
+        if need_y:
+            grad_y = grad_out
+        if need_B:
+            grad_B = _times(grad.t().mm(h), scaling)
+        if need_x or need_A:
+            grad_h = _times(grad.mm(weight_B), scaling)
+            if need_x:
+                grad_x = grad_h.mm(weight_A).to(x.dtype)
+            if need_A:
+                grad_A = grad_h.t().mm(x.to(weight_A.dtype))
+        return grad_x, grad_y, grad_A, grad_B, None
+
+
+def _times(tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    """``tensor * factor`` as autograd scales a product's gradient by `addmm`'s alpha (no-op at 1)."""
+    return tensor if factor == 1 else tensor * factor
 
 
 MAGNITUDE = "lora_magnitude_vector"

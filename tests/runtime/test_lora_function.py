@@ -1,0 +1,55 @@
+"""`ParallelLora` against autograd of the expression it stands for: outputs and every gradient
+bitwise equal, in bf16 and fp32, with and without dropout, at scaling 1 and not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from muxtune.runtime.peft.lora import LoraConfig, LoraModule
+
+
+def _expression(module: LoraModule, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """peft's LoRA as plain autograd sees it (dropout included)."""
+    h = module.lora_A(module.dropout(x.to(module.lora_A.weight.dtype)))
+    return torch.addmm(y.to(h.dtype), h, module.lora_B.weight.t(), alpha=module.scaling).to(y.dtype)
+
+
+def _run(adapt, module: LoraModule, dtype: torch.dtype, rows: int, dropout_seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    packed = torch.randn(rows + 3, module.lora_A.in_features, generator=generator).to(dtype).requires_grad_()
+    x = packed.split([3, rows])[1]  # a host's piece: a view into the packed buffer
+    y = torch.randn(rows, module.lora_B.out_features, generator=generator).to(dtype).requires_grad_()
+    grad_out = torch.randn(rows, module.lora_B.out_features, generator=generator).to(dtype)
+    module.set_dropout_generator(torch.Generator().manual_seed(dropout_seed))
+    module.zero_grad(set_to_none=True)
+    out = adapt(module, x, y)
+    out.backward(grad_out)
+    return [out.detach(), packed.grad, y.grad, module.lora_A.weight.grad, module.lora_B.weight.grad]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    ("rank", "alpha", "dropout", "rows"),
+    [(8, 16, 0.0, 37), (1, 1, 0.0, 5), (16, 7, 0.0, 100), (4, 8, 0.25, 20)],
+)
+def test_bitwise_equal_to_autograd_of_the_expression(
+    dtype: torch.dtype, rank: int, alpha: float, dropout: float, rows: int
+) -> None:
+    module = LoraModule(48, 40, LoraConfig(r=rank, alpha=alpha, dropout=dropout))
+    module.reset_parameters(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        module.lora_B.weight.normal_(generator=torch.Generator().manual_seed(2))  # B = 0 would hide A's gradient
+    module.train()
+    ours = _run(lambda m, x, y: m.adapt(x, y, None), module, dtype, rows, dropout_seed=3)
+    theirs = _run(_expression, module, dtype, rows, dropout_seed=3)
+    for name, a, b in zip(("output", "x grad", "y grad", "A grad", "B grad"), ours, theirs):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_frozen_inputs_get_no_gradient() -> None:
+    module = LoraModule(16, 8, LoraConfig(r=2, alpha=4))
+    x, y = torch.randn(4, 16), torch.randn(4, 8)
+    module.adapt(x, y, None).sum().backward()
+    assert x.grad is None and y.grad is None
+    assert module.lora_A.weight.grad is not None and module.lora_B.weight.grad is not None
