@@ -15,10 +15,13 @@ the same global batches are trained in these ways, each in processes of its own:
 Reported per row: effective (non-padding) tokens/s over training time, whole-job wall time
 (MuxTune's includes compiling and process start-up), peak RSS, and ratios against (b) and (c);
 then whether the targets are met: throughput >= 2.5x (b), peak memory >= 3x (4 tasks) and >= 5x
-(8 tasks) lower than (c). ``--record`` appends a dated section to BENCHMARKS.md (``--record-file``).
+(8 tasks) lower than (c). With ``--repeat N`` the rows run N times in turn (a, b, ..., a, b, ...),
+each row reports its median run, and the (a) / (b) ratio of every repetition is listed: on a
+noisy machine the speed drifts by more than the differences measured. ``--record`` appends a
+dated section to BENCHMARKS.md (``--record-file``).
 
     muxtune-bench [--model builtin:smollm2-135m --model layers=8] [--tasks 4 --tasks 8] [--steps 4]
-                  [--rows a,b,c,d,e-fuse,e-align,e-interleave] [--dtype bf16]
+                  [--rows a,b,c,d,e-fuse,e-align,e-interleave] [--repeat N] [--dtype bf16]
                   [--record [--record-file FILE]] [key=value ...]
 """
 
@@ -37,7 +40,15 @@ from typing import TextIO
 
 from muxtune.common.cli import run_command
 
-from .bench_report import ROW_LABELS, ROWS, ConfigResult, append_record, record_section, render_text
+from .bench_report import (
+    ROW_LABELS,
+    ROWS,
+    ConfigResult,
+    append_record,
+    median_run,
+    record_section,
+    render_text,
+)
 from .bench_rows import BenchFailure, ConfigurationRun
 from .bench_workload import BenchError, resolve_bench_model, workload, write_job
 
@@ -70,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--rows", default=",".join(ROWS), help=f"comma-separated rows to run (default all: {','.join(ROWS)})"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the rows this many times, in turn, and report each row's median run (default 1)",
     )
     parser.add_argument(
         "--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="backbone dtype (default bf16)"
@@ -112,22 +129,31 @@ class BenchOptions:
     steps: int = DEFAULT_STEPS
     dtype: str = "bf16"
     overrides: tuple[str, ...] = ()
+    repeat: int = 1
 
 
 def run_configuration(
     model: str, label: str, num_tasks: int, options: BenchOptions, scratch: Path, progress: TextIO
 ) -> ConfigResult:
-    """Every requested row of one (model, task count), in `RUN_ORDER`."""
+    """Every requested row of one (model, task count), in `RUN_ORDER`, ``options.repeat`` times
+    in turn (a row that is not measured runs once); each row's median run is its result."""
     work = Path(tempfile.mkdtemp(prefix=f"{num_tasks}-tasks-", dir=scratch))
     job = work / "job.yaml"
     spec = write_job(job, model, options.dtype, workload(num_tasks), options.steps, options.overrides)
     config = ConfigResult(label, spec)
     run = ConfigurationRun(job, spec, work)
-    for key in (k for k in RUN_ORDER if k in options.rows):
-        started = time.perf_counter()
-        config.rows[key] = result = run.row(key)
-        done = f"{result.tokens_per_second:,.1f} tokens/s" if result.measured else result.note
-        print(f"[{config.title}] {ROW_LABELS[key]}: {done} ({time.perf_counter() - started:.0f} s)", file=progress)
+    for repetition in range(1, options.repeat + 1):
+        for key in (k for k in RUN_ORDER if k in options.rows):
+            if key in config.runs and not config.runs[key][0].measured:
+                continue
+            started = time.perf_counter()
+            result = run.row(key)
+            config.runs.setdefault(key, []).append(result)
+            done = f"{result.tokens_per_second:,.1f} tokens/s" if result.measured else result.note
+            which = f" (run {repetition} of {options.repeat})" if options.repeat > 1 else ""
+            seconds = time.perf_counter() - started
+            print(f"[{config.title}] {ROW_LABELS[key]}{which}: {done} ({seconds:.0f} s)", file=progress)
+    config.rows.update({key: median_run(results) for key, results in config.runs.items()})
     return config
 
 
@@ -136,6 +162,8 @@ def run_benchmark(options: BenchOptions, progress: TextIO = sys.stderr) -> list[
     Raises `BenchError` for a bad option, `BenchFailure` when a row's process fails."""
     if options.steps < 1:
         raise BenchError(f"--steps: must be a positive integer, got {options.steps}")
+    if options.repeat < 1:
+        raise BenchError(f"--repeat: must be a positive integer, got {options.repeat}")
     baselines = [row for row in options.rows if row in PEFT_ROWS]
     if baselines and importlib.util.find_spec("peft") is None:
         raise BenchError(f"--rows: {', '.join(baselines)} need peft (pip install peft), which is not installed")
@@ -164,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             steps=args.steps,
             dtype=args.dtype,
             overrides=tuple(args.overrides),
+            repeat=args.repeat,
         )
         started = time.perf_counter()
         try:

@@ -8,6 +8,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,8 @@ class ConfigResult:
     model: str
     spec: JobSpec
     rows: dict[str, RowResult] = field(default_factory=dict)
+    runs: dict[str, list[RowResult]] = field(default_factory=dict)
+    """Every run of each row, in order (one each unless the rows were repeated)."""
 
     @property
     def title(self) -> str:
@@ -79,6 +82,19 @@ class ConfigResult:
         """The row when it was measured, else None."""
         result = self.rows.get(row)
         return result if result is not None and result.measured else None
+
+
+def median_run(results: Sequence[RowResult]) -> RowResult:
+    """The run with the median effective tokens/s (the slower middle one of an even count); the
+    first when none was measured."""
+    measured = sorted((r for r in results if r.measured), key=lambda r: r.tokens_per_second)
+    return measured[(len(measured) - 1) // 2] if measured else results[0]
+
+
+def paired_speedups(config: ConfigResult, row: str, against: str) -> list[float]:
+    """``row`` over ``against`` per repetition (each pair ran one after the other)."""
+    pairs = zip(config.runs.get(row, ()), config.runs.get(against, ()))
+    return [a.tokens_per_second / b.tokens_per_second for a, b in pairs if a.measured and b.measured]
 
 
 def speedup(config: ConfigResult, row: str, against: str) -> float | None:
@@ -151,6 +167,13 @@ def targets(config: ConfigResult) -> list[str]:
     if value is not None:
         verdict = "met" if value >= TARGET_SPEEDUP else "not met"
         lines.append(f"effective throughput (a) / (b): {value:.2f}x; target >= {TARGET_SPEEDUP}x: {verdict}")
+    paired = paired_speedups(config, "a", "b")
+    if len(paired) > 1:
+        listed = ", ".join(f"{v:.2f}x" for v in paired)
+        lines.append(
+            f"(a) / (b) of each repetition: {listed} (median {statistics.median(paired):.2f}x); "
+            "the table holds each row's median run"
+        )
     goal = TARGET_MEMORY.get(len(config.spec.tasks))
     value = memory_saving(config, "a", "c")
     if value is not None and goal is not None:

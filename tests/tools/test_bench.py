@@ -24,7 +24,7 @@ from muxtune.tools import bench
 from muxtune.tools.bench import BenchOptions, run_benchmark
 from muxtune.tools.bench_hf import adapter_state, load_base, single_task_model, task_batches, train_single
 from muxtune.tools.bench_mixed import MixedBatchLora
-from muxtune.tools.bench_report import GIB, ROW_LABELS, ConfigResult, record_section
+from muxtune.tools.bench_report import GIB, ROW_LABELS, ConfigResult, RowResult, record_section
 from muxtune.tools.bench_rows import BenchFailure, Finished, checked, htasks_overlap
 from muxtune.tools.bench_workload import workload, write_job
 
@@ -114,6 +114,7 @@ def test_record_appends_a_dated_section(config: ConfigResult, tmp_path: Path, mo
         (["--rows", "a,x"], "--rows"),
         (["--tasks", "9"], "--tasks"),
         (["--steps", "0"], "--steps"),
+        (["--repeat", "0"], "--repeat"),
         (["--model", "layers=many"], "--model"),
         (["--model", "builtin:tiny-llama", "--tasks", "1", "tasks.*.lr=-1"], "tasks[0].lr"),
     ],
@@ -178,3 +179,35 @@ def test_a_failing_row_names_itself_and_exits_1(monkeypatch, capsys) -> None:
     monkeypatch.setattr(bench, "run_benchmark", fail)
     assert bench.main(["--tasks", "2"]) == 1
     assert "muxtune-bench: row (b): boom" in capsys.readouterr().err
+
+
+def test_repeated_rows_run_in_turn_and_report_their_median_run(monkeypatch) -> None:
+    """Rows alternate (a, b, a, b, a, b); each row's result is its median run; the ratio of every
+    repetition is listed; a row that is not measured runs once."""
+    speeds = {"a": [900.0, 1300.0, 1100.0], "b": [500.0, 450.0, 520.0]}
+    order = []
+
+    def fake_row(self, key: str) -> RowResult:
+        order.append(key)
+        if key == "e-align":
+            return RowResult(key, measured=False, note="same plan as (a)")
+        speed = speeds[key][sum(1 for k in order if k == key) - 1]
+        return RowResult(
+            key,
+            tokens=1000,
+            padded_tokens=1100,
+            train_seconds=1000 / speed,
+            wall_seconds=9.0,
+            process_peak_rss=(2**30,),
+        )
+
+    monkeypatch.setattr(bench.ConfigurationRun, "row", fake_row)
+    options = BenchOptions(models=("builtin:tiny-llama",), task_counts=(2,), rows=("a", "b", "e-align"), repeat=3)
+    [config] = run_benchmark(options, io.StringIO())
+    assert order == ["a", "e-align", "b", "a", "b", "a", "b"]
+    assert config.rows["a"].tokens_per_second == pytest.approx(1100.0)
+    assert config.rows["b"].tokens_per_second == pytest.approx(500.0)
+    assert not config.rows["e-align"].measured
+    section = record_section([config], "muxtune-bench --repeat 3", 1.0, datetime.date(2026, 11, 24))
+    assert "- effective throughput (a) / (b): 2.20x" in section
+    assert "- (a) / (b) of each repetition: 1.80x, 2.89x, 2.12x (median 2.12x)" in section
