@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -119,6 +120,7 @@ class ConfigurationRun:
 
     def __init__(self, job: Path, spec: JobSpec, work: Path) -> None:
         self.job, self.spec, self.work = job, spec, work
+        self.compiled: Counter[str] = Counter()
         self.python = sys.executable
         self.reference: Plan | None = None
 
@@ -134,7 +136,9 @@ class ConfigurationRun:
         return self.baseline(key, [self._side_command(side)], concurrent=False)
 
     def _compile(self, key: str) -> tuple[Path, Finished, float]:
-        folder = self.work / key
+        self.compiled[key] += 1
+        runs = self.compiled[key]
+        folder = self.work / (key if runs == 1 else f"{key}-{runs}")  # a repeated row gets its own
         plan = folder / "plan.yaml"
         command = [self.python, "-m", "muxtune.compiler.cli", str(self.job), "-o", str(plan), *MUXTUNE_ROWS[key]]
         finished, seconds = run_processes([[*command, f"output_dir={folder / 'out'}"]])

@@ -211,3 +211,12 @@ def test_repeated_rows_run_in_turn_and_report_their_median_run(monkeypatch) -> N
     section = record_section([config], "muxtune-bench --repeat 3", 1.0, datetime.date(2026, 11, 24))
     assert "- effective throughput (a) / (b): 2.20x" in section
     assert "- (a) / (b) of each repetition: 1.80x, 2.89x, 2.12x (median 2.12x)" in section
+
+
+def test_a_repeated_muxtune_row_runs_in_folders_of_its_own() -> None:
+    options = BenchOptions(
+        models=("builtin:tiny-llama",), task_counts=(2,), rows=("a",), steps=1, dtype="fp32", overrides=TINY, repeat=2
+    )
+    [config] = run_benchmark(options, io.StringIO())
+    first, second = config.runs["a"]
+    assert first.measured and second.measured and first.tokens == second.tokens
