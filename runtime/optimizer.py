@@ -32,8 +32,7 @@ class AdamW:
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
     ) -> None:
-        group: dict[str, Any] = {"params": list(params), "lr": lr, "betas": tuple(betas), "eps": eps}
-        group["weight_decay"] = weight_decay
+        group = {"params": list(params), "lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         self.param_groups: list[dict[str, Any]] = [group]
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
 

@@ -45,7 +45,6 @@ from .bench_report import (
     ROWS,
     ConfigResult,
     append_record,
-    median_run,
     record_section,
     render_text,
 )
@@ -153,7 +152,6 @@ def run_configuration(
             which = f" (run {repetition} of {options.repeat})" if options.repeat > 1 else ""
             seconds = time.perf_counter() - started
             print(f"[{config.title}] {ROW_LABELS[key]}{which}: {done} ({seconds:.0f} s)", file=progress)
-    config.rows.update({key: median_run(results) for key, results in config.runs.items()})
     return config
 
 

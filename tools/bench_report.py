@@ -69,9 +69,13 @@ class ConfigResult:
 
     model: str
     spec: JobSpec
-    rows: dict[str, RowResult] = field(default_factory=dict)
     runs: dict[str, list[RowResult]] = field(default_factory=dict)
     """Every run of each row, in order (one each unless the rows were repeated)."""
+
+    @property
+    def rows(self) -> dict[str, RowResult]:
+        """Each row's result: its median run (`median_run`)."""
+        return {key: median_run(results) for key, results in self.runs.items()}
 
     @property
     def title(self) -> str:
