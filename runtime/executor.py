@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from muxtune.common.allocator import active_allocator
 from muxtune.common.files import atomic_write_bytes
 from muxtune.plans import (
     AllReduce,
@@ -523,6 +524,7 @@ class PlanExecutor:
             "tokens_per_second": sum(run.tokens_this_process for run in self.runs.values()) / train,
             "peak_memory_bytes": max(rank_peaks),
             "rank_peak_memory_bytes": rank_peaks,
+            "allocator": active_allocator(),
             "instructions_executed": self.executed,
             "phases": self._phase_timings(),
             "tasks": tasks,

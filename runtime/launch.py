@@ -10,15 +10,13 @@ task diverged, 1 an exchange with another rank failed or timed out (the message 
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import io
 import os
 import sys
-from dataclasses import dataclass
 
 import torch
 
+from muxtune.common.allocator import restart_with_allocator
 from muxtune.common.cli import run_command
 from muxtune.plans import load_plan
 
@@ -26,9 +24,9 @@ from .backbone import torch_device
 from .distributed.world import CommunicationError, close_world, init_world
 from .executor import PlanExecutor
 from .progress import ProgressDisplay
+from .run_options import PROG, RunOptions, run_arguments
 from .summary_text import report_summary
 
-PROG = "muxtune-run"
 FAILED_EXIT = 1
 
 
@@ -36,23 +34,6 @@ def threads_per_rank() -> int:
     """An equal share of this machine's cores for each local rank (at least one)."""
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, (os.cpu_count() or 1) // local_ranks)
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """What `muxtune-run`'s switches ask of every rank."""
-
-    resume: bool = False
-    trace: bool = False
-    profile: bool = False
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> RunOptions:
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-
-    def flags(self) -> list[str]:
-        """The command-line switches that ask for these options."""
-        return [f"--{f.name}" for f in dataclasses.fields(self) if getattr(self, f.name)]
 
 
 def run_rank(plan_path: str, options: RunOptions) -> int:
@@ -83,24 +64,9 @@ def run_rank(plan_path: str, options: RunOptions) -> int:
     return report_summary(PROG, summary, plan.job.output_dir) if world.lead else 0
 
 
-def run_arguments(description: str) -> argparse.ArgumentParser:
-    """The command line `muxtune-run` and this module share: the plan, --resume, --trace, --profile, --debug."""
-    parser = argparse.ArgumentParser(prog=PROG, description=description)
-    parser.add_argument("plan", help="plan file written by muxtune-compile")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
-    parser.add_argument(
-        "--trace", action="store_true", help="write each rank's instruction timeline to output_dir/trace/ (Perfetto)"
-    )
-    parser.add_argument(
-        "--profile",
-        action="store_true",
-        help="profile three rounds after the first with torch.profiler into output_dir/profile/",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        restart_with_allocator(PROG)
     args = run_arguments("Run one rank of a compiled multi-rank MuxTune plan.").parse_args(argv)
     hint = f"continue with: muxtune-run {args.plan} --resume"
     options = RunOptions.from_args(args)

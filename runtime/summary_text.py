@@ -20,7 +20,7 @@ def format_summary(summary: dict) -> str:
     lines.append(
         f"total: {summary['tokens_per_second']:.1f} tokens/s over {summary['train_seconds']:.1f} s of training "
         f"({summary['wall_seconds']:.1f} s in all), "
-        f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB"
+        f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB (malloc: {summary.get('allocator', 'system')})"
     )
     return "\n".join(lines)
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from muxtune.common.allocator import restart_with_allocator
 from muxtune.common.cli import run_command
 
 from .bench_report import (
@@ -178,6 +179,8 @@ def run_benchmark(options: BenchOptions, progress: TextIO = sys.stderr) -> list[
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        restart_with_allocator(PROG)  # every row's processes inherit it: one allocator for all
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     command = shlex.join([PROG, *(sys.argv[1:] if argv is None else argv)])

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from muxtune.common.allocator import active_allocator
 from muxtune.common.files import atomic_write_text
 from muxtune.common.text import aligned_columns
 from muxtune.specs import JobSpec
@@ -243,7 +244,7 @@ def machine() -> str:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     versions = ", ".join(f"{name} {_version(name)}" for name in ("torch", "transformers", "peft"))
-    return f"{cpu}, {os.cpu_count()} cores{memory}, {gpu}; {versions}"
+    return f"{cpu}, {os.cpu_count()} cores{memory}, {gpu}; {versions}; malloc of every row: {active_allocator()}"
 
 
 def record_section(configs: Sequence[ConfigResult], command: str, seconds: float, date: datetime.date) -> str:

@@ -13,12 +13,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from muxtune.common.allocator import restart_with_allocator
 from muxtune.common.cli import run_command
 from muxtune.compiler.compile import compile_job
 from muxtune.plans import save_plan
-from muxtune.runtime.cli import format_summary
 from muxtune.runtime.executor import PlanExecutor
 from muxtune.runtime.run_folder import is_muxtune_run
+from muxtune.runtime.summary_text import format_summary
 from muxtune.specs import SpecError, load_job_spec
 
 from .heldout_eval import DEFAULT_EXAMPLES, evaluate_plan, format_accuracy_table, format_examples, heldout_sets
@@ -37,6 +38,8 @@ def fresh_output_dir(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        restart_with_allocator(PROG)
     parser = argparse.ArgumentParser(prog=PROG, description="Fine-tune four tasks at once on SmolLM2-135M (CPU).")
     parser.add_argument("--output-dir", default="runs/quickstart", help="where the run goes (default runs/quickstart)")
     parser.add_argument("--fast", action="store_true", help="two steps per task (a smoke test)")

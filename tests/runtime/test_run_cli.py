@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from user_path import default_tasks, kill_run_when, read_jsonl, run_cli, snapshot, write_job
 
+from muxtune.common.allocator import chosen_allocator
 from muxtune.runtime.adapters import WEIGHTS_NAME
 from muxtune.runtime.checkpoint import JOB_RECORD
 
@@ -41,6 +42,8 @@ def test_compile_run_outputs(reference_run: Path) -> None:
     out = reference_run / "out"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens_per_second"] > 0 and summary["peak_memory_bytes"] > 0
+    tcmalloc = chosen_allocator()  # the run restarted itself on it when this machine has it
+    assert ("tcmalloc" in summary["allocator"]) if tcmalloc else summary["allocator"] == "system"
     for task in default_tasks():
         name, steps = task["name"], task["steps"]
         assert summary["tasks"][name]["status"] == "finished"
