@@ -19,6 +19,7 @@ import re
 import sys
 from pathlib import Path
 
+from .cli import run_command
 from .errors import UserError
 
 ALLOCATOR_ENV = "MUXTUNE_MALLOC"
@@ -52,21 +53,21 @@ def restart_with_allocator(prog: str) -> None:
     """Re-execute this process's own command line with the chosen allocator preloaded, unless
     none is chosen or ``LD_PRELOAD`` holds a malloc library already; returns only then. Call it
     first thing in a command's ``main``, before torch is imported, and only for a real command
-    line (not from a test).
-    A ``MUXTUNE_MALLOC`` that names no file exits with status 2."""
-    try:
+    line (not from a test). A ``MUXTUNE_MALLOC`` that names no file exits with status 2."""
+
+    def restart() -> int:
         library = chosen_allocator()
-    except UserError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    preloaded = preloaded_libraries(os.environ)
-    if library is None or any(known in Path(entry).name for entry in preloaded for known in KNOWN_ALLOCATORS):
-        return
-    environ = {**QUIET_LARGE_ALLOCATIONS, **os.environ}
-    environ["LD_PRELOAD"] = " ".join([library, *preloaded])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+        preloaded = preloaded_libraries(os.environ)
+        if library is None or any(known in Path(entry).name for entry in preloaded for known in KNOWN_ALLOCATORS):
+            return 0
+        environ = {**QUIET_LARGE_ALLOCATIONS, **os.environ, "LD_PRELOAD": " ".join([library, *preloaded])}
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+
+    status = run_command(prog, restart, debug=False)
+    if status:
+        raise SystemExit(status)
 
 
 def active_allocator() -> str:
@@ -77,7 +78,8 @@ def active_allocator() -> str:
     except OSError:
         return "system"
     for line in maps.splitlines():
-        path = line.split()[-1] if len(line.split()) >= 6 else ""
-        if any(name in Path(path).name for name in KNOWN_ALLOCATORS):
-            return Path(path).name
+        fields = line.split(maxsplit=5)
+        name = Path(fields[5]).name if len(fields) == 6 else ""
+        if any(known in name for known in KNOWN_ALLOCATORS):
+            return name
     return "system"
