@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no chunk alignment: token budgets need not be multiples of the device's chunk size",
     )
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=None,
+        help="most hTasks run side by side on one device (default: as many as the device runs at once, 2 on a "
+        "CPU; 1 runs them one after another)",
+    )
     parser.add_argument("--profile", help="a profile written by muxtune-profile to calibrate the cost model with")
     parser.add_argument(
         "--explain", action="store_true", help="print the hTasks and why, and the predictions against the alternatives"
@@ -66,7 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     def compile_command() -> int:
         spec = load_job_spec(args.spec, args.overrides)
         profile = load_profile(args.profile) if args.profile else None
-        options = dict(task_tokens=args.task_tokens, policy=args.partition, profile=profile, align=not args.no_align)
+        options = dict(
+            task_tokens=args.task_tokens,
+            policy=args.partition,
+            profile=profile,
+            align=not args.no_align,
+            streams=args.streams,
+        )
         fusion = "no_fuse" if args.no_fuse else "fuse" if args.fuse_all else "solve"
         result = compile_job(spec, fusion=fusion, spec_path=str(Path(args.spec).resolve()), **options)
         for note in result.notes:

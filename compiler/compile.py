@@ -3,7 +3,8 @@
 It resolves the backbone, checks every task against it (targets, sequence caps, `init_from`
 adapters, weight files), tokenizes every dataset (so data errors surface now, with file and
 line), then runs the passes: trace (backbone + PEFT hosts on the meta device), partition
-(subgraphs), align (phases, budgets, exact micro-batch counts), emit (the rank's program).
+(subgraphs), align (phases, budgets, exact micro-batch counts), emit (the rank's program),
+simulate (the predictions), streams (hTasks side by side where the device runs them at once).
 Deterministic: the same inputs give the same plan.
 """
 
@@ -38,16 +39,19 @@ from muxtune.runtime.tokenizer import TextTokenizer, load_tokenizer
 from muxtune.specs import JobSpec, LoraSpec, PeftSpec, TaskSpec
 
 from .cost.build import build_cost_model
-from .cost.devices import device_spec
+from .cost.devices import device_spec, planning_bytes
+from .cost.model import CostModel
 from .cost.profile import Profile
 from .driver import PassDriver
 from .errors import CompileError
-from .passes.emit import emit_programs
+from .passes.emit import HTaskStreams, emit_programs
 from .passes.partition import partition as partition_pass
 from .passes.partition import policy_from_name
 from .passes.placement import placement as make_placement
+from .passes.simulate import PhaseSimulation
+from .passes.streams import deal_streams, htask_seconds, keep_faster
 from .passes.trace import trace_model
-from .planning import FUSION_MODES, placement_options, plan_job
+from .planning import FUSION_MODES, JobPlan, placement_options, plan_job
 from .predict import predictions
 from .tensor_parallel import may_split, tensor_parallel_problems
 
@@ -72,6 +76,7 @@ def compile_job(
     spec_path: str | None = None,
     profile: Profile | None = None,
     align: bool = True,
+    streams: int | None = None,
 ) -> CompileResult:
     """Compile a validated job spec into a plan; raises CompileError listing every problem.
 
@@ -80,12 +85,16 @@ def compile_job(
     micro-batch; `policy` names how the traced graph is cut into subgraphs (`per_layers(N)` or
     `fine`; cut at stage boundaries too when the plan has several stages); `profile` is a
     measured profile the cost model calibrates itself with; ``align=False`` turns chunk
-    alignment off (budgets need not be multiples of the device's chunk size: chunk size 1).
+    alignment off (budgets need not be multiples of the device's chunk size: chunk size 1);
+    ``streams`` caps the hTask streams of a one-rank plan (default: as many as the device runs
+    at once; 1 runs every hTask on stream 0).
     """
     if fusion not in FUSION_MODES:
         raise CompileError([f"fusion: must be one of {', '.join(FUSION_MODES)}, got {fusion!r}"])
     if task_tokens is not None and task_tokens <= 0:
         raise CompileError([f"task_tokens: must be a positive integer, got {task_tokens}"])
+    if streams is not None and streams <= 0:
+        raise CompileError([f"streams: must be a positive integer, got {streams}"])
     if reporting_problems := report_to_problems(spec.report_to):
         raise CompileError(reporting_problems)
     try:
@@ -180,9 +189,42 @@ def compile_job(
         solver=tuple(p.report for p in job_plan.phases),
     )
     ineffective = {t.name: placeholder_share(datasets[t.name], laid_out[t.name]) for t in tasks}
-    predicted, _ = passes.run("simulate", predictions, draft, [p.demands for p in job_plan.phases], cost, ineffective)
+    demands = [p.demands for p in job_plan.phases]
+    predicted, simulations = passes.run("simulate", predictions, draft, demands, cost, ineffective)
+    num_streams = min(cost.device.parallel_streams, streams or cost.device.parallel_streams)
+    if num_streams > 1 and placement.num_ranks == 1:
+        sides = passes.run(
+            "streams", side_by_side, draft, job_plan, simulations, cost, ineffective, num_streams, memory_limit
+        )
+        if sides is not None:
+            draft = dataclasses.replace(draft, programs=emit_programs(tasks, phases, partition, placement, sides))
+            predicted, _ = passes.run("simulate", predictions, draft, demands, cost, ineffective)
     plan = dataclasses.replace(draft, predictions=predicted)
     return CompileResult(plan=plan, notes=notes)
+
+
+def side_by_side(
+    draft: Plan,
+    job_plan: JobPlan,
+    alone: tuple[PhaseSimulation, ...],
+    cost: CostModel,
+    ineffective: dict[str, float],
+    num_streams: int,
+    memory_limit: int,
+) -> list[HTaskStreams] | None:
+    """Each phase's hTask streams (`passes.streams`), or None when no phase gains from them."""
+    dealt = [
+        deal_streams(htask_seconds(sim), num_streams) if len(phase.htasks) > 1 else {}
+        for phase, sim in zip(draft.phases, alone)
+    ]
+    if not any(any(d.values()) for d in dealt):
+        return None
+    programs = emit_programs(draft.tasks, draft.phases, draft.partition, draft.placement, dealt)
+    demands = [p.demands for p in job_plan.phases]
+    _, trial = predictions(dataclasses.replace(draft, programs=programs), demands, cost, ineffective)
+    limit = planning_bytes(memory_limit)
+    kept = [keep_faster(a, b, d, limit) for a, b, d in zip(alone, trial, dealt)]
+    return kept if any(kept) else None
 
 
 def check_tasks(

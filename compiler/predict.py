@@ -57,6 +57,9 @@ class PlanCosts:
     def load_batches_seconds(self, loads: Sequence[MicroBatchLoad]) -> float:
         return self.cost.load_batches_seconds(loads)
 
+    def concurrent_slowdown(self, streams: int) -> float:
+        return self.cost.concurrent_slowdown(streams)
+
     def activation_bytes(self, subgraph: Subgraph, load: MicroBatchLoad) -> int:
         return self.cost.layers_activation_bytes(self._span(subgraph)[0], load)
 

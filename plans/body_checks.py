@@ -1,8 +1,8 @@
 """One rank's round body of one phase, simulated in order: every buffer is produced before it is
 used, every micro-batch runs forward, backward and free exactly once on the rank, and every task
 of the phase steps once after its micro-batches (the guarantee behind "a plan that loads always
-runs"). Program order is the order checked; streams and events are not modelled beyond "a wait
-names an event recorded earlier in the body"."""
+runs"). Program order is the order checked; `stream_checks` adds what running the streams
+apart needs (one stream per hTask, stream 0's global instructions after joins)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from .instructions import (
     WaitEvent,
 )
 from .schema import HTask, Plan, RankProgram
+from .stream_checks import StreamOrder
 
 MAX_BODY_ERRORS = 20
 """Problems reported per round body; the rest are counted."""
@@ -88,8 +89,10 @@ class _Body:
             OptimizerStep: self.optimizer_step,
             Checkpoint: self.checkpoint,
         }
+        streams = StreamOrder(self.error)
         for index, instruction in enumerate(body):
             handlers[type(instruction)](index, instruction)
+            streams.see(index, instruction)
         self.finish()
         if self.count > MAX_BODY_ERRORS:
             add_error(self.errors, self.path, f"{self.count - MAX_BODY_ERRORS} more problems in this round body")

@@ -69,6 +69,7 @@ class LoadBatches:
 
     op: ClassVar[Opcode] = Opcode.LOAD_BATCHES
     htask: int
+    stream: int
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class Free:
     op: ClassVar[Opcode] = Opcode.FREE
     htask: int
     microbatch: int
+    stream: int
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,6 +74,7 @@ from .distributed.world import World, wait_for_all
 from .engine import MultiTaskEngine, StepResult, TaskState, TaskStatus
 from .execution import rebuild_partition
 from .execution.interpreter import SubgraphInterpreter
+from .execution.lanes import LaneRunner
 from .execution.plan_partition import partition_description
 from .execution.streams import StreamSet
 from .model_sources import base_model_name_or_path
@@ -125,6 +127,8 @@ class PlanExecutor:
         self.profile = profile
         self.handlers = self._handler_table()
         self.executed = 0
+        self._count_lock = threading.Lock()
+        self.lanes = LaneRunner(torch.get_num_threads()) if torch.device(self.program.device).type == "cpu" else None
         self.round_seconds: list[list[float]] = [[] for _ in plan.phases]
         self.started = time.perf_counter()
         self.training_started = self.started
@@ -149,7 +153,11 @@ class PlanExecutor:
                 wait_for_all(self.world, "every rank loads its stage and builds the tasks")
             self.training_started = time.perf_counter()
             self.progress.restart_clock()
-            self._run_rounds()
+            try:
+                self._run_rounds()
+            finally:
+                if self.lanes is not None:
+                    self.lanes.close()
             for instruction in self.program.epilogue:
                 self.execute(instruction)
             if self.trace is not None:
@@ -166,8 +174,7 @@ class PlanExecutor:
                 for round_index in range(max(phase.first_round, resumed_after + 1), phase.last_round + 1):
                     self.round_index = round_index
                     started = time.perf_counter()
-                    for instruction in body:
-                        self.execute(instruction, traced=True)
+                    self._run_body(body)
                     if self.exchange is not None:
                         self.exchange.drain()
                     self.round_seconds[phase.id].append(time.perf_counter() - started)
@@ -175,6 +182,15 @@ class PlanExecutor:
                         profiler.step()
         if profiler is not None and self.lead:
             self.progress.message(profiler.report())
+
+    def _run_body(self, body: tuple[Instruction, ...]) -> None:
+        """One round body: its streams as lanes on the CPU (`LaneRunner`), in order elsewhere
+        (CUDA streams overlap the work the interpreter issues on them)."""
+        if self.lanes is None:
+            for instruction in body:
+                self.execute(instruction, traced=True)
+            return
+        self.lanes.run(body, lambda instruction: self.execute(instruction, traced=True))
 
     def _handler_table(self) -> dict[type, Callable[[Any], None]]:
         """The run-level handlers; the compute handlers join once every task is built."""
@@ -198,7 +214,8 @@ class PlanExecutor:
             self.trace.record(instruction, self.round_index, start, time.perf_counter())
         else:
             self.handlers[type(instruction)](instruction)
-        self.executed += 1
+        with self._count_lock:
+            self.executed += 1
 
     def _active(self, names: tuple[str, ...] | None = None) -> list[str]:
         assert self.engine is not None
@@ -351,7 +368,7 @@ class PlanExecutor:
                     f"task {name}: round {self.round_index} needs {len(pieces[name])} micro-batches, the plan has "
                     f"{htask.num_microbatches}; the data changed since the plan was compiled: compile again"
                 )
-        self.interpreter.load(instruction.htask, pack_pieces(pieces, htask.num_microbatches))
+        self.interpreter.load(instruction.htask, pack_pieces(pieces, htask.num_microbatches), instruction.stream)
 
     @property
     def _replica(self) -> int:

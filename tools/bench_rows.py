@@ -22,7 +22,7 @@ from muxtune.specs import JobSpec
 
 from .bench_report import RowResult
 
-MUXTUNE_ROWS = {"a": (), "e-fuse": ("--no-fuse",), "e-align": ("--no-align",)}
+MUXTUNE_ROWS = {"a": (), "e-fuse": ("--no-fuse",), "e-align": ("--no-align",), "e-interleave": ("--streams", "1")}
 """The MuxTune rows and the `muxtune-compile` switches each is compiled with."""
 
 
@@ -100,6 +100,11 @@ def htasks_overlap(plan: Plan) -> bool:
     return False
 
 
+def htasks_side_by_side(plan: Plan) -> bool:
+    """Whether any round body runs hTasks on several streams (side by side on one device)."""
+    return any(getattr(i, "stream", 0) for program in plan.programs for body in program.phases for i in body)
+
+
 def same_plan(plan: Plan, reference: Plan) -> bool:
     """Whether two plans run the same phases with the same programs."""
     return plan.phases == reference.phases and plan.programs == reference.programs
@@ -126,10 +131,10 @@ class ConfigurationRun:
 
     def row(self, key: str) -> RowResult:
         """Run row ``key`` (one of `bench_report.ROWS`)."""
-        if key in MUXTUNE_ROWS:
-            return self.muxtune(key)
         if key == "e-interleave":
             return self.interleave_off()
+        if key in MUXTUNE_ROWS:
+            return self.muxtune(key)
         if key == "c":
             return self.concurrent()
         side = {"b": "sequential", "d": "mixed"}[key]
@@ -171,8 +176,11 @@ class ConfigurationRun:
         )
 
     def interleave_off(self) -> RowResult:
-        """Interleaving off is the same program as (a) unless (a)'s program has micro-batches of
-        two hTasks in flight at once, which needs a pipeline of several stages."""
+        """Interleaving off: (a)'s hTasks one after another on stream 0 (`--streams 1`) where
+        (a) runs them side by side; otherwise the same program as (a) unless (a)'s program has
+        micro-batches of two hTasks in flight at once, which needs a pipeline of several stages."""
+        if htasks_side_by_side(self.reference_plan()):
+            return self.muxtune("e-interleave")
         if htasks_overlap(self.reference_plan()):
             return RowResult(
                 "e-interleave", measured=False, note="not run: the compiler has no switch to turn interleaving off"

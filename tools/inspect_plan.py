@@ -19,7 +19,7 @@ from typing import Any
 
 from muxtune.common.cli import run_command
 from muxtune.common.text import aligned_columns
-from muxtune.plans import Instruction, Opcode, Plan, PlanError, RankProgram, load_plan
+from muxtune.plans import Instruction, LoadBatches, Opcode, Plan, PlanError, RankProgram, load_plan
 
 PROG = "muxtune-inspect"
 GIB = 2**30
@@ -41,6 +41,11 @@ def _opcode_counts(body: Sequence[Instruction]) -> dict[str, int]:
     return {opcode.value: counts[opcode] for opcode in Opcode if counts[opcode]}
 
 
+def _htask_streams(body: Sequence[Instruction]) -> dict[str, int]:
+    """The stream each hTask of a round body runs on (the one its `load_batches` names)."""
+    return {str(ins.htask): ins.stream for ins in body if isinstance(ins, LoadBatches)}
+
+
 def _summarize_program(program: RankProgram) -> dict[str, Any]:
     return {
         "rank": program.rank,
@@ -49,7 +54,12 @@ def _summarize_program(program: RankProgram) -> dict[str, Any]:
         "prologue_length": len(program.prologue),
         "epilogue_length": len(program.epilogue),
         "phases": [
-            {"phase": index, "length": len(body), "opcode_counts": _opcode_counts(body)}
+            {
+                "phase": index,
+                "length": len(body),
+                "opcode_counts": _opcode_counts(body),
+                "htask_streams": _htask_streams(body),
+            }
             for index, body in enumerate(program.phases)
         ],
     }
@@ -227,11 +237,13 @@ def _program_lines(summary: dict[str, Any]) -> list[str]:
             str(body["phase"]),
             format_count(body["length"]),
             *(format_count(body["opcode_counts"].get(op, 0)) for op in opcodes),
+            ",".join(f"h{h}:{stream}" for h, stream in body["htask_streams"].items()),
         ]
         for program in programs
         for body in program["phases"]
     ]
-    table = render_table(["rank", "stage", "phase", "total", *opcodes], rows, right=range(4 + len(opcodes)))
+    headers = ["rank", "stage", "phase", "total", *opcodes, "hTask:stream"]
+    table = render_table(headers, rows, right=range(4 + len(opcodes)))
     ends = render_table(
         ["rank", "device", "prologue", "epilogue"],
         [

@@ -20,7 +20,9 @@ class DeviceSpec:
     eager cost of issuing one operator; the link is what p2p sends and all-reduces between two
     devices of this type run over; ``runtime_bytes`` is what a process holds before the job's
     tensors (torch, the CUDA context); ``chunk_tokens`` is the alignment unit of micro-batch
-    token budgets (tensor-core tiles on GPUs)."""
+    token budgets (tensor-core tiles on GPUs). ``parallel_streams`` hTasks can run at once on
+    separate streams (CPU: one lane of intra-op threads each), each then taking
+    ``stream_slowdown`` times as long as it would alone with the whole device."""
 
     name: str
     kind: str
@@ -32,6 +34,8 @@ class DeviceSpec:
     link_latency_seconds: float
     runtime_bytes: int
     chunk_tokens: int
+    parallel_streams: int = 1
+    stream_slowdown: float = 1.0
 
     def flops(self, dtype: str) -> float:
         """Achievable GEMM FLOP/s in ``dtype``."""
@@ -60,6 +64,11 @@ def _gpu(
     )
 
 
+CPU_STREAM_SLOWDOWN = 1.41
+"""How much longer the rounds of a job take on one of two cores than on both (torch 2.13, the
+8-layer SmolLM2 benchmark job, 2-core AMD EPYC: 880 against 1,245 tokens/s): a GEMM gains 2x
+from the second core, a decoder layer's element-wise passes, small products and Python less."""
+
 DEVICE_TABLES: dict[str, DeviceSpec] = {
     "cpu": DeviceSpec(
         name="cpu",
@@ -72,6 +81,8 @@ DEVICE_TABLES: dict[str, DeviceSpec] = {
         link_latency_seconds=50e-6,
         runtime_bytes=420 * (1 << 20),
         chunk_tokens=1,
+        parallel_streams=2,
+        stream_slowdown=CPU_STREAM_SLOWDOWN,
     ),
     "a40": _gpu("a40", 149.7, 74.8, 48, 0.696, 25.0),
     "a100": _gpu("a100", 312.0, 156.0, 80, 2.039, 300.0),

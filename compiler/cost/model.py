@@ -189,6 +189,13 @@ class CostModel:
         """Draw and lay out an hTask's micro-batches on the host."""
         return _LOAD_SECONDS_PER_SEQUENCE * sum(s.sequences for load in loads for s in load.values())
 
+    def concurrent_slowdown(self, streams: int) -> float:
+        """How much longer each compute instruction takes while ``streams`` hTask streams share
+        the device (1 for one stream)."""
+        if streams <= 1:
+            return 1.0
+        return self.device.stream_slowdown * max(1.0, streams / self.device.parallel_streams)
+
     def transfer_seconds(self, load: MicroBatchLoad) -> float:
         """Send one boundary activation (or its gradient) to the next stage."""
         return self.device.link_latency_seconds + self.boundary_bytes(load) / self.device.link_bandwidth

@@ -13,7 +13,12 @@ pairs ranks of the same tensor-parallel index and replica (rank numbering: `plac
 After the micro-batches, data-parallel replicas all-reduce the active tasks' gradients over the
 ranks of the same stage and tensor-parallel index; then every active task's optimizer step and
 a checkpoint in the rounds the align pass marked. The tensor-parallel shards of a stage run
-identical bodies (their collectives live inside the subgraphs). Everything runs on stream 0.
+identical bodies (their collectives live inside the subgraphs).
+
+Streams: every hTask's instructions run on the stream the planner gave it (stream 0 unless
+``htask_streams`` says otherwise; only one-stage programs use other streams, since sends and
+receives run on stream 0). Before the all-reduce and the optimizer steps, stream 0 waits for an
+event each other stream records after its last hTask (``stream-<s>-done``).
 
 On one rank this is, per micro-batch: every subgraph forward, the loss, every subgraph backward
 in reverse order, free.
@@ -21,7 +26,7 @@ in reverse order, free.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,9 +47,11 @@ from muxtune.plans import (
     Phase,
     Placement,
     RankProgram,
+    RecordEvent,
     Recv,
     Send,
     TaskPlan,
+    WaitEvent,
 )
 
 from .align import checkpoint_rounds
@@ -54,6 +61,9 @@ COMPUTE_STREAM = 0
 
 Step = tuple[Literal["forward", "backward"], int]
 """One step of a pipeline schedule: the forward or backward of the i-th micro-batch."""
+
+HTaskStreams = Mapping[int, int]
+"""The stream of each hTask of a phase (by hTask id); hTasks not named run on stream 0."""
 
 
 @dataclass(frozen=True)
@@ -122,40 +132,52 @@ def rank_role(placement: Placement, stages: Sequence[Sequence[int]], rank: int) 
     )
 
 
-def _forward(role: RankRole, h: int, m: int) -> list[Instruction]:
+def _forward(role: RankRole, h: int, m: int, stream: int) -> list[Instruction]:
     out: list[Instruction] = []
     if role.previous is not None and role.cut_before is not None:
         out.append(Recv(h, m, role.cut_before, False, role.previous))
-    out += [Forward(h, m, s, COMPUTE_STREAM) for s in role.subgraphs]
+    out += [Forward(h, m, s, stream) for s in role.subgraphs]
     if role.next is None:
-        out.append(LossBackward(h, m, COMPUTE_STREAM))
+        out.append(LossBackward(h, m, stream))
     else:
         out.append(Send(h, m, role.subgraphs[-1], False, role.next))
     return out
 
 
-def _backward(role: RankRole, h: int, m: int) -> list[Instruction]:
+def _backward(role: RankRole, h: int, m: int, stream: int) -> list[Instruction]:
     out: list[Instruction] = []
     if role.next is not None:
         out.append(Recv(h, m, role.subgraphs[-1], True, role.next))
-    out += [Backward(h, m, s, COMPUTE_STREAM) for s in reversed(role.subgraphs)]
+    out += [Backward(h, m, s, stream) for s in reversed(role.subgraphs)]
     if role.previous is not None and role.cut_before is not None:
         out.append(Send(h, m, role.cut_before, True, role.previous))
-    out.append(Free(h, m))
+    out.append(Free(h, m, stream))
     return out
 
 
-def rank_round_body(phase: Phase, role: RankRole, tasks: Sequence[TaskPlan]) -> tuple[Instruction, ...]:
+def stream_done_event(stream: int) -> str:
+    """The event a stream records after its last hTask of the round."""
+    return f"stream-{stream}-done"
+
+
+def rank_round_body(
+    phase: Phase, role: RankRole, tasks: Sequence[TaskPlan], htask_streams: HTaskStreams | None = None
+) -> tuple[Instruction, ...]:
     """One round of ``phase`` on a rank playing ``role`` (see the module docstring)."""
+    streams = {h.id: (htask_streams or {}).get(h.id, COMPUTE_STREAM) for h in phase.htasks}
+    if role.num_stages > 1 and any(streams.values()):
+        raise ValueError("a pipeline stage runs every hTask on stream 0 (its sends and receives are on stream 0)")
     sequence = [(htask.id, m) for htask in phase.htasks for m in range(htask.num_microbatches)]
     body: list[Instruction] = []
     loaded: set[int] = set()
     for kind, i in one_f_one_b(len(sequence), role.num_stages, role.stage):
         h, m = sequence[i]
         if h not in loaded:
-            body.append(LoadBatches(htask=h))
+            body.append(LoadBatches(h, streams[h]))
             loaded.add(h)
-        body += _forward(role, h, m) if kind == "forward" else _backward(role, h, m)
+        body += _forward(role, h, m, streams[h]) if kind == "forward" else _backward(role, h, m, streams[h])
+    for stream in sorted(set(streams.values()) - {COMPUTE_STREAM}):
+        body += [RecordEvent(stream_done_event(stream), stream), WaitEvent(stream_done_event(stream), COMPUTE_STREAM)]
     if role.group:
         body.append(AllReduce(tasks=phase.tasks, group=role.group))
     body.append(OptimizerStep(tasks=phase.tasks))
@@ -169,38 +191,57 @@ def _single_role(partition: Partition) -> RankRole:
     return RankRole(0, 1, tuple(s.id for s in partition.subgraphs), None, None, None, ())
 
 
-def round_body(phase: Phase, partition: Partition, tasks: Sequence[TaskPlan]) -> tuple[Instruction, ...]:
+def round_body(
+    phase: Phase, partition: Partition, tasks: Sequence[TaskPlan], htask_streams: HTaskStreams | None = None
+) -> tuple[Instruction, ...]:
     """One round of ``phase`` on a single rank holding every subgraph."""
-    return rank_round_body(phase, _single_role(partition), tasks)
+    return rank_round_body(phase, _single_role(partition), tasks, htask_streams)
 
 
-def _program(rank: int, role: RankRole, tasks: Sequence[TaskPlan], phases: Sequence[Phase], device: str) -> RankProgram:
+def _program(
+    rank: int,
+    role: RankRole,
+    tasks: Sequence[TaskPlan],
+    phases: Sequence[Phase],
+    device: str,
+    streams: Sequence[HTaskStreams] | None,
+) -> RankProgram:
+    per_phase = streams if streams is not None else [None] * len(phases)
     return RankProgram(
         rank=rank,
         device=device,
         stage=role.stage,
         prologue=(LoadBackbone(stage=role.stage), BuildTasks(tasks=tuple(t.name for t in tasks))),
-        phases=tuple(rank_round_body(phase, role, tasks) for phase in phases),
+        phases=tuple(rank_round_body(phase, role, tasks, s) for phase, s in zip(phases, per_phase)),
         epilogue=(ExportAdapters(),),
     )
 
 
 def emit_programs(
-    tasks: Sequence[TaskPlan], phases: Sequence[Phase], partition: Partition, placement: Placement
+    tasks: Sequence[TaskPlan],
+    phases: Sequence[Phase],
+    partition: Partition,
+    placement: Placement,
+    streams: Sequence[HTaskStreams] | None = None,
 ) -> tuple[RankProgram, ...]:
     """One program per rank of ``placement``: load the rank's stage of the backbone and build
     every task, then the phases' rounds, then export the adapters. ``partition``'s subgraphs
-    must name their stages (`plan_partition` with ``stage_of``), every stage holding some."""
+    must name their stages (`plan_partition` with ``stage_of``), every stage holding some;
+    ``streams`` gives each phase's hTask streams (all on stream 0 without it)."""
     stages = stage_subgraphs(partition, placement.pipeline_parallel)
     return tuple(
-        _program(rank, rank_role(placement, stages, rank), tasks, phases, placement.device)
+        _program(rank, rank_role(placement, stages, rank), tasks, phases, placement.device, streams)
         for rank in range(placement.num_ranks)
     )
 
 
 def single_rank_program(
-    tasks: Sequence[TaskPlan], phases: Sequence[Phase], partition: Partition, device: str
+    tasks: Sequence[TaskPlan],
+    phases: Sequence[Phase],
+    partition: Partition,
+    device: str,
+    streams: Sequence[HTaskStreams] | None = None,
 ) -> RankProgram:
     """Rank 0's program on one device holding every subgraph (`emit_programs` of a one-rank
     placement)."""
-    return _program(0, _single_role(partition), tasks, phases, device)
+    return _program(0, _single_role(partition), tasks, phases, device, streams)

@@ -9,6 +9,8 @@ moves when the program blocks, on a `Recv` (until the message has arrived) or an
 occupies the rank's one outgoing link, and arrives ``transfer_seconds`` later. Events carry
 completion times across streams. Exposed communication is the time a rank is blocked while all
 its streams are idle (plus the all-reduces themselves); memory is the sum of live buffers.
+A body whose hTasks run on several streams shares the device between them: every compute
+instruction of it takes ``concurrent_slowdown(streams)`` times its cost alone.
 
 Times depend only on each rank's own program, the messages it receives and the all-reduces it
 joins, so the order in which ranks are advanced does not change the result: the replay is
@@ -59,6 +61,7 @@ class InstructionCosts(Protocol):
     def all_reduce_seconds(self, tasks: Sequence[str], group_size: int) -> float: ...
     def optimizer_seconds(self, tasks: Sequence[str]) -> float: ...
     def load_batches_seconds(self, loads: Sequence[MicroBatchLoad]) -> float: ...
+    def concurrent_slowdown(self, streams: int) -> float: ...
     def activation_bytes(self, subgraph: Subgraph, load: MicroBatchLoad) -> int: ...
     def loss_activation_bytes(self, load: MicroBatchLoad) -> int: ...
     def boundary_bytes(self, load: MicroBatchLoad) -> int: ...
@@ -144,6 +147,7 @@ class _Round:
                 raise ValueError(f"phase {phase}: no load for hTask {h.id} micro-batches {missing}")
         programs = sorted(plan.programs, key=lambda p: p.rank)
         self.ranks = [_Rank(p.rank, p.phases[phase]) for p in programs]
+        self.slowdown = {r.rank: costs.concurrent_slowdown(len(_streams(r.body))) for r in self.ranks}
         self.messages: dict[_Message, deque[float]] = {}
         self.arrivals: dict[tuple[tuple[int, ...], int], dict[int, tuple[float, tuple[str, ...]]]] = {}
         self.timeline: list[TimelineEntry] = []
@@ -173,6 +177,7 @@ class _Round:
 
     def compute(self, rank: _Rank, stream: int, seconds: float, instruction: Instruction) -> tuple[float, float]:
         start = max(rank.issue, rank.streams.get(stream, 0.0))
+        seconds *= self.slowdown[rank.rank]
         end = start + seconds
         rank.streams[stream] = end
         rank.busy += seconds
@@ -198,13 +203,13 @@ class _Round:
         elif isinstance(ins, LoadBatches):
             htask = self.htasks[ins.htask]
             loads = [self.loads[(ins.htask, m)] for m in range(htask.num_microbatches)]
-            self.compute(rank, COMPUTE_STREAM, costs.load_batches_seconds(loads), ins)
+            self.compute(rank, ins.stream, costs.load_batches_seconds(loads), ins)
         elif isinstance(ins, OptimizerStep):
             self.compute(rank, COMPUTE_STREAM, costs.optimizer_seconds(ins.tasks), ins)
         elif isinstance(ins, Checkpoint):
             self.compute(rank, COMPUTE_STREAM, 0.0, ins)
         elif isinstance(ins, Free):
-            at, _ = self.compute(rank, COMPUTE_STREAM, 0.0, ins)
+            at, _ = self.compute(rank, ins.stream, 0.0, ins)
             for allocated, size in rank.held.pop((ins.htask, ins.microbatch), []):
                 rank.buffers.append((allocated, at, size, False))
         elif isinstance(ins, RecordEvent):
@@ -270,6 +275,10 @@ class _Round:
             live += delta
             peak = max(peak, live)
         return self.costs.static_bytes(rank.rank) + peak
+
+
+def _streams(body: Sequence[Instruction]) -> set[int]:
+    return {ins.stream for ins in body if isinstance(ins, (Forward, Backward, LossBackward))} or {COMPUTE_STREAM}
 
 
 def simulate_phase(plan: Plan, phase: int, loads: Loads, costs: InstructionCosts) -> PhaseSimulation:

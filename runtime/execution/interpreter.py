@@ -79,8 +79,13 @@ class SubgraphInterpreter:
             WaitEvent: lambda ins: self.streams.wait(ins.event, ins.stream),
         }
 
-    def load(self, htask: int, microbatches: list[MicroBatch]) -> None:
-        """Install an hTask's micro-batches of this round (moved to the device once each)."""
+    def load(self, htask: int, microbatches: list[MicroBatch], stream: int) -> None:
+        """Install an hTask's micro-batches of this round (moved to the device once each, on the
+        hTask's ``stream``)."""
+        with self.streams.on(stream):
+            self._install(htask, microbatches)
+
+    def _install(self, htask: int, microbatches: list[MicroBatch]) -> None:
         for index, mb in enumerate(microbatches):
             buffers = MicroBatchBuffers(mb)
             if not buffers.empty:

@@ -155,8 +155,8 @@ PLAN_CASES = {
     "step before its micro-batches": (
         lambda t: edit_plan(
             t,
-            "  phases:\n  - - {op: load_batches, htask: 0}",
-            "  phases:\n  - - {op: optimizer_step, tasks: [qa]}\n    - {op: load_batches, htask: 0}",
+            "  phases:\n  - - {op: load_batches, htask: 0, stream: 0}",
+            "  phases:\n  - - {op: optimizer_step, tasks: [qa]}\n    - {op: load_batches, htask: 0, stream: 0}",
         ),
         ["programs[0].phases[0][0]"],
     ),

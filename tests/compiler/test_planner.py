@@ -52,7 +52,7 @@ def test_infeasible_memory_names_the_binding_constraint(tmp_path: Path) -> None:
     with pytest.raises(CompileError, match=r"cluster\.memory_gb: .* need .* GB on stage 0 of a 0\.10 GB device"):
         compile_job(load_job_spec(job, ["cluster.memory_gb=0.1"]))
     spec = load_job_spec(job)
-    static = compile_job(spec, fusion="no_fuse", task_tokens=1).plan.predictions.est_peak_memory_bytes
+    static = compile_job(spec, fusion="no_fuse", task_tokens=1, streams=1).plan.predictions.est_peak_memory_bytes
     tight = load_job_spec(job, [f"cluster.memory_gb={(static * 0.999) / (1 - MEMORY_RESERVE) / GIB:.4f}"])
     with pytest.raises(CompileError, match=r"tasks\.\w+: needs .* of activations at max_seq_len \d+ and batch_size 48"):
         compile_job(tight)

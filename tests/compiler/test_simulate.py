@@ -40,6 +40,7 @@ LOAD = 0.125  # seconds per micro-batch loaded
 LOSS = 0.5  # loss seconds per forward second
 OPTIMIZER = 0.0625  # seconds per task stepped
 ALL_REDUCE = 0.75
+SLOWDOWN = 1.5  # each compute instruction of a two-stream body
 
 
 class FakeCosts:
@@ -69,6 +70,9 @@ class FakeCosts:
 
     def load_batches_seconds(self, loads: Sequence[MicroBatchLoad]) -> float:
         return LOAD * len(loads)
+
+    def concurrent_slowdown(self, streams: int) -> float:
+        return 1.0 if streams <= 1 else SLOWDOWN
 
     def activation_bytes(self, subgraph: Subgraph, load: MicroBatchLoad) -> int:
         return int(total_tokens(load)) * 10 * (subgraph.id + 1)
@@ -173,7 +177,7 @@ def test_transfers_delay_the_receiver(transfer: float) -> None:
 def test_all_reduce_waits_for_the_slowest_rank() -> None:
     plan = build_data_parallel_plan()
     body = plan.programs[1].phases[0]
-    plan = with_body(plan, 1, (LoadBatches(0), *body))  # rank 1 loads one extra hTask batch
+    plan = with_body(plan, 1, (LoadBatches(0, 0), *body))  # rank 1 loads one extra hTask batch
     sim = simulate(plan)
     h = plan.phases[0].htasks[0]
     f = 0.25
@@ -191,7 +195,7 @@ def test_all_reduce_waits_for_the_slowest_rank() -> None:
 def test_events_order_work_across_streams() -> None:
     plan = build_plan()
     body = [
-        LoadBatches(0),
+        LoadBatches(0, 0),
         RecordEvent("loaded", 0),
         WaitEvent("loaded", 1),
         Forward(0, 0, 0, 1),
@@ -201,7 +205,8 @@ def test_events_order_work_across_streams() -> None:
         Forward(0, 0, 1, 0),
     ]
     sim = simulate(with_body(plan, 0, body), tokens=varied)
-    load, f0, f1 = 2 * LOAD, varied(0, 0) / 1024, varied(0, 1) / 1024
+    # two streams share the device: every compute instruction takes SLOWDOWN times its cost
+    load, f0, f1 = 2 * LOAD * SLOWDOWN, varied(0, 0) / 1024 * SLOWDOWN, varied(0, 1) / 1024 * SLOWDOWN
     forwards = entries(sim, 0, "forward")
     assert [e.stream for e in forwards] == [1, 0, 0]
     assert [t for e in forwards for t in (e.start, e.end)] == pytest.approx(

@@ -127,11 +127,11 @@ def passes(h: int, m: int, subgraphs: Sequence[int], loss: bool = True) -> list[
 
 def one_rank_body(phase: Phase, checkpoint: tuple[int, ...] = ()) -> tuple[Instruction, ...]:
     """Load every hTask, run each micro-batch through all three subgraphs, step, checkpoint."""
-    body: list[Instruction] = [LoadBatches(h.id) for h in phase.htasks]
+    body: list[Instruction] = [LoadBatches(h.id, 0) for h in phase.htasks]
     body += [RecordEvent("loaded", 1), WaitEvent("loaded", 0)]
     for h in phase.htasks:
         for m in range(h.num_microbatches):
-            body += [*passes(h.id, m, (0, 1, 2)), Free(h.id, m)]
+            body += [*passes(h.id, m, (0, 1, 2)), Free(h.id, m, 0)]
     body.append(OptimizerStep(phase.tasks))
     if checkpoint:
         body.append(Checkpoint(checkpoint))
@@ -191,14 +191,14 @@ PIPELINE_TASKS = (make_task("a", steps=4), make_task("b", r=4, steps=2))
 def pipeline_bodies(phase: Phase) -> tuple[tuple[Instruction, ...], tuple[Instruction, ...]]:
     """GPipe order: rank 0 (subgraph 0) forwards every micro-batch and sends it; rank 1
     (subgraphs 1, 2) receives, runs forward, loss and backward and sends the gradient back."""
-    first: list[Instruction] = [LoadBatches(h.id) for h in phase.htasks]
-    last: list[Instruction] = [LoadBatches(h.id) for h in phase.htasks]
+    first: list[Instruction] = [LoadBatches(h.id, 0) for h in phase.htasks]
+    last: list[Instruction] = [LoadBatches(h.id, 0) for h in phase.htasks]
     for h in phase.htasks:
         for m in range(h.num_microbatches):
             first += [Forward(h.id, m, 0, 0), Send(h.id, m, 0, False, 1)]
-            last += [Recv(h.id, m, 0, False, 0), *passes(h.id, m, (1, 2)), Send(h.id, m, 0, True, 0), Free(h.id, m)]
+            last += [Recv(h.id, m, 0, False, 0), *passes(h.id, m, (1, 2)), Send(h.id, m, 0, True, 0), Free(h.id, m, 0)]
         for m in range(h.num_microbatches):
-            first += [Recv(h.id, m, 0, True, 1), Backward(h.id, m, 0, 0), Free(h.id, m)]
+            first += [Recv(h.id, m, 0, True, 1), Backward(h.id, m, 0, 0), Free(h.id, m, 0)]
     first.append(OptimizerStep(phase.tasks))
     last.append(OptimizerStep(phase.tasks))
     return tuple(first), tuple(last)

@@ -91,7 +91,7 @@ def test_file_layout(plan: Plan, tmp_path: Path) -> None:
     text = save_plan(plan, tmp_path / "p.yaml").read_text()
     assert text.startswith("schema_version: 2\n")
     assert "\n  - {op: load_backbone, stage: 0}\n" in text
-    assert "\n  - - {op: load_batches, htask: 0}\n    - {op: load_batches, htask: 1}\n" in text
+    assert "\n  - - {op: load_batches, htask: 0, stream: 0}\n    - {op: load_batches, htask: 1, stream: 0}\n" in text
     assert "\n    - {op: forward, htask: 0, microbatch: 0, subgraph: 0, stream: 0}\n" in text
     assert "\n    - {op: checkpoint, rounds: [3, 4]}\n" in text
     assert "\n  - {op: export_adapters}\n" in text

@@ -192,7 +192,7 @@ def test_wrong_payload_fields(plan: Plan) -> None:
         first[36] = {"op": "optimizer_step", "tasks": []}
         first[35] = "free"
         second[20] = {"op": "checkpoint", "rounds": []}
-        second[0] = {"op": "load_batches", "htask": 0, "stream": 0}
+        second[0] = {"op": "load_batches", "htask": 0, "stream": 0, "lane": 0}
         d["programs"][0]["epilogue"][0] = {"op": "export_adapters", "tasks": ["a"]}
         d["programs"][0]["phases"][2] = {"op": "forward"}
 
@@ -207,7 +207,7 @@ def test_wrong_payload_fields(plan: Plan) -> None:
         "programs[0].phases[0][5].stream: must be a non-negative integer, got -1 (op forward)",
         "programs[0].phases[0][35]: must be a mapping with an 'op' key, got 'free'",
         "programs[0].phases[0][36].tasks: must be a non-empty list of task names, got [] (op optimizer_step)",
-        "programs[0].phases[1][0].stream: unknown key (op load_batches)",
+        "programs[0].phases[1][0].lane: unknown key (op load_batches)",
         "programs[0].phases[1][20].rounds: must be a non-empty list of non-negative integers, got [] (op checkpoint)",
         "programs[0].phases[2]: must be a list of instructions, got {'op': 'forward'}",
         "programs[0].epilogue[0].tasks: unknown key (op export_adapters)",
@@ -312,7 +312,7 @@ def test_prologue_sets_up_once(plan: Plan, edit: Edit, message: str) -> None:
             id="loss-twice",
         ),
         pytest.param(
-            body(0, insert(5, Forward(0, 0, 0, 1))),
+            body(0, insert(5, Forward(0, 0, 0, 0))),
             ["programs[0].phases[0][5]: runs forward of subgraph 0 (hTask 0, micro-batch 0) a second time"],
             id="forward-twice",
         ),
@@ -366,7 +366,7 @@ def test_prologue_sets_up_once(plan: Plan, edit: Edit, message: str) -> None:
             id="load-batches-late",
         ),
         pytest.param(
-            body(0, insert(2, LoadBatches(0))),
+            body(0, insert(2, LoadBatches(0, 0))),
             ["programs[0].phases[0][2]: loads the batches of hTask 0 again (already at [0])"],
             id="load-batches-twice",
         ),

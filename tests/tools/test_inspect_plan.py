@@ -96,6 +96,8 @@ def assert_programs_match(data: dict, plan: Plan) -> None:
         for body_summary, body in zip(shown["phases"], program.phases, strict=True):
             assert body_summary["length"] == len(body) == sum(body_summary["opcode_counts"].values())
             assert body_summary["opcode_counts"]["forward"] == sum(i.op.value == "forward" for i in body)
+            loads = [i for i in body if i.op.value == "load_batches"]
+            assert body_summary["htask_streams"] == {str(i.htask): i.stream for i in loads}
 
 
 def test_single_rank_plan(single_rank_plan: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,47 @@
+"""The streams pass: which hTasks of a phase run side by side on separate streams.
+
+On a device that runs several hTask streams at once (`DeviceSpec.parallel_streams`: on a CPU,
+one lane of intra-op threads each) the hTasks of a one-rank phase are dealt to streams largest
+first, each to the stream with the least work so far (the LPT rule), by the time the
+single-stream simulation gives each hTask. A phase keeps its streams only where the simulation
+of the whole body with them (every instruction slowed by `concurrent_slowdown`) predicts a
+shorter round within the memory limit; otherwise its hTasks stay on stream 0, one after
+another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .emit import HTaskStreams
+from .simulate import PhaseSimulation
+
+
+def htask_seconds(simulation: PhaseSimulation) -> dict[int, float]:
+    """Each hTask's compute time in a simulated round (the sum of its instructions' spans)."""
+    seconds: dict[int, float] = {}
+    for entry in simulation.timeline:
+        if entry.htask is not None and entry.stream >= 0:
+            seconds[entry.htask] = seconds.get(entry.htask, 0.0) + (entry.end - entry.start)
+    return seconds
+
+
+def deal_streams(seconds: Mapping[int, float], num_streams: int) -> dict[int, int]:
+    """Each hTask's stream: largest first onto the least-loaded stream (ties: lower hTask id,
+    lower stream), the largest hTask on stream 0."""
+    load = [0.0] * max(1, num_streams)
+    streams: dict[int, int] = {}
+    for htask in sorted(seconds, key=lambda h: (-seconds[h], h)):
+        target = min(range(len(load)), key=lambda s: (load[s], s))
+        streams[htask] = target
+        load[target] += seconds[htask]
+    return dict(sorted(streams.items()))
+
+
+def keep_faster(
+    alone: PhaseSimulation, side_by_side: PhaseSimulation, streams: HTaskStreams, memory_limit: int
+) -> HTaskStreams:
+    """``streams`` when the side-by-side round is predicted faster and fits ``memory_limit`` on
+    every rank, else no streams (every hTask on stream 0)."""
+    fits = max(side_by_side.peak_memory_bytes, default=0) <= memory_limit
+    return streams if fits and side_by_side.seconds_per_round < alone.seconds_per_round else {}

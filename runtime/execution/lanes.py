@@ -1,0 +1,111 @@
+"""Streams as lanes on the CPU: each stream of a round body runs on its own thread with an equal
+share of the rank's intra-op threads, ordered across streams only by the body's events.
+
+A CPU has no streams to overlap work on, but a 2-core machine runs one hTask's small products,
+element-wise passes and Python on one core while another hTask's run on the other, instead of
+splitting every operator across both cores (a GEMM gains 2x from the second core, the rest of a
+decoder layer much less). The plan's body checks guarantee what makes this safe: each hTask's
+instructions sit on one stream, and what acts on every task (optimizer steps, checkpoints) runs
+on stream 0 after joining the others. Each lane replays its instructions in body order, so a
+stream's results do not depend on the other lanes' timing.
+
+With one stream, or fewer than two intra-op threads, the body runs in order on the calling
+thread (events are already satisfied in body order).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from muxtune.plans import Instruction, RecordEvent, WaitEvent
+from muxtune.plans.stream_checks import HOST_STREAM, stream_of
+
+WAIT_POLL_SECONDS = 0.05
+"""How often a lane blocked on an event looks whether another lane failed."""
+
+
+def split_lanes(body: Sequence[Instruction]) -> dict[int, list[Instruction]]:
+    """The body's instructions by stream (stream 0 first), each in body order."""
+    htask_streams: dict[int, int] = {}
+    lanes: dict[int, list[Instruction]] = {HOST_STREAM: []}
+    for instruction in body:
+        htask = getattr(instruction, "htask", None)
+        if htask is not None and hasattr(instruction, "stream"):
+            htask_streams.setdefault(htask, instruction.stream)
+        lanes.setdefault(stream_of(instruction, htask_streams), []).append(instruction)
+    return lanes
+
+
+class _Aborted(Exception):
+    """Another lane failed; this one stopped at an instruction boundary."""
+
+
+class LaneRunner:
+    """Runs round bodies with ``threads`` intra-op threads in all (`run`)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+
+    def close(self) -> None:
+        """Stop the worker threads (they are idle between rounds)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+            self._pool_size = 0
+
+    def run(self, body: Sequence[Instruction], execute: Callable[[Instruction], None]) -> int:
+        """Execute ``body`` (instruction by instruction through ``execute``); returns how many
+        lanes ran at once."""
+        lanes = split_lanes(body)
+        if len(lanes) == 1 or self.threads < 2:
+            for instruction in body:
+                execute(instruction)
+            return 1
+        per_lane = max(1, self.threads // len(lanes))
+        events = {ins.event: threading.Event() for ins in body if isinstance(ins, RecordEvent)}
+        failed = threading.Event()
+
+        def replay(instructions: list[Instruction]) -> None:
+            torch.set_num_threads(per_lane)
+            try:
+                for instruction in instructions:
+                    if failed.is_set():
+                        raise _Aborted
+                    if isinstance(instruction, RecordEvent):
+                        events[instruction.event].set()
+                    elif isinstance(instruction, WaitEvent):
+                        while not events[instruction.event].wait(WAIT_POLL_SECONDS):
+                            if failed.is_set():
+                                raise _Aborted
+                    else:
+                        execute(instruction)
+            except BaseException:
+                failed.set()
+                raise
+
+        pool = self._workers(len(lanes) - 1)
+        others = [pool.submit(replay, lanes[s]) for s in sorted(lanes) if s != HOST_STREAM]
+        try:
+            replay(lanes[HOST_STREAM])
+        except _Aborted:
+            pass
+        finally:
+            torch.set_num_threads(self.threads)
+            errors = [f.exception() for f in others]
+        first = next((e for e in errors if e is not None and not isinstance(e, _Aborted)), None)
+        if first is not None:
+            raise first
+        return len(lanes)
+
+    def _workers(self, count: int) -> ThreadPoolExecutor:
+        if self._pool is None or self._pool_size < count:
+            self.close()
+            self._pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="muxtune-lane")
+            self._pool_size = count
+        return self._pool

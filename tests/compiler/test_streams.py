@@ -1,0 +1,100 @@
+"""hTasks side by side: the emit pass puts each hTask on the stream it is given and joins the
+streams before the optimizer step; the streams pass deals hTasks largest first (checked against
+brute force on small instances); the compiler keeps streams only where the simulation predicts a
+shorter round, and ``streams=1`` keeps every hTask on stream 0."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+
+import pytest
+import torch.fx
+from test_emit import CONFIG, NUM_LAYERS, TASKS, build_plan, make_phases
+from user_path import default_tasks, write_job
+
+from muxtune.compiler.compile import compile_job
+from muxtune.compiler.cost.devices import device_spec
+from muxtune.compiler.passes import partition, trace_model
+from muxtune.compiler.passes.emit import (
+    rank_role,
+    rank_round_body,
+    single_rank_program,
+    stage_subgraphs,
+    stream_done_event,
+)
+from muxtune.compiler.passes.placement import placement
+from muxtune.compiler.passes.streams import deal_streams
+from muxtune.plans import LoadBatches, OptimizerStep, RecordEvent, WaitEvent, validate_plan
+from muxtune.runtime.execution import per_layers, per_stage, stage_of_layer
+from muxtune.runtime.execution.plan_partition import plan_partition
+from muxtune.specs import load_job_spec
+
+
+@pytest.fixture(scope="module")
+def traced() -> torch.fx.GraphModule:
+    return trace_model(CONFIG, {t.name: t.peft for t in TASKS}, head=False)
+
+
+def test_htasks_on_their_streams_joined_before_the_step(traced: torch.fx.GraphModule) -> None:
+    part = plan_partition(partition(traced, per_layers(1024)))
+    phases = make_phases(3)
+    streams = [{0: 1, 2: 1}, {1: 1}, {}]
+    mesh = placement("cpu", NUM_LAYERS, (NUM_LAYERS,), 1, 1)
+    plan = build_plan(mesh, part, phases)
+    program = single_rank_program(TASKS, phases, part, "cpu", streams)
+    plan = validate_plan(dataclasses.replace(plan, programs=(program,)))
+    for body, phase, chosen in zip(plan.programs[0].phases, phases, streams):
+        for ins in body:
+            if getattr(ins, "htask", None) is not None:
+                assert ins.stream == chosen.get(ins.htask, 0), ins
+        step = next(i for i, ins in enumerate(body) if isinstance(ins, OptimizerStep))
+        joins = body[step - 2 : step] if any(chosen.values()) else ()
+        assert list(joins) == (
+            [RecordEvent(stream_done_event(1), 1), WaitEvent(stream_done_event(1), 0)] if any(chosen.values()) else []
+        )
+        assert [i.htask for i in body if isinstance(i, LoadBatches)] == [h.id for h in phase.htasks]
+
+
+def test_pipeline_stages_keep_stream_0(traced: torch.fx.GraphModule) -> None:
+    mesh = placement("cpu", NUM_LAYERS, (2, 2), 1, 1)
+    part = plan_partition(partition(traced, per_stage((0, 2), 1)), stage_of=stage_of_layer((0, 2)))
+    role = rank_role(mesh, stage_subgraphs(part, 2), 0)
+    with pytest.raises(ValueError, match="stream 0"):
+        rank_round_body(make_phases(2)[0], role, TASKS, {1: 1})
+
+
+def makespan(seconds: dict[int, float], streams: dict[int, int], count: int) -> float:
+    return max(sum(seconds[h] for h, s in streams.items() if s == lane) for lane in range(count))
+
+
+@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("seed", range(12))
+def test_dealing_is_within_the_lpt_bound_of_the_best(count: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    size = 2 + seed % 5
+    seconds = {h: float(t) for h, t in enumerate(torch.rand(size, generator=generator).tolist())}
+    dealt = deal_streams(seconds, count)
+    assert sorted(dealt) == sorted(seconds) and set(dealt.values()) <= set(range(count))
+    assert dealt[max(seconds, key=seconds.__getitem__)] == 0, "the largest hTask stays on stream 0"
+    best = min(
+        makespan(seconds, dict(enumerate(choice)), count) for choice in itertools.product(range(count), repeat=size)
+    )
+    assert makespan(seconds, dealt, count) <= best * (4 / 3 - 1 / (3 * count)) + 1e-12
+
+
+def test_compiler_runs_htasks_side_by_side_only_where_predicted_faster(tmp_path: Path) -> None:
+    tasks = [{**task, "steps": 2, "save_every": 0} for task in default_tasks()]
+    spec = load_job_spec(write_job(tmp_path, tasks))
+    unfused = compile_job(spec, fusion="no_fuse").plan
+    alone = compile_job(spec, fusion="no_fuse", streams=1).plan
+    assert device_spec("cpu").parallel_streams == 2
+    assert all(getattr(i, "stream", 0) == 0 for body in alone.programs[0].phases for i in body)
+    used = {getattr(i, "stream", 0) for body in unfused.programs[0].phases for i in body}
+    assert used == {0, 1}, "three one-task hTasks on a 2-core CPU run on two streams"
+    for side, one in zip(unfused.predictions.phases, alone.predictions.phases):
+        assert side.seconds_per_round <= one.seconds_per_round
+    assert unfused.predictions.est_seconds_per_round < alone.predictions.est_seconds_per_round
+    on_gpu = compile_job(load_job_spec(write_job(tmp_path / "gpu", tasks, cluster={"device": "h100"}))).plan
+    assert all(getattr(i, "stream", 0) == 0 for body in on_gpu.programs[0].phases for i in body)

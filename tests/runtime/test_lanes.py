@@ -1,0 +1,128 @@
+"""Streams as lanes on the CPU: each stream's instructions run in body order on their own thread,
+ordered across streams only by events; a failing lane stops the others and its error reaches
+the caller; one intra-op thread (or one stream) runs the body in order. End to end, a plan
+whose hTasks run side by side trains the same adapters as the plan that runs them one after
+another, and the trace shows the two streams' work overlapping."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from user_path import default_tasks, write_job
+
+from muxtune.compiler.compile import compile_job
+from muxtune.plans import Forward, Instruction, LoadBatches, OptimizerStep, Plan, RecordEvent, WaitEvent
+from muxtune.runtime.adapters import WEIGHTS_NAME
+from muxtune.runtime.execution.lanes import LaneRunner, split_lanes
+from muxtune.runtime.executor import PlanExecutor
+from muxtune.runtime.progress import ProgressDisplay
+from muxtune.runtime.trace import TRACE_DIR, compute_row
+from muxtune.specs import load_job_spec
+
+
+def two_lane_body() -> list[Instruction]:
+    return [
+        LoadBatches(0, 0),
+        Forward(0, 0, 0, 0),
+        RecordEvent("zero-loaded", 0),
+        LoadBatches(1, 1),
+        WaitEvent("zero-loaded", 1),
+        Forward(1, 0, 0, 1),
+        RecordEvent("stream-1-done", 1),
+        WaitEvent("stream-1-done", 0),
+        OptimizerStep(("a", "b")),
+    ]
+
+
+def test_split_lanes_by_stream() -> None:
+    lanes = split_lanes(two_lane_body())
+    assert sorted(lanes) == [0, 1]
+    assert [type(i).__name__ for i in lanes[1]] == ["LoadBatches", "WaitEvent", "Forward", "RecordEvent"]
+    assert isinstance(lanes[0][-1], OptimizerStep)
+
+
+def test_lanes_run_apart_and_keep_event_order() -> None:
+    done: list[tuple[str, Instruction, int]] = []
+    lock = threading.Lock()
+
+    def execute(instruction: Instruction) -> None:
+        if isinstance(instruction, Forward) and instruction.htask == 0:
+            time.sleep(0.05)  # stream 1's forward must still wait for it
+        with lock:
+            done.append((threading.current_thread().name, instruction, torch.get_num_threads()))
+
+    before = torch.get_num_threads()
+    runner = LaneRunner(threads=2)
+    try:
+        assert runner.run(two_lane_body(), execute) == 2
+        assert torch.get_num_threads() == 2, "the calling thread gets the rank's intra-op threads back"
+    finally:
+        runner.close()
+        torch.set_num_threads(before)
+    order = [i for _, i, _ in done]
+    assert order.index(Forward(0, 0, 0, 0)) < order.index(Forward(1, 0, 0, 1)) < order.index(OptimizerStep(("a", "b")))
+    threads = {i: name for name, i, _ in done}
+    assert threads[Forward(0, 0, 0, 0)] == threading.current_thread().name != threads[Forward(1, 0, 0, 1)]
+    assert {n for _, _, n in done} == {1}, "each of two lanes gets one of the two intra-op threads"
+
+
+def test_one_thread_runs_the_body_in_order() -> None:
+    done: list[Instruction] = []
+    runner = LaneRunner(threads=1)
+    assert runner.run(two_lane_body(), done.append) == 1
+    assert done == two_lane_body()
+
+
+def test_a_failing_lane_stops_the_others_and_raises() -> None:
+    body = two_lane_body()
+    body.insert(1, WaitEvent("never-recorded-in-time", 0))
+    body.insert(4, RecordEvent("never-recorded-in-time", 1))
+
+    def execute(instruction: Instruction) -> None:
+        if isinstance(instruction, LoadBatches) and instruction.htask == 1:
+            raise ValueError("batch file vanished")
+
+    runner = LaneRunner(threads=2)
+    started = time.perf_counter()
+    try:
+        with pytest.raises(ValueError, match="batch file vanished"):
+            runner.run(body, execute)
+    finally:
+        runner.close()
+    assert time.perf_counter() - started < 5
+
+
+def run_plan(plan: Plan, out: Path, trace: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    plan = dataclasses.replace(plan, job=dataclasses.replace(plan.job, output_dir=str(out)))
+    progress = ProgressDisplay([(t.name, t.steps) for t in plan.tasks], io.StringIO())
+    PlanExecutor(plan, progress=progress, trace=trace).run()
+    return {t.name: load_file(str(out / t.name / WEIGHTS_NAME)) for t in plan.tasks}
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="lanes need two intra-op threads")
+def test_side_by_side_trains_the_same_adapters(tmp_path: Path) -> None:
+    tasks = [{**task, "steps": 2, "save_every": 0} for task in default_tasks()]
+    spec = load_job_spec(write_job(tmp_path, tasks))
+    side_by_side = compile_job(spec, fusion="no_fuse").plan
+    one_after_another = compile_job(spec, fusion="no_fuse", streams=1).plan
+    assert any(getattr(i, "stream", 0) == 1 for i in side_by_side.programs[0].phases[0])
+    apart = run_plan(side_by_side, tmp_path / "apart", trace=True)
+    together = run_plan(one_after_another, tmp_path / "together")
+    for name, tensors in together.items():
+        for key, value in tensors.items():
+            torch.testing.assert_close(apart[name][key], value, rtol=1e-5, atol=1e-7, msg=f"{name}:{key}")
+    events = json.loads((tmp_path / "apart" / TRACE_DIR / "rank-0.json").read_text())["traceEvents"]
+    spans = {
+        row: [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("tid") == row and e["ph"] == "X"]
+        for row in (compute_row(0), compute_row(1))
+    }
+    assert spans[compute_row(1)], "stream 1's instructions have their own trace row"
+    assert any(a < d and c < b for a, b in spans[compute_row(0)] for c, d in spans[compute_row(1)]), "lanes overlap"
