@@ -64,10 +64,13 @@ def _gpu(
     )
 
 
-CPU_STREAM_SLOWDOWN = 1.41
-"""How much longer the rounds of a job take on one of two cores than on both (torch 2.13, the
-8-layer SmolLM2 benchmark job, 2-core AMD EPYC: 880 against 1,245 tokens/s): a GEMM gains 2x
-from the second core, a decoder layer's element-wise passes, small products and Python less."""
+CPU_STREAM_SLOWDOWN = 1.6
+"""How much longer an hTask takes on one of two lanes (each with one of a 2-core CPU's intra-op
+threads, the other lane busy) than alone on both cores. Measured on the 8-layer SmolLM2
+benchmark job (torch 2.13, 2-core AMD EPYC): one intra-op thread alone is 1.41x slower than two
+(880 against 1,245 tokens/s), but two lanes at once share the memory bandwidth and the GIL, and
+the planner's plan ran 1.09x faster side by side than one hTask after another, which this
+value reproduces from the cost model's per-hTask times."""
 
 DEVICE_TABLES: dict[str, DeviceSpec] = {
     "cpu": DeviceSpec(

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from user_path import default_tasks, write_job
 
 from muxtune.compiler.compile import compile_job
+from muxtune.compiler.cost.devices import DEVICE_TABLES
 from muxtune.plans import Forward, Instruction, LoadBatches, OptimizerStep, Plan, RecordEvent, WaitEvent
 from muxtune.runtime.adapters import WEIGHTS_NAME
 from muxtune.runtime.execution.lanes import LaneRunner, split_lanes
@@ -108,9 +109,11 @@ def run_plan(plan: Plan, out: Path, trace: bool = False) -> dict[str, dict[str, 
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="lanes need two intra-op threads")
-def test_side_by_side_trains_the_same_adapters(tmp_path: Path) -> None:
+def test_side_by_side_trains_the_same_adapters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tasks = [{**task, "steps": 2, "save_every": 0} for task in default_tasks()]
     spec = load_job_spec(write_job(tmp_path, tasks))
+    cpu = dataclasses.replace(DEVICE_TABLES["cpu"], stream_slowdown=1.2)  # lanes pay for this small job
+    monkeypatch.setitem(DEVICE_TABLES, "cpu", cpu)
     side_by_side = compile_job(spec, fusion="no_fuse").plan
     one_after_another = compile_job(spec, fusion="no_fuse", streams=1).plan
     assert any(getattr(i, "stream", 0) == 1 for i in side_by_side.programs[0].phases[0])
