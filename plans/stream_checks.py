@@ -1,6 +1,8 @@
 """Streams of one round body: each hTask runs on one stream, pipeline sends and receives only on
-stream 0, and the instructions that act on every task (all-reduce, optimizer step, checkpoint)
-run on stream 0 after every other stream's earlier work has been joined to it through events.
+stream 0, every other stream starts its work only after waiting for an event of stream 0 (so
+after the previous round's optimizer steps), and the instructions that act on every task
+(all-reduce, optimizer step, checkpoint) run on stream 0 after every other stream's earlier work
+has been joined to it through events.
 
 This is what lets a runtime run each stream on its own (a CUDA stream, or a worker thread on the
 CPU) and still replay the body correctly: no two streams touch the same hTask's buffers, and the
@@ -65,8 +67,15 @@ class StreamOrder:
         if isinstance(instruction, HOST_INSTRUCTIONS):
             self._joined(index, instruction)
         clock = self.clocks.setdefault(stream, {})
+        work = not isinstance(instruction, (RecordEvent, WaitEvent))
+        if work and stream != HOST_STREAM and stream not in self.last and HOST_STREAM not in clock:
+            self.error(
+                index,
+                f"stream {stream} starts work before it waits for an event of stream 0 (which orders it after the "
+                f"previous round's optimizer steps)",
+            )
         clock[stream] = index
-        if not isinstance(instruction, (RecordEvent, WaitEvent)):
+        if work:
             self.last[stream] = index
         if isinstance(instruction, RecordEvent):
             self.events[instruction.event] = dict(clock)

@@ -17,8 +17,10 @@ identical bodies (their collectives live inside the subgraphs).
 
 Streams: every hTask's instructions run on the stream the planner gave it (stream 0 unless
 ``htask_streams`` says otherwise; only one-stage programs use other streams, since sends and
-receives run on stream 0). Before the all-reduce and the optimizer steps, stream 0 waits for an
-event each other stream records after its last hTask (``stream-<s>-done``).
+receives run on stream 0). Every other stream first waits for an event stream 0 records at the
+start of the round (``round-start``: after the previous round's optimizer steps), and before the
+all-reduce and the optimizer steps stream 0 waits for an event each other stream records after
+its last hTask (``stream-<s>-done``).
 
 On one rank this is, per micro-batch: every subgraph forward, the loss, every subgraph backward
 in reverse order, free.
@@ -61,6 +63,9 @@ COMPUTE_STREAM = 0
 
 Step = tuple[Literal["forward", "backward"], int]
 """One step of a pipeline schedule: the forward or backward of the i-th micro-batch."""
+
+ROUND_START_EVENT = "round-start"
+"""What stream 0 records first in a round whose hTasks run on several streams."""
 
 HTaskStreams = Mapping[int, int]
 """The stream of each hTask of a phase (by hTask id); hTasks not named run on stream 0."""
@@ -168,7 +173,9 @@ def rank_round_body(
     if role.num_stages > 1 and any(streams.values()):
         raise ValueError("a pipeline stage runs every hTask on stream 0 (its sends and receives are on stream 0)")
     sequence = [(htask.id, m) for htask in phase.htasks for m in range(htask.num_microbatches)]
-    body: list[Instruction] = []
+    others = sorted(set(streams.values()) - {COMPUTE_STREAM})
+    body: list[Instruction] = [RecordEvent(ROUND_START_EVENT, COMPUTE_STREAM)] if others else []
+    body += [WaitEvent(ROUND_START_EVENT, stream) for stream in others]
     loaded: set[int] = set()
     for kind, i in one_f_one_b(len(sequence), role.num_stages, role.stage):
         h, m = sequence[i]
@@ -176,7 +183,7 @@ def rank_round_body(
             body.append(LoadBatches(h, streams[h]))
             loaded.add(h)
         body += _forward(role, h, m, streams[h]) if kind == "forward" else _backward(role, h, m, streams[h])
-    for stream in sorted(set(streams.values()) - {COMPUTE_STREAM}):
+    for stream in others:
         body += [RecordEvent(stream_done_event(stream), stream), WaitEvent(stream_done_event(stream), COMPUTE_STREAM)]
     if role.group:
         body.append(AllReduce(tasks=phase.tasks, group=role.group))

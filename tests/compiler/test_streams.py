@@ -18,6 +18,7 @@ from muxtune.compiler.compile import compile_job
 from muxtune.compiler.cost.devices import DEVICE_TABLES, device_spec
 from muxtune.compiler.passes import partition, trace_model
 from muxtune.compiler.passes.emit import (
+    ROUND_START_EVENT,
     rank_role,
     rank_round_body,
     single_rank_program,
@@ -49,6 +50,8 @@ def test_htasks_on_their_streams_joined_before_the_step(traced: torch.fx.GraphMo
         for ins in body:
             if getattr(ins, "htask", None) is not None:
                 assert ins.stream == chosen.get(ins.htask, 0), ins
+        if any(chosen.values()):
+            assert list(body[:2]) == [RecordEvent(ROUND_START_EVENT, 0), WaitEvent(ROUND_START_EVENT, 1)]
         step = next(i for i, ins in enumerate(body) if isinstance(ins, OptimizerStep))
         joins = body[step - 2 : step] if any(chosen.values()) else ()
         assert list(joins) == (

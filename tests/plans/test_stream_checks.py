@@ -1,5 +1,6 @@
-"""Round bodies whose hTasks run on several streams: accepted when each hTask keeps one stream and
-stream 0 joins the others before the optimizer step; refused, naming the instruction, otherwise."""
+"""Round bodies whose hTasks run on several streams: accepted when each hTask keeps one stream, the
+other streams start after an event of stream 0 and stream 0 joins them before the optimizer
+step; refused, naming the instruction, otherwise."""
 
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ def _on(stream: int, instructions: list[Instruction]) -> list[Instruction]:
     return [dataclasses.replace(i, stream=stream) if hasattr(i, "stream") else i for i in instructions]
 
 
-def two_stream_body(phase: Phase, join: bool = True) -> list[Instruction]:
+def two_stream_body(phase: Phase, join: bool = True, start: bool = True) -> list[Instruction]:
     """hTask 0 on stream 0, hTask 1 on stream 1, each micro-batch through every subgraph; stream
-    0 waits for stream 1 before the step (unless not ``join``)."""
-    body: list[Instruction] = []
+    1 waits for stream 0's start of the round (unless not ``start``) and stream 0 waits for stream
+    1 before the step (unless not ``join``)."""
+    body: list[Instruction] = [RecordEvent("round-start", 0), WaitEvent("round-start", 1)] if start else []
     for h in phase.htasks:
         stream = h.id
         body.append(LoadBatches(h.id, stream))
@@ -85,8 +87,9 @@ def test_an_htask_on_two_streams_is_refused() -> None:
     second = next(i for i, ins in enumerate(body) if isinstance(ins, Forward) and (ins.htask, ins.microbatch) == (0, 1))
     body[second] = dataclasses.replace(body[second], stream=1)
     errors = errors_of(plan_to_dict(with_first_body(plan, body)))
+    first = body.index(LoadBatches(0, 0))
     assert errors[0] == (
-        f"programs[0].phases[0][{second}]: hTask 0 runs on stream 0 (from [0]); this names stream 1 "
+        f"programs[0].phases[0][{second}]: hTask 0 runs on stream 0 (from [{first}]); this names stream 1 "
         "(an hTask's instructions share one stream)"
     )
 
@@ -103,4 +106,14 @@ def test_edited_stream_of_a_free_is_refused() -> None:
     assert errors == [
         f"programs[0].phases[0][{free}]: hTask 1 runs on stream 1 (from [{body.index(LoadBatches(1, 1))}]); "
         "this names stream 0 (an hTask's instructions share one stream)"
+    ]
+
+
+def test_a_stream_that_starts_without_waiting_for_stream_0_is_refused() -> None:
+    plan = first_phase_plan()
+    body = two_stream_body(plan.phases[0], start=False)
+    errors = errors_of(plan_to_dict(with_first_body(plan, body)))
+    assert errors == [
+        f"programs[0].phases[0][{body.index(LoadBatches(1, 1))}]: stream 1 starts work before it waits for an "
+        "event of stream 0 (which orders it after the previous round's optimizer steps)"
     ]
