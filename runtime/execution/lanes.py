@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -97,7 +97,7 @@ class LaneRunner:
             pass
         finally:
             torch.set_num_threads(self.threads)
-            errors = [f.exception() for f in others]
+            errors = [_outcome(f, failed) for f in others]
         first = next((e for e in errors if e is not None and not isinstance(e, _Aborted)), None)
         if first is not None:
             raise first
@@ -109,3 +109,12 @@ class LaneRunner:
             self._pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="muxtune-lane")
             self._pool_size = count
         return self._pool
+
+
+def _outcome(lane: Future, failed: threading.Event) -> BaseException | None:
+    """The lane's exception once it ends; an interruption while waiting stops the other lanes too."""
+    try:
+        return lane.exception()
+    except BaseException:
+        failed.set()
+        raise
