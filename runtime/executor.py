@@ -130,6 +130,7 @@ class PlanExecutor:
         self._count_lock = threading.Lock()
         self.lanes = LaneRunner(torch.get_num_threads()) if torch.device(self.program.device).type == "cpu" else None
         self.round_seconds: list[list[float]] = [[] for _ in plan.phases]
+        self.phase_lanes = [0 for _ in plan.phases]
         self.started = time.perf_counter()
         self.training_started = self.started
 
@@ -174,7 +175,8 @@ class PlanExecutor:
                 for round_index in range(max(phase.first_round, resumed_after + 1), phase.last_round + 1):
                     self.round_index = round_index
                     started = time.perf_counter()
-                    self._run_body(body)
+                    lanes = self._run_body(body)
+                    self.phase_lanes[phase.id] = max(self.phase_lanes[phase.id], lanes)
                     if self.exchange is not None:
                         self.exchange.drain()
                     self.round_seconds[phase.id].append(time.perf_counter() - started)
@@ -183,14 +185,15 @@ class PlanExecutor:
         if profiler is not None and self.lead:
             self.progress.message(profiler.report())
 
-    def _run_body(self, body: tuple[Instruction, ...]) -> None:
+    def _run_body(self, body: tuple[Instruction, ...]) -> int:
         """One round body: its streams as lanes on the CPU (`LaneRunner`), in order elsewhere
-        (CUDA streams overlap the work the interpreter issues on them)."""
+        (CUDA streams overlap the work the interpreter issues on them); returns the number of
+        CPU lanes that ran at once (1 off the CPU)."""
         if self.lanes is None:
             for instruction in body:
                 self.execute(instruction, traced=True)
-            return
-        self.lanes.run(body, lambda instruction: self.execute(instruction, traced=True))
+            return 1
+        return self.lanes.run(body, lambda instruction: self.execute(instruction, traced=True))
 
     def _handler_table(self) -> dict[type, Callable[[Any], None]]:
         """The run-level handlers; the compute handlers join once every task is built."""
@@ -504,7 +507,8 @@ class PlanExecutor:
 
     def _phase_timings(self) -> list[dict[str, Any]]:
         """Per phase: rounds run in this process, their seconds, the median round (the first
-        round of a run warms up) and the plan's predicted round time, side by side."""
+        round of a run warms up) and the plan's predicted round time, side by side, and how many
+        CPU lanes ran its hTasks at once (0 when no round ran here)."""
         predicted = {p.phase: p.seconds_per_round for p in self.plan.predictions.phases}
         return [
             {
@@ -513,8 +517,9 @@ class PlanExecutor:
                 "seconds": sum(times),
                 "median_round_seconds": statistics.median(times) if times else None,
                 "predicted_round_seconds": predicted.get(phase.id),
+                "lanes": lanes,
             }
-            for phase, times in zip(self.plan.phases, self.round_seconds)
+            for phase, times, lanes in zip(self.plan.phases, self.round_seconds, self.phase_lanes)
         ]
 
     def _write_summary(self) -> dict:

@@ -60,8 +60,8 @@ class LaneRunner:
             self._pool_size = 0
 
     def run(self, body: Sequence[Instruction], execute: Callable[[Instruction], None]) -> int:
-        """Execute ``body`` (instruction by instruction through ``execute``); returns how many
-        lanes ran at once."""
+        """Execute ``body`` (instruction by instruction through ``execute``, events included:
+        the lanes wait for and set them around it); returns how many lanes ran at once."""
         lanes = split_lanes(body)
         if len(lanes) == 1 or self.threads < 2:
             for instruction in body:
@@ -77,14 +77,13 @@ class LaneRunner:
                 for instruction in instructions:
                     if failed.is_set():
                         raise _Aborted
-                    if isinstance(instruction, RecordEvent):
-                        events[instruction.event].set()
-                    elif isinstance(instruction, WaitEvent):
+                    if isinstance(instruction, WaitEvent):
                         while not events[instruction.event].wait(WAIT_POLL_SECONDS):
                             if failed.is_set():
                                 raise _Aborted
-                    else:
-                        execute(instruction)
+                    execute(instruction)
+                    if isinstance(instruction, RecordEvent):
+                        events[instruction.event].set()
             except BaseException:
                 failed.set()
                 raise

@@ -104,7 +104,14 @@ def test_a_failing_lane_stops_the_others_and_raises() -> None:
 def run_plan(plan: Plan, out: Path, trace: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     plan = dataclasses.replace(plan, job=dataclasses.replace(plan.job, output_dir=str(out)))
     progress = ProgressDisplay([(t.name, t.steps) for t in plan.tasks], io.StringIO())
-    PlanExecutor(plan, progress=progress, trace=trace).run()
+    summary = PlanExecutor(plan, progress=progress, trace=trace).run()
+    program = plan.programs[0]
+    planned = len(program.prologue) + len(program.epilogue)
+    planned += sum(phase.num_rounds * len(body) for phase, body in zip(plan.phases, program.phases))
+    assert summary["instructions_executed"] == planned, "every instruction, events included, runs once"
+    for timing, body in zip(summary["phases"], program.phases):
+        streams = {getattr(i, "stream", 0) for i in body}
+        assert timing["lanes"] == len(streams), "each stream of a body ran as its own lane"
     return {t.name: load_file(str(out / t.name / WEIGHTS_NAME)) for t in plan.tasks}
 
 
