@@ -1,7 +1,8 @@
 """`muxtune-run --profile`: torch.profiler over a few rounds of the run, after the first (whose
 allocations and first calls are not representative). Each rank writes
 ``<output_dir>/profile/rank-<R>.txt`` (operators by self time, the table people read first) and
-``rank-<R>.json`` (the Chrome trace of the same rounds, for Perfetto)."""
+``rank-<R>.json`` (the Chrome trace of the same rounds, for Perfetto). Every thread's operators
+are recorded: on the CPU a round's hTask streams run on lanes of their own (`execution.lanes`)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class RoundProfiler:
             activities=activities,
             schedule=schedule(wait=SKIPPED_ROUNDS, warmup=0, active=PROFILED_ROUNDS, repeat=1),
             on_trace_ready=self._write,
+            experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=True),
         )
 
     def __enter__(self) -> RoundProfiler:

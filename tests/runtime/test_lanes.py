@@ -2,7 +2,7 @@
 ordered across streams only by events; a failing lane stops the others and its error reaches
 the caller; one intra-op thread (or one stream) runs the body in order. End to end, a plan
 whose hTasks run side by side trains the same adapters as the plan that runs them one after
-another, and the trace shows the two streams' work overlapping."""
+another, the trace shows the two streams' work overlapping and the profiler records both lanes."""
 
 from __future__ import annotations
 
@@ -101,10 +101,11 @@ def test_a_failing_lane_stops_the_others_and_raises() -> None:
     assert time.perf_counter() - started < 5
 
 
-def run_plan(plan: Plan, out: Path, trace: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+def run_plan(plan: Plan, out: Path, watched: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """Run ``plan`` into ``out`` (``watched``: with the executor's trace and the profiler)."""
     plan = dataclasses.replace(plan, job=dataclasses.replace(plan.job, output_dir=str(out)))
     progress = ProgressDisplay([(t.name, t.steps) for t in plan.tasks], io.StringIO())
-    summary = PlanExecutor(plan, progress=progress, trace=trace).run()
+    summary = PlanExecutor(plan, progress=progress, trace=watched, profile=watched).run()
     program = plan.programs[0]
     planned = len(program.prologue) + len(program.epilogue)
     planned += sum(phase.num_rounds * len(body) for phase, body in zip(plan.phases, program.phases))
@@ -124,7 +125,7 @@ def test_side_by_side_trains_the_same_adapters(tmp_path: Path, monkeypatch: pyte
     side_by_side = compile_job(spec, fusion="no_fuse").plan
     one_after_another = compile_job(spec, fusion="no_fuse", streams=1).plan
     assert any(getattr(i, "stream", 0) == 1 for i in side_by_side.programs[0].phases[0])
-    apart = run_plan(side_by_side, tmp_path / "apart", trace=True)
+    apart = run_plan(side_by_side, tmp_path / "apart", watched=True)
     together = run_plan(one_after_another, tmp_path / "together")
     for name, tensors in together.items():
         for key, value in tensors.items():
@@ -136,3 +137,6 @@ def test_side_by_side_trains_the_same_adapters(tmp_path: Path, monkeypatch: pyte
     }
     assert spans[compute_row(1)], "stream 1's instructions have their own trace row"
     assert any(a < d and c < b for a, b in spans[compute_row(0)] for c, d in spans[compute_row(1)]), "lanes overlap"
+    profiled = json.loads((tmp_path / "apart" / "profile" / "rank-0.json").read_text())["traceEvents"]
+    threads = {e["tid"] for e in profiled if e.get("cat") == "cpu_op" and e["name"] == "aten::mm"}
+    assert len(threads) == 2, "the profiler records the operators of both lanes"
