@@ -105,6 +105,7 @@ SPEC_CASES = {
         ["model:", "tokenizer.json", "not found"],
     ),
     "unknown builtin model": (lambda job, d: job.update(model="builtin:gpt-17"), [], ["model", "builtin:gpt-17"]),
+    "no streams": (lambda job, d: None, ["--streams", "0"], ["streams: must be a positive integer, got 0"]),
 }
 
 
