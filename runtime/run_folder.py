@@ -154,6 +154,9 @@ class RunFolder:
         foreign = sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE)
         if not foreign:
             return
+        holder = self._lock_holder() if self._lock_fd is None else None
+        if holder is not None:  # another run is setting the folder up: its record is not written yet
+            raise self._in_use(holder)
         what = "nothing to resume here" if self.resume else "not an empty folder"
         raise RunError(
             f"output_dir: {self.path} is {what}: it holds {_listed(foreign)} but no {RUN_RECORD} of a MuxTune "
@@ -193,13 +196,33 @@ class RunFolder:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
-            raise RunError(
-                f"output_dir: {self.path} is in use by another muxtune-run ({holder or 'pid unknown'}); "
-                "wait for it to end, or choose another output_dir"
-            ) from None
+            raise self._in_use(holder) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+
+    def _in_use(self, holder: str) -> RunError:
+        return RunError(
+            f"output_dir: {self.path} is in use by another muxtune-run ({holder or 'pid unknown'}); "
+            "wait for it to end, or choose another output_dir"
+        )
+
+    def _lock_holder(self) -> str | None:
+        """What the lock file says of the run holding it (possibly empty), or None when no run
+        holds it; the folder is not written to."""
+        try:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+        finally:
+            os.close(fd)
+        return None
 
     def _unlock(self) -> None:
         if self._lock_fd is None:

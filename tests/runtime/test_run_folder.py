@@ -84,6 +84,22 @@ def test_busy_folder_is_refused_at_once(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [LOCK_FILE]
 
 
+def test_folder_another_run_is_setting_up_is_in_use(tmp_path: Path) -> None:
+    """Another run holds the lock and has made its first files but not its run record yet: the
+    folder is in use, not a foreign one."""
+    import fcntl
+
+    plan = compile_plan(tmp_path)
+    (tmp_path / "out" / "sentiment").mkdir(parents=True)
+    with open(tmp_path / "out" / LOCK_FILE, "w") as handle:
+        handle.write("pid 4242\n")
+        handle.flush()
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        result = run_cli("run", str(plan))
+    assert result.returncode == 2 and "in use by another muxtune-run (pid 4242)" in result.stderr, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([LOCK_FILE, "sentiment"])
+
+
 def test_stale_lock_file_does_not_block(tmp_path: Path) -> None:
     plan = compile_plan(tmp_path)
     (tmp_path / "out").mkdir()
