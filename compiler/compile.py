@@ -44,6 +44,7 @@ from .cost.model import CostModel
 from .cost.profile import Profile
 from .driver import PassDriver
 from .errors import CompileError
+from .passes.demand import TaskDemand
 from .passes.emit import HTaskStreams, emit_programs
 from .passes.partition import partition as partition_pass
 from .passes.partition import policy_from_name
@@ -51,7 +52,7 @@ from .passes.placement import placement as make_placement
 from .passes.simulate import PhaseSimulation
 from .passes.streams import deal_streams, htask_seconds, keep_faster
 from .passes.trace import trace_model
-from .planning import FUSION_MODES, JobPlan, placement_options, plan_job
+from .planning import FUSION_MODES, placement_options, plan_job
 from .predict import predictions
 from .tensor_parallel import may_split, tensor_parallel_problems
 
@@ -194,7 +195,7 @@ def compile_job(
     num_streams = min(cost.device.parallel_streams, streams or cost.device.parallel_streams)
     if num_streams > 1 and placement.num_ranks == 1:
         sides = passes.run(
-            "streams", side_by_side, draft, job_plan, simulations, cost, ineffective, num_streams, memory_limit
+            "streams", side_by_side, draft, demands, simulations, cost, ineffective, num_streams, memory_limit
         )
         if sides is not None:
             draft = dataclasses.replace(draft, programs=emit_programs(tasks, phases, partition, placement, sides))
@@ -205,7 +206,7 @@ def compile_job(
 
 def side_by_side(
     draft: Plan,
-    job_plan: JobPlan,
+    demands: list[dict[str, TaskDemand]],
     alone: tuple[PhaseSimulation, ...],
     cost: CostModel,
     ineffective: dict[str, float],
@@ -220,7 +221,6 @@ def side_by_side(
     if not any(any(d.values()) for d in dealt):
         return None
     programs = emit_programs(draft.tasks, draft.phases, draft.partition, draft.placement, dealt)
-    demands = [p.demands for p in job_plan.phases]
     _, trial = predictions(dataclasses.replace(draft, programs=programs), demands, cost, ineffective)
     limit = planning_bytes(memory_limit)
     kept = [keep_faster(a, b, d, limit) for a, b, d in zip(alone, trial, dealt)]

@@ -12,7 +12,7 @@ only cross-stream orderings are the events. Joins are tracked with one vector cl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .instructions import (
     AllReduce,
@@ -39,6 +39,16 @@ def stream_of(instruction: Instruction, htask_streams: dict[int, int]) -> int:
         return stream
     htask = getattr(instruction, "htask", None)
     return htask_streams.get(htask, HOST_STREAM) if htask is not None else HOST_STREAM
+
+
+def htask_streams(body: Sequence[Instruction]) -> dict[int, int]:
+    """The stream each hTask of a round body runs on (the first stream its instructions name)."""
+    streams: dict[int, int] = {}
+    for instruction in body:
+        htask = getattr(instruction, "htask", None)
+        if htask is not None and hasattr(instruction, "stream"):
+            streams.setdefault(htask, instruction.stream)
+    return streams
 
 
 class StreamOrder:

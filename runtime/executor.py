@@ -128,9 +128,10 @@ class PlanExecutor:
         self.handlers = self._handler_table()
         self.executed = 0
         self._count_lock = threading.Lock()
-        self.lanes = LaneRunner(torch.get_num_threads()) if torch.device(self.program.device).type == "cpu" else None
+        on_cpu = torch.device(self.program.device).type == "cpu"
+        self.lanes = LaneRunner(torch.get_num_threads() if on_cpu else 1)
         self.round_seconds: list[list[float]] = [[] for _ in plan.phases]
-        self.phase_lanes = [0 for _ in plan.phases]
+        self.phase_lanes = [0] * len(plan.phases)
         self.started = time.perf_counter()
         self.training_started = self.started
 
@@ -157,8 +158,7 @@ class PlanExecutor:
             try:
                 self._run_rounds()
             finally:
-                if self.lanes is not None:
-                    self.lanes.close()
+                self.lanes.close()
             for instruction in self.program.epilogue:
                 self.execute(instruction)
             if self.trace is not None:
@@ -167,7 +167,8 @@ class PlanExecutor:
             return self._write_summary()
 
     def _run_rounds(self) -> None:
-        """Every phase's body once per round still to run (under the profiler with ``profile``)."""
+        """Every phase's body once per round still to run (its streams as lanes on the CPU:
+        `LaneRunner`; under the profiler with ``profile``)."""
         profiler = RoundProfiler(self.output_dir, self.program.rank, self.program.device) if self.profile else None
         resumed_after = self.round_index
         with profiler if profiler is not None else contextlib.nullcontext():
@@ -175,7 +176,7 @@ class PlanExecutor:
                 for round_index in range(max(phase.first_round, resumed_after + 1), phase.last_round + 1):
                     self.round_index = round_index
                     started = time.perf_counter()
-                    lanes = self._run_body(body)
+                    lanes = self.lanes.run(body, lambda instruction: self.execute(instruction, traced=True))
                     self.phase_lanes[phase.id] = max(self.phase_lanes[phase.id], lanes)
                     if self.exchange is not None:
                         self.exchange.drain()
@@ -184,16 +185,6 @@ class PlanExecutor:
                         profiler.step()
         if profiler is not None and self.lead:
             self.progress.message(profiler.report())
-
-    def _run_body(self, body: tuple[Instruction, ...]) -> int:
-        """One round body: its streams as lanes on the CPU (`LaneRunner`), in order elsewhere
-        (CUDA streams overlap the work the interpreter issues on them); returns the number of
-        CPU lanes that ran at once (1 off the CPU)."""
-        if self.lanes is None:
-            for instruction in body:
-                self.execute(instruction, traced=True)
-            return 1
-        return self.lanes.run(body, lambda instruction: self.execute(instruction, traced=True))
 
     def _handler_table(self) -> dict[type, Callable[[Any], None]]:
         """The run-level handlers; the compute handlers join once every task is built."""

@@ -19,7 +19,8 @@ from typing import Any
 
 from muxtune.common.cli import run_command
 from muxtune.common.text import aligned_columns
-from muxtune.plans import Instruction, LoadBatches, Opcode, Plan, PlanError, RankProgram, load_plan
+from muxtune.plans import Instruction, Opcode, Plan, PlanError, RankProgram, load_plan
+from muxtune.plans.stream_checks import htask_streams
 
 PROG = "muxtune-inspect"
 GIB = 2**30
@@ -41,11 +42,6 @@ def _opcode_counts(body: Sequence[Instruction]) -> dict[str, int]:
     return {opcode.value: counts[opcode] for opcode in Opcode if counts[opcode]}
 
 
-def _htask_streams(body: Sequence[Instruction]) -> dict[str, int]:
-    """The stream each hTask of a round body runs on (the one its `load_batches` names)."""
-    return {str(ins.htask): ins.stream for ins in body if isinstance(ins, LoadBatches)}
-
-
 def _summarize_program(program: RankProgram) -> dict[str, Any]:
     return {
         "rank": program.rank,
@@ -58,7 +54,7 @@ def _summarize_program(program: RankProgram) -> dict[str, Any]:
                 "phase": index,
                 "length": len(body),
                 "opcode_counts": _opcode_counts(body),
-                "htask_streams": _htask_streams(body),
+                "htask_streams": {str(h): stream for h, stream in htask_streams(body).items()},
             }
             for index, body in enumerate(program.phases)
         ],

@@ -9,12 +9,14 @@ instructions sit on one stream, and what acts on every task (optimizer steps, ch
 on stream 0 after joining the others. Each lane replays its instructions in body order, so a
 stream's results do not depend on the other lanes' timing.
 
-With one stream, or fewer than two intra-op threads, the body runs in order on the calling
+With one stream, or fewer than two intra-op threads (a multi-rank run on a small machine, or a
+GPU, whose streams are CUDA streams issued in order), the body runs in order on the calling
 thread (events are already satisfied in body order).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from muxtune.plans import Instruction, RecordEvent, WaitEvent
-from muxtune.plans.stream_checks import HOST_STREAM, stream_of
+from muxtune.plans.stream_checks import HOST_STREAM, htask_streams, stream_of
 
 WAIT_POLL_SECONDS = 0.05
 """How often a lane blocked on an event looks whether another lane failed."""
@@ -30,13 +32,10 @@ WAIT_POLL_SECONDS = 0.05
 
 def split_lanes(body: Sequence[Instruction]) -> dict[int, list[Instruction]]:
     """The body's instructions by stream (stream 0 first), each in body order."""
-    htask_streams: dict[int, int] = {}
+    streams = htask_streams(body)
     lanes: dict[int, list[Instruction]] = {HOST_STREAM: []}
     for instruction in body:
-        htask = getattr(instruction, "htask", None)
-        if htask is not None and hasattr(instruction, "stream"):
-            htask_streams.setdefault(htask, instruction.stream)
-        lanes.setdefault(stream_of(instruction, htask_streams), []).append(instruction)
+        lanes.setdefault(stream_of(instruction, streams), []).append(instruction)
     return lanes
 
 
@@ -62,8 +61,8 @@ class LaneRunner:
     def run(self, body: Sequence[Instruction], execute: Callable[[Instruction], None]) -> int:
         """Execute ``body`` (instruction by instruction through ``execute``, events included:
         the lanes wait for and set them around it); returns how many lanes ran at once."""
-        lanes = split_lanes(body)
-        if len(lanes) == 1 or self.threads < 2:
+        lanes = split_lanes(body) if self.threads >= 2 else {HOST_STREAM: list(body)}
+        if len(lanes) == 1:
             for instruction in body:
                 execute(instruction)
             return 1
@@ -91,9 +90,8 @@ class LaneRunner:
         pool = self._workers(len(lanes) - 1)
         others = [pool.submit(replay, lanes[s]) for s in sorted(lanes) if s != HOST_STREAM]
         try:
-            replay(lanes[HOST_STREAM])
-        except _Aborted:
-            pass
+            with contextlib.suppress(_Aborted):
+                replay(lanes[HOST_STREAM])
         finally:
             torch.set_num_threads(self.threads)
             errors = [_outcome(f, failed) for f in others]
