@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from muxtune.specs import PeftSpec
 
 from .data import Example
 from .layout import MicroBatchLayout
-from .loss import linear_cross_entropy
+from .loss import FrozenHead, linear_cross_entropy
 from .optimizer import AdamW
 from .packing import IGNORE_INDEX, MicroBatch, pack_microbatches
 from .peft import attach_task, detach_task, prepare_examples
@@ -115,6 +116,8 @@ class MultiTaskEngine:
         self.device = next(model.parameters()).device
         for p in model.parameters():
             p.requires_grad_(False)
+        self._frozen_head: FrozenHead | None = None
+        self._frozen_head_lock = threading.Lock()  # lanes may reach their first loss at once
 
     def add_task(self, config: TaskTraining, init_state: dict[str, torch.Tensor] | None = None) -> TaskState:
         """Attach a task's modules (seeded init, or `init_state` from an adapter) and its optimizer."""
@@ -217,10 +220,17 @@ class MultiTaskEngine:
         a frozen, bias-free head (`linear_cross_entropy`), through the head host otherwise."""
         head = self.model.lm_head
         if task not in head.adapters and head.bias is None and not head.weight.requires_grad:
-            return linear_cross_entropy(hidden_NC, head.weight, targets_N, scale)
+            return linear_cross_entropy(hidden_NC, self._frozen(head.weight), targets_N, scale)
         logits_NV = head(hidden_NC, MicroBatchLayout.single_task(task, hidden_NC.shape[0]))
         task_nll = F.cross_entropy(logits_NV.float(), targets_N, reduction="sum")
         return task_nll, task_nll * scale
+
+    def _frozen(self, weight_VC: torch.Tensor) -> FrozenHead:
+        """The `FrozenHead` of the head's weight, made once (again if the weight was replaced)."""
+        with self._frozen_head_lock:
+            if self._frozen_head is None or self._frozen_head.weight_VC is not weight_VC:
+                self._frozen_head = FrozenHead(weight_VC)
+            return self._frozen_head
 
     def optimizer_step(self, task: str) -> StepResult:
         """Clip, schedule and step one task after its global batch.

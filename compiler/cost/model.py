@@ -16,7 +16,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from muxtune.runtime.loss import chunk_rows
+from muxtune.runtime.backbone import DTYPES
+from muxtune.runtime.loss import PACKED_HEAD_COPIES, chunk_rows, packs_head
 
 from .devices import DeviceSpec
 from .load import MicroBatchLoad, SegmentLoad, total_tokens
@@ -238,13 +239,16 @@ class CostModel:
 
     def weight_bytes(self, num_layers: int, first: bool, last: bool) -> int:
         """Backbone weights of a stage with ``num_layers`` layers (split over the tensor-parallel
-        shards) and the embeddings when ``first``, the head when ``last`` (whole on every shard)."""
+        shards) and the embeddings when ``first``, the head when ``last`` (whole on every shard,
+        with the packed copies the fused loss keeps where `packs_head`)."""
         m = self.model
         params = num_layers * m.layer_params / self.tensor_parallel
         if first:
             params += m.embed_params
         if last and not (first and m.tied_head):
             params += m.head_params
+        if last and packs_head(self.device.kind, DTYPES[self.dtype]):
+            params += PACKED_HEAD_COPIES * m.head_params
         return int(params * m.dtype_bytes)
 
     def adapter_bytes(self, tasks: Sequence[str], num_layers: int, edges: bool) -> int:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from muxtune.runtime import loss as loss_module
-from muxtune.runtime.loss import linear_cross_entropy
+from muxtune.runtime.loss import FrozenHead, linear_cross_entropy
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -21,7 +21,7 @@ def test_matches_cross_entropy_of_the_linear(dtype: torch.dtype, rows: int, monk
     scale = 1 / 37
 
     ours = hidden.clone().requires_grad_()
-    nll, term = linear_cross_entropy(ours, weight, targets, scale)
+    nll, term = linear_cross_entropy(ours, FrozenHead(weight), targets, scale)
     (3 * term).backward()
 
     theirs = hidden.clone().requires_grad_()
@@ -39,5 +39,17 @@ def test_matches_cross_entropy_of_the_linear(dtype: torch.dtype, rows: int, monk
 def test_without_gradients_nothing_is_kept() -> None:
     weight = torch.randn(11, 5)
     with torch.no_grad():
-        nll, term = linear_cross_entropy(torch.randn(3, 5), weight, torch.tensor([0, 4, 10]), 0.5)
+        nll, term = linear_cross_entropy(torch.randn(3, 5), FrozenHead(weight), torch.tensor([0, 4, 10]), 0.5)
     assert float(term) == pytest.approx(0.5 * float(nll))
+
+
+@pytest.mark.parametrize("rows", [1, 4, 45, 300])
+def test_packed_head_products_are_bitwise_the_plain_ones(rows: int) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(1031, 64, generator=generator).bfloat16()
+    head = FrozenHead(weight)
+    assert (head._packed is not None) == loss_module.packs_head("cpu", torch.bfloat16)
+    hidden = torch.randn(rows, 64, generator=generator).bfloat16()
+    grad = torch.randn(rows, 1031, generator=generator).bfloat16()
+    assert torch.equal(head.logits(hidden), F.linear(hidden, weight))
+    assert torch.equal(head.hidden_grad(grad), grad @ weight)
