@@ -93,6 +93,7 @@ class CostModel:
         self.flops = device.flops(dtype)
         self.bandwidth = device.memory_bandwidth
         self.overhead = device.op_overhead_seconds
+        self.packed_head_copies = PACKED_HEAD_COPIES if packs_head(device.kind, DTYPES[dtype]) else 0
 
     def with_tensor_parallel(self, degree: int) -> CostModel:
         """The same model for shards of ``degree``-way tensor parallelism."""
@@ -247,8 +248,8 @@ class CostModel:
             params += m.embed_params
         if last and not (first and m.tied_head):
             params += m.head_params
-        if last and packs_head(self.device.kind, DTYPES[self.dtype]):
-            params += PACKED_HEAD_COPIES * m.head_params
+        if last:
+            params += self.packed_head_copies * m.head_params
         return int(params * m.dtype_bytes)
 
     def adapter_bytes(self, tasks: Sequence[str], num_layers: int, edges: bool) -> int:
