@@ -26,21 +26,22 @@ class PlanCosts:
         self.task_names = tuple(t.name for t in plan.tasks)
         self.stage_of_rank = {rank: stage.id for stage in plan.placement.stages for rank in stage.ranks}
 
-    def _span(self, subgraph: Subgraph) -> tuple[int, int]:
+    def _span(self, subgraph: Subgraph) -> tuple[int, int, bool]:
+        """Decoder layers, operators outside them, and whether the last layer is among them."""
         first, last = subgraph.first_layer, subgraph.last_layer
         layers = max(0, min(last, self.num_layers - 1) - max(first, 0) + 1)
         edges = (self.cost.model.edge_ops[0] if first < 0 else 0) + (
             self.cost.model.edge_ops[1] if last >= self.num_layers else 0
         )
-        return layers, edges
+        return layers, edges, layers > 0 and last >= self.num_layers - 1
 
     def forward_seconds(self, subgraph: Subgraph, load: MicroBatchLoad) -> float:
-        layers, edges = self._span(subgraph)
-        return self.cost.layers_seconds(layers, load, False, edges)
+        layers, edges, last = self._span(subgraph)
+        return self.cost.layers_seconds(layers, load, False, edges, last=last)
 
     def backward_seconds(self, subgraph: Subgraph, load: MicroBatchLoad) -> float:
-        layers, edges = self._span(subgraph)
-        return self.cost.layers_seconds(layers, load, True, edges)
+        layers, edges, last = self._span(subgraph)
+        return self.cost.layers_seconds(layers, load, True, edges, last=last)
 
     def loss_seconds(self, load: MicroBatchLoad) -> float:
         return self.cost.loss_seconds(load)

@@ -193,18 +193,23 @@ class MultiTaskEngine:
 
     def segment_losses(self, hidden_TC: torch.Tensor, mb: MicroBatch) -> torch.Tensor | None:
         """The sum of the micro-batch's tasks' normalized losses from its final hidden states
-        (None when no token is scored), recording each task's pending loss and token counts."""
-        targets_T = mb.targets_T.to(self.device)
+        (of every row, or of the layout's output rows when it declares them; None when no token
+        is scored), recording each task's pending loss and token counts."""
+        kept = mb.layout.output_rows
+        targets_T = mb.targets_T if kept is None else mb.targets_T.index_select(0, kept.rows_N)
+        targets_T = targets_T.to(self.device)
+        rows = {seg.task: (seg.start, seg.end) for seg in (mb.layout if kept is None else kept.layout).segments}
         total = None
         for seg in mb.layout.segments:
             # Logits only for scored rows, and one head call per task: a task's loss then never
             # depends on how many rows other tasks bring (small GEMMs pick other BLAS kernels).
             state = self.tasks[seg.task]
-            targets_S = targets_T[seg.start : seg.end]
-            scored_S = targets_S != IGNORE_INDEX
-            hidden_NC = hidden_TC[seg.start : seg.end][scored_S]
-            num_scored = int(hidden_NC.shape[0])
             state.pending_tokens += seg.end - seg.start
+            start, end = rows.get(seg.task, (0, 0))
+            targets_S = targets_T[start:end]
+            scored_S = targets_S != IGNORE_INDEX
+            hidden_NC = hidden_TC[start:end][scored_S]
+            num_scored = int(hidden_NC.shape[0])
             state.pending_target_tokens += num_scored
             if num_scored == 0:
                 continue

@@ -4,11 +4,14 @@ A layout travels with its micro-batch as an argument of every forward call (like
 never as shared state, so any number of micro-batches can be in flight at once (pipelines,
 streams, recomputation) and each backward uses the layout its forward saw.
 
-Legend: T tokens of the packed buffer, S sequences; `_S1` per sequence boundary (S + 1 entries).
+Legend: T tokens of the packed buffer, S sequences; `_S1` per sequence boundary (S + 1 entries);
+N output rows.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,11 +35,16 @@ class MicroBatchLayout:
     tokens `cu_seqlens_S1[i]:cu_seqlens_S1[i + 1]`. `segments` are sorted, disjoint and non-empty,
     one per task at most, and each covers whole sequences. Tokens outside every segment belong
     to no task: PEFT modules leave them to the frozen backbone.
+
+    `output_rows`, when given, are the only rows whose final hidden states are read (training
+    scores some tokens only): the backbone's last layer then works past attention on those rows
+    alone (see `with_output_rows`).
     """
 
     cu_seqlens_S1: torch.Tensor
     segments: tuple[Segment, ...]
     num_tokens: int
+    output_rows: OutputRows | None = None
 
     def __post_init__(self) -> None:
         cu = self.cu_seqlens_S1
@@ -85,6 +93,24 @@ class MicroBatchLayout:
         """One sequence of `num_tokens` tokens, all of them `task`'s."""
         return cls.for_sequences([num_tokens], [task])
 
+    def with_output_rows(self, rows: Sequence[int]) -> MicroBatchLayout:
+        """This layout, declaring that only the buffer's ``rows`` (increasing) are read after the
+        last layer. The rows form a layout of their own: sequence i keeps its rows that are
+        listed (possibly none), and each task's segment its own kept rows."""
+        assert all(a < b for a, b in zip(rows[:-1], rows[1:])), "output rows must increase"
+        assert not rows or (rows[0] >= 0 and rows[-1] < self.num_tokens), f"output rows outside [0, {self.num_tokens})"
+        kept_before = [bisect.bisect_left(rows, bound) for bound in self.cu_seqlens_S1.tolist()]
+        segments = tuple(
+            Segment(seg.task, bisect.bisect_left(rows, seg.start), bisect.bisect_left(rows, seg.end))
+            for seg in self.segments
+        )
+        kept = MicroBatchLayout(
+            torch.tensor(kept_before, dtype=torch.int64),
+            tuple(seg for seg in segments if seg.end > seg.start),
+            len(rows),
+        )
+        return dataclasses.replace(self, output_rows=OutputRows(torch.tensor(list(rows), dtype=torch.int64), kept))
+
     @property
     def num_sequences(self) -> int:
         return int(self.cu_seqlens_S1.shape[0]) - 1
@@ -93,3 +119,13 @@ class MicroBatchLayout:
     def tasks(self) -> tuple[str, ...]:
         """The tasks present, in buffer order."""
         return tuple(seg.task for seg in self.segments)
+
+
+@dataclass(frozen=True, eq=False)
+class OutputRows:
+    """The rows of a packed buffer whose final hidden states are read (``rows_N``: int64, CPU,
+    increasing) and the layout of those rows alone (``layout``: sequence i and each task's
+    segment keep their listed rows, in buffer order)."""
+
+    rows_N: torch.Tensor
+    layout: MicroBatchLayout

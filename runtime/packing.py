@@ -29,9 +29,11 @@ class MicroBatch:
         return self.layout.num_tokens
 
 
-def build_microbatch(batch: list[tuple[str, Example]]) -> MicroBatch:
+def build_microbatch(batch: list[tuple[str, Example]], *, scored_output_rows: bool = True) -> MicroBatch:
     """Pack `(task, example)` pairs, grouped by task in the given order, into one buffer; each
-    sequence's position ids run from its `first_position`."""
+    sequence's position ids run from its `first_position`. With `scored_output_rows`, the
+    layout's output rows are the scored ones (the last layer works on those alone past
+    attention); without, the model's output covers every row."""
     input_ids: list[int] = []
     positions: list[int] = []
     targets: list[int] = []
@@ -41,11 +43,14 @@ def build_microbatch(batch: list[tuple[str, Example]]) -> MicroBatch:
         positions.extend(range(example.first_position, example.first_position + len(ids)))
         targets.extend(ids[i + 1] if example.is_target[i + 1] else IGNORE_INDEX for i in range(len(ids) - 1))
         targets.append(IGNORE_INDEX)
+    layout = MicroBatchLayout.for_sequences([len(e.input_ids) for _, e in batch], [task for task, _ in batch])
+    if scored_output_rows:
+        layout = layout.with_output_rows([row for row, target in enumerate(targets) if target != IGNORE_INDEX])
     return MicroBatch(
         input_ids_T=torch.tensor(input_ids, dtype=torch.long),
         position_ids_T=torch.tensor(positions, dtype=torch.long),
         targets_T=torch.tensor(targets, dtype=torch.long),
-        layout=MicroBatchLayout.for_sequences([len(e.input_ids) for _, e in batch], [task for task, _ in batch]),
+        layout=layout,
     )
 
 

@@ -150,18 +150,30 @@ class CostModel:
         peft += shape.layer_anchors * _OPS_PER_ANCHOR[backward] * self.overhead
         return self._scale(backward) * (attention + peft)
 
-    def layers_seconds(self, num_layers: int, load: MicroBatchLoad, backward: bool, edges: int = 0) -> float:
+    def layers_seconds(
+        self, num_layers: int, load: MicroBatchLoad, backward: bool, edges: int = 0, *, last: bool = False
+    ) -> float:
         """``num_layers`` decoder layers (plus ``edges`` operators outside them) forward or
-        backward on the micro-batch."""
+        backward on the micro-batch; with ``last``, the span ends with the backbone's last layer,
+        which runs its GEMMs past attention (and, counted alike, their share of the element-wise
+        work) on the target tokens only."""
         if num_layers == 0 and edges == 0:
             return 0.0
         terms = self.layer_terms(backward)
         n = total_tokens(load)
-        shared = terms.fixed + max(terms.gemm_seconds_per_token * n, terms.weight_seconds)
-        shared += terms.seconds_per_token * n
+
+        def shared(tokens: float) -> float:
+            gemm = max(terms.gemm_seconds_per_token * tokens, terms.weight_seconds)
+            return terms.fixed + gemm + terms.seconds_per_token * tokens
+
         own = sum(self.task_layer_seconds(t, s, backward) for t, s in sorted(load.items()))
         edge = self._scale(backward) * edges * (1.5 if backward else 1.0) * self.overhead
-        return num_layers * (shared + own) + edge
+        total = num_layers * (shared(n) + own) + edge
+        if last and num_layers:
+            m = self.model
+            unscored = max(0.0, n - sum(s.target_tokens for s in load.values()))
+            total += shared(n - unscored * m.output_matmul_params / m.layer_matmul_params) - shared(n)
+        return total
 
     def task_loss_seconds(self, task: str, segment: SegmentLoad) -> float:
         """The head and cross-entropy on the task's target tokens, forward and backward."""

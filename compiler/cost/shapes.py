@@ -14,7 +14,7 @@ import torch.fx
 from torch import nn
 
 from muxtune.runtime.execution.subgraphs import analyze
-from muxtune.runtime.models import BackboneConfig
+from muxtune.runtime.models import BackboneConfig, PackedAttention
 from muxtune.runtime.peft import attach_task, detach_task
 from muxtune.specs import PeftSpec
 
@@ -30,7 +30,8 @@ def _layer_of(path: str) -> int | None:
 @dataclass(frozen=True)
 class ModelShape:
     """The frozen backbone as costs see it. ``layer_matmul_params`` are the 2-D weights of one
-    decoder layer (GEMMs), ``layer_ops`` its eager operators per forward; ``edge_ops`` those
+    decoder layer (GEMMs), ``output_matmul_params`` those of them past attention (which the
+    last layer runs on scored rows only), ``layer_ops`` its eager operators per forward; ``edge_ops`` those
     before the first layer and after the last; ``layer_saved_elements`` what one layer's
     autograd keeps per token (inputs of norms, projections and the MLP's products)."""
 
@@ -42,6 +43,7 @@ class ModelShape:
     head_dim: int
     vocab: int
     layer_matmul_params: int
+    output_matmul_params: int
     layer_params: int
     embed_params: int
     head_params: int
@@ -108,6 +110,7 @@ def model_shape(config: BackboneConfig, traced: torch.fx.GraphModule, model: nn.
         head_dim=head_dim,
         vocab=config.vocab_size,
         layer_matmul_params=matmul[0],
+        output_matmul_params=_matmul_params_past_attention(traced),
         layer_params=params[0],
         embed_params=embed_params,
         head_params=head_params,
@@ -117,6 +120,20 @@ def model_shape(config: BackboneConfig, traced: torch.fx.GraphModule, model: nn.
         layer_saved_elements=6 * hidden + 2 * kv * head_dim + 4 * inter,
         dtype_bytes=DTYPE_BYTES[dtype],
     )
+
+
+def _matmul_params_past_attention(traced: torch.fx.GraphModule) -> int:
+    """2-D weights of the first decoder layer's modules called after its attention."""
+    total, past = 0, False
+    for node in traced.graph.nodes:
+        if node.op != "call_module" or _layer_of(str(node.target)) != 0:
+            continue
+        module = traced.get_submodule(str(node.target))
+        if isinstance(module, PackedAttention):
+            past = True
+        elif past:
+            total += sum(p.numel() for p in module.parameters(recurse=False) if p.dim() == 2)
+    return total
 
 
 def task_shapes(model: nn.Module, tasks: Mapping[str, PeftSpec], num_layers: int) -> dict[str, TaskShape]:

@@ -5,20 +5,26 @@ Legend: T tokens of the packed buffer, C hidden size, H heads, D head dim.
 
 from __future__ import annotations
 
+import torch.fx
 from torch import Tensor, nn
 
 from ..layout import MicroBatchLayout
 from . import attention
 from .config import BackboneConfig
-from .layers import BackboneForCausalLM, HostConv1D, HostEmbedding, HostLinear, activation
+from .layers import BackboneForCausalLM, HostConv1D, HostEmbedding, HostLinear, activation, output_layout, output_rows
+
+torch.fx.wrap("output_rows")
+torch.fx.wrap("output_layout")
 
 
 class GPT2Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection."""
+    """Multi-head self-attention with a fused qkv projection; in the last layer, c_proj runs on
+    the layout's output rows only."""
 
     def __init__(self, config: BackboneConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.last = layer_idx == config.num_layers - 1
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
@@ -38,7 +44,10 @@ class GPT2Attention(nn.Module):
             v_TC.view(-1, self.num_heads, self.head_dim),
             layout,
         )
-        return self.c_proj(out_THD.reshape(-1, self.hidden_size), layout)
+        out_TC = out_THD.reshape(-1, self.hidden_size)
+        if self.last:
+            return self.c_proj(output_rows(out_TC, layout), output_layout(layout))
+        return self.c_proj(out_TC, layout)
 
 
 class GPT2MLP(nn.Module):
@@ -55,7 +64,7 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    """Pre-LayerNorm block."""
+    """Pre-LayerNorm block; the last returns the layout's output rows only (`output_rows`)."""
 
     def __init__(self, config: BackboneConfig, layer_idx: int) -> None:
         super().__init__()
@@ -65,8 +74,11 @@ class GPT2Block(nn.Module):
         self.mlp = GPT2MLP(config)
 
     def forward(self, x_TC: Tensor, layout: MicroBatchLayout) -> Tensor:
-        x_TC = x_TC + self.attn(self.ln_1(x_TC), layout)
-        return x_TC + self.mlp(self.ln_2(x_TC), layout)
+        if not self.attn.last:
+            x_TC = x_TC + self.attn(self.ln_1(x_TC), layout)
+            return x_TC + self.mlp(self.ln_2(x_TC), layout)
+        x_NC = output_rows(x_TC, layout) + self.attn(self.ln_1(x_TC), layout)
+        return x_NC + self.mlp(self.ln_2(x_NC), output_layout(layout))
 
 
 class GPT2Model(nn.Module):

@@ -234,6 +234,22 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
+def output_rows(x_TC: Tensor, layout: MicroBatchLayout) -> Tensor:
+    """The rows of ``x_TC`` whose final hidden states are read (all of them when the layout
+    declares no output rows). A family's last layer keeps only these after attention: past it,
+    rows do not interact, and the other rows' results would be thrown away."""
+    kept = layout.output_rows
+    return x_TC if kept is None else x_TC.index_select(0, kept.rows_N.to(x_TC.device))
+
+
+def output_layout(layout: MicroBatchLayout) -> MicroBatchLayout:
+    """The layout of the rows `output_rows` keeps."""
+    return layout if layout.output_rows is None else layout.output_rows.layout
+
+
+torch.fx.wrap("output_layout")
+
+
 def rotate_half(x: Tensor) -> Tensor:
     """Rotate the two halves of the last dim: (x1, x2) -> (-x2, x1)."""
     half = x.shape[-1] // 2
@@ -269,16 +285,18 @@ class BackboneForCausalLM(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def hidden_states(self, input_ids_T: Tensor, position_ids_T: Tensor, layout: MicroBatchLayout) -> Tensor:
-        """Final hidden states [T, hidden] (before lm_head) of a packed buffer."""
+        """Final hidden states [T, hidden] (before lm_head) of a packed buffer; of its output
+        rows only ([N, hidden], in buffer order) when the layout declares them."""
 
     def forward(self, input_ids_T: Tensor, position_ids_T: Tensor, layout: MicroBatchLayout) -> Tensor:
-        """Logits [T, vocab] of a packed buffer of sequences.
+        """Logits [T, vocab] of a packed buffer of sequences ([N, vocab] of the layout's output
+        rows when it declares them).
 
         input_ids_T, position_ids_T: int64, positions restarting for each sequence (at 0, or at P
         after a prefix tuning task's P learned keys/values);
         layout: the buffer's sequence boundaries and task segments.
         """
-        return self.lm_head(self.hidden_states(input_ids_T, position_ids_T, layout), layout)
+        return self.lm_head(self.hidden_states(input_ids_T, position_ids_T, layout), output_layout(layout))
 
     def tied_weight_keys(self) -> tuple[str, ...]:
         """state_dict keys that alias another parameter (absent from checkpoints)."""

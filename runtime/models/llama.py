@@ -12,16 +12,29 @@ from ..layout import MicroBatchLayout
 from ..sharding import HostShard, TensorSplit
 from . import attention
 from .config import BackboneConfig
-from .layers import BackboneForCausalLM, HostEmbedding, HostLinear, RMSNorm, RotaryEmbedding, activation, apply_rotary
+from .layers import (
+    BackboneForCausalLM,
+    HostEmbedding,
+    HostLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    activation,
+    apply_rotary,
+    output_layout,
+    output_rows,
+)
 from .tensor_parallel import check_split, enter_tensor_parallel, leave_tensor_parallel, split_linear
 
 torch.fx.wrap("enter_tensor_parallel")
 torch.fx.wrap("leave_tensor_parallel")
+torch.fx.wrap("output_rows")
+torch.fx.wrap("output_layout")
 
 
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention with rotary positions; with a `TensorSplit`, this shard's
-    heads only (q/k/v column-parallel, o row-parallel: its output is a partial sum)."""
+    heads only (q/k/v column-parallel, o row-parallel: its output is a partial sum). In the
+    last layer, o_proj runs on the layout's output rows only."""
 
     def __init__(self, config: BackboneConfig, layer_idx: int, split: TensorSplit | None = None) -> None:
         super().__init__()
@@ -33,6 +46,7 @@ class LlamaAttention(nn.Module):
                 split,
             )
         self.layer_idx = layer_idx
+        self.last = layer_idx == config.num_layers - 1
         self.num_heads = config.num_heads // parts
         self.num_kv_heads = config.num_kv_heads // parts
         self.head_dim = config.head_dim
@@ -55,8 +69,10 @@ class LlamaAttention(nn.Module):
         k_THD = self.k_proj(x_TC, layout).view(-1, self.num_kv_heads, self.head_dim)
         v_THD = self.v_proj(x_TC, layout).view(-1, self.num_kv_heads, self.head_dim)
         q_THD, k_THD = apply_rotary(q_THD, k_THD, cos_TD, sin_TD)
-        out_THD = self.attention(q_THD, k_THD, v_THD, layout)
-        return self.o_proj(out_THD.reshape(-1, self.num_heads * self.head_dim), layout)
+        out_TC = self.attention(q_THD, k_THD, v_THD, layout).reshape(-1, self.num_heads * self.head_dim)
+        if self.last:
+            return self.o_proj(output_rows(out_TC, layout), output_layout(layout))
+        return self.o_proj(out_TC, layout)
 
 
 class LlamaMLP(nn.Module):
@@ -79,7 +95,8 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); with a `TensorSplit`, attention
-    and MLP each enter and leave the tensor-parallel group (see `tensor_parallel`)."""
+    and MLP each enter and leave the tensor-parallel group (see `tensor_parallel`). The last
+    layer returns the layout's output rows only (`output_rows`)."""
 
     def __init__(self, config: BackboneConfig, layer_idx: int, split: TensorSplit | None = None) -> None:
         super().__init__()
@@ -90,12 +107,15 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.norm_eps)
 
     def forward(self, x_TC: Tensor, cos_TD: Tensor, sin_TD: Tensor, layout: MicroBatchLayout) -> Tensor:
+        residual_TC, after = x_TC, layout
+        if self.self_attn.last:
+            residual_TC, after = output_rows(x_TC, layout), output_layout(layout)
         if self.split is None:
-            x_TC = x_TC + self.self_attn(self.input_layernorm(x_TC), cos_TD, sin_TD, layout)
-            return x_TC + self.mlp(self.post_attention_layernorm(x_TC), layout)
+            x_TC = residual_TC + self.self_attn(self.input_layernorm(x_TC), cos_TD, sin_TD, layout)
+            return x_TC + self.mlp(self.post_attention_layernorm(x_TC), after)
         attended = self.self_attn(enter_tensor_parallel(self.input_layernorm(x_TC)), cos_TD, sin_TD, layout)
-        x_TC = x_TC + leave_tensor_parallel(attended)
-        mixed = self.mlp(enter_tensor_parallel(self.post_attention_layernorm(x_TC)), layout)
+        x_TC = residual_TC + leave_tensor_parallel(attended)
+        mixed = self.mlp(enter_tensor_parallel(self.post_attention_layernorm(x_TC)), after)
         return x_TC + leave_tensor_parallel(mixed)
 
 

@@ -5,12 +5,16 @@ Legend: T tokens of the packed buffer, C hidden size, E word embedding size, H h
 
 from __future__ import annotations
 
+import torch.fx
 from torch import Tensor, nn
 
 from ..layout import MicroBatchLayout
 from . import attention
 from .config import BackboneConfig
-from .layers import BackboneForCausalLM, HostEmbedding, HostLinear, activation
+from .layers import BackboneForCausalLM, HostEmbedding, HostLinear, activation, output_layout, output_rows
+
+torch.fx.wrap("output_rows")
+torch.fx.wrap("output_layout")
 
 
 class OPTLearnedPositionalEmbedding(nn.Embedding):
@@ -26,11 +30,13 @@ class OPTLearnedPositionalEmbedding(nn.Embedding):
 
 
 class OPTAttention(nn.Module):
-    """Multi-head self-attention; queries are scaled right after q_proj, as in OPT."""
+    """Multi-head self-attention; queries are scaled right after q_proj, as in OPT. In the last
+    layer, out_proj runs on the layout's output rows only."""
 
     def __init__(self, config: BackboneConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.last = layer_idx == config.num_layers - 1
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
@@ -46,12 +52,15 @@ class OPTAttention(nn.Module):
         q_THD = (self.q_proj(x_TC, layout) * self.scaling).view(-1, self.num_heads, self.head_dim)
         k_THD = self.k_proj(x_TC, layout).view(-1, self.num_heads, self.head_dim)
         v_THD = self.v_proj(x_TC, layout).view(-1, self.num_heads, self.head_dim)
-        out_THD = self.attention(q_THD, k_THD, v_THD, layout)
-        return self.out_proj(out_THD.reshape(-1, self.hidden_size), layout)
+        out_TC = self.attention(q_THD, k_THD, v_THD, layout).reshape(-1, self.hidden_size)
+        if self.last:
+            return self.out_proj(output_rows(out_TC, layout), output_layout(layout))
+        return self.out_proj(out_TC, layout)
 
 
 class OPTDecoderLayer(nn.Module):
-    """Attention and ReLU MLP, each with a LayerNorm before (do_layer_norm_before) or after."""
+    """Attention and ReLU MLP, each with a LayerNorm before (do_layer_norm_before) or after; the
+    last layer returns the layout's output rows only (`output_rows`)."""
 
     def __init__(self, config: BackboneConfig, layer_idx: int) -> None:
         super().__init__()
@@ -65,11 +74,14 @@ class OPTDecoderLayer(nn.Module):
         self.activation_fn = activation(config.activation)
 
     def forward(self, x_TC: Tensor, layout: MicroBatchLayout) -> Tensor:
+        residual_TC, after = x_TC, layout
+        if self.self_attn.last:
+            residual_TC, after = output_rows(x_TC, layout), output_layout(layout)
         if self.do_layer_norm_before:
-            x_TC = x_TC + self.self_attn(self.self_attn_layer_norm(x_TC), layout)
-            return x_TC + self.fc2(self.activation_fn(self.fc1(self.final_layer_norm(x_TC), layout)), layout)
-        x_TC = self.self_attn_layer_norm(x_TC + self.self_attn(x_TC, layout))
-        return self.final_layer_norm(x_TC + self.fc2(self.activation_fn(self.fc1(x_TC, layout)), layout))
+            x_TC = residual_TC + self.self_attn(self.self_attn_layer_norm(x_TC), layout)
+            return x_TC + self.fc2(self.activation_fn(self.fc1(self.final_layer_norm(x_TC), after)), after)
+        x_TC = self.self_attn_layer_norm(residual_TC + self.self_attn(x_TC, layout))
+        return self.final_layer_norm(x_TC + self.fc2(self.activation_fn(self.fc1(x_TC, after)), after))
 
 
 class OPTDecoder(nn.Module):
@@ -99,7 +111,7 @@ class OPTDecoder(nn.Module):
         if self.final_layer_norm is not None:
             x_TC = self.final_layer_norm(x_TC)
         if self.project_out is not None:
-            x_TC = self.project_out(x_TC, layout)
+            x_TC = self.project_out(x_TC, output_layout(layout))
         return x_TC
 
 

@@ -123,7 +123,7 @@ def test_peft_loads_exports_with_our_logits(mixed_run: Path, name: str) -> None:
     from muxtune.runtime.data import Example
 
     example = engine.prepare(name, [Example(0, tuple(ids), tuple(False for _ in ids))])[0]
-    mb = build_microbatch([(name, example)])
+    mb = build_microbatch([(name, example)], scored_output_rows=False)
     assert isinstance(mb.layout, MicroBatchLayout)
     with torch.no_grad():
         ours = loaded.model(mb.input_ids_T, mb.position_ids_T, mb.layout)[-len(ids) :]

@@ -150,7 +150,7 @@ def packed_logits_against_peft(model_dir: Path, spec: object, state: dict, vocab
         for i, n in enumerate(lengths)
     ]
     laid_out = prepare_examples(spec, examples[:2])
-    mb = build_microbatch([("t", e) for e in laid_out] + [("other", examples[2])])
+    mb = build_microbatch([("t", e) for e in laid_out] + [("other", examples[2])], scored_output_rows=False)
     with torch.no_grad():
         ours = model(mb.input_ids_T, mb.position_ids_T, mb.layout)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
