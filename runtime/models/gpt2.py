@@ -74,11 +74,11 @@ class GPT2Block(nn.Module):
         self.mlp = GPT2MLP(config)
 
     def forward(self, x_TC: Tensor, layout: MicroBatchLayout) -> Tensor:
-        if not self.attn.last:
-            x_TC = x_TC + self.attn(self.ln_1(x_TC), layout)
-            return x_TC + self.mlp(self.ln_2(x_TC), layout)
-        x_NC = output_rows(x_TC, layout) + self.attn(self.ln_1(x_TC), layout)
-        return x_NC + self.mlp(self.ln_2(x_NC), output_layout(layout))
+        residual_TC, after = x_TC, layout
+        if self.attn.last:
+            residual_TC, after = output_rows(x_TC, layout), output_layout(layout)
+        x_TC = residual_TC + self.attn(self.ln_1(x_TC), layout)
+        return x_TC + self.mlp(self.ln_2(x_TC), after)
 
 
 class GPT2Model(nn.Module):
