@@ -38,13 +38,17 @@ class MicroBatchLayout:
 
     `output_rows`, when given, are the only rows whose final hidden states are read (training
     scores some tokens only): the backbone's last layer then works past attention on those rows
-    alone (see `with_output_rows`).
+    alone (see `with_output_rows`). With `per_segment_operators`, frozen operator hosts run on
+    each segment's rows apart, so that no task's rows share a product with another's: BLAS
+    sums a handful of rows in another order than many, and the rows of a layout's output rows
+    are often a handful.
     """
 
     cu_seqlens_S1: torch.Tensor
     segments: tuple[Segment, ...]
     num_tokens: int
     output_rows: OutputRows | None = None
+    per_segment_operators: bool = False
 
     def __post_init__(self) -> None:
         cu = self.cu_seqlens_S1
@@ -96,7 +100,9 @@ class MicroBatchLayout:
     def with_output_rows(self, rows: Sequence[int]) -> MicroBatchLayout:
         """This layout, declaring that only the buffer's ``rows`` (increasing) are read after the
         last layer. The rows form a layout of their own: sequence i keeps its rows that are
-        listed (possibly none), and each task's segment its own kept rows."""
+        listed (possibly none), each task's segment its own kept rows, and frozen operators run
+        on each segment apart (a task's kept rows are few, and their products must not depend on
+        other tasks' rows)."""
         assert all(a < b for a, b in zip(rows[:-1], rows[1:])), "output rows must increase"
         assert not rows or (rows[0] >= 0 and rows[-1] < self.num_tokens), f"output rows outside [0, {self.num_tokens})"
         kept_before = [bisect.bisect_left(rows, bound) for bound in self.cu_seqlens_S1.tolist()]
@@ -108,6 +114,7 @@ class MicroBatchLayout:
             torch.tensor(kept_before, dtype=torch.int64),
             tuple(seg for seg in segments if seg.end > seg.start),
             len(rows),
+            per_segment_operators=True,
         )
         return dataclasses.replace(self, output_rows=OutputRows(torch.tensor(list(rows), dtype=torch.int64), kept))
 

@@ -98,17 +98,13 @@ class PeftHost(nn.Module):
         if task in self.adapters:
             del self.adapters[task]
 
-    def segment_owners(self, layout: MicroBatchLayout, num_tokens: int) -> tuple[list[int], list[str | None]] | None:
+    def segment_pieces(self, layout: MicroBatchLayout, num_tokens: int) -> tuple[list[int], list[str | None]]:
         """The buffer cut into [gap, segment, gap, segment, ..., tail]: piece sizes and, per piece,
-        the task whose module here adapts it (None: pass through). None when no task of
-        `layout` has a module here."""
-        segments = layout.segments
-        if not any(s.task in self.adapters for s in segments):
-            return None
+        the task whose module here adapts it (None: pass through)."""
         sizes: list[int] = []
         owners: list[str | None] = []
         cursor = 0
-        for seg in segments:
+        for seg in layout.segments:
             if seg.start > cursor:
                 sizes.append(seg.start - cursor)
                 owners.append(None)
@@ -133,19 +129,23 @@ class OperatorHost(PeftHost):
         """The frozen operator over a token buffer."""
 
     def adapted_forward(self, x_TI: torch.Tensor, layout: MicroBatchLayout) -> torch.Tensor:
-        """The frozen operator of `x_TI`, each task's segment adapted by its module."""
-        cut = self.segment_owners(layout, x_TI.shape[0])
-        if cut is None:
+        """The frozen operator of `x_TI`, each task's segment adapted by its module (and, with
+        the layout's `per_segment_operators`, each piece through the operator apart)."""
+        adapted = any(seg.task in self.adapters for seg in layout.segments)
+        if not (adapted or layout.per_segment_operators) or x_TI.shape[0] == 0:
             return self.base_forward(x_TI)
-        sizes, owners = cut
+        sizes, owners = self.segment_pieces(layout, x_TI.shape[0])
         modules = [None if task is None else self.adapters[task] for task in owners]
         pieces_x = x_TI.split(sizes)
         if any(m is not None and m.adapts_input for m in modules):
             pieces_x = [x if m is None else m.adapt_input(x) for m, x in zip(modules, pieces_x)]
             x_TI = torch.cat(pieces_x, dim=0)
-        pieces_y = self.base_forward(x_TI).split(sizes)
+        if layout.per_segment_operators:
+            pieces_y = [self.base_forward(x) for x in pieces_x]
+        else:
+            pieces_y = self.base_forward(x_TI).split(sizes)
         pieces = [y if m is None else m.adapt(x, y, self) for m, x, y in zip(modules, pieces_x, pieces_y)]
-        return torch.cat(pieces, dim=0)
+        return torch.cat(pieces, dim=0) if len(pieces) != 1 else pieces[0]
 
 
 class KVPrefixModule(nn.Module, abc.ABC):

@@ -96,4 +96,27 @@ def test_the_last_layer_on_output_rows_gives_what_the_whole_buffer_gives(case: s
     assert whole_grads.keys() == kept_grads.keys()
     assert all(whole_grads[key].abs().sum() > 0 for key in whole_grads if key.startswith(("a:", "b:")))
     for key, grad in whole_grads.items():
-        torch.testing.assert_close(kept_grads[key], grad, rtol=1e-4, atol=1e-6, msg=key)
+        # Rounding-level: products over fewer rows sum in another order.
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(kept_grads[key], grad, rtol=1e-4, atol=1e-5 * scale, msg=key)
+
+
+@pytest.mark.parametrize("case", list(FAMILY_TARGETS))
+def test_a_tasks_output_rows_do_not_depend_on_other_tasks_rows(case: str, tmp_path: Path) -> None:
+    """Task a keeps 2 rows; beside task b's 30 they give bitwise what they give alone (BLAS
+    sums a handful of rows in another order than many: the last layer's frozen products run
+    per task segment)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, _, _ = build(case, tmp_path, dropout_c=0.0)
+        generator = torch.Generator().manual_seed(3)
+        ids_a = torch.randint(0, 64, (9,), generator=generator)
+        ids_b = torch.randint(0, 64, (40,), generator=generator)
+        with torch.no_grad():
+            alone = model(ids_a, torch.arange(9), MicroBatchLayout.for_sequences([9], ["a"]).with_output_rows([6, 8]))
+            both_layout = MicroBatchLayout.for_sequences([9, 40], ["a", "b"]).with_output_rows([6, 8, *range(19, 49)])
+            both = model(torch.cat([ids_a, ids_b]), torch.cat([torch.arange(9), torch.arange(40)]), both_layout)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(both[:2], alone)
