@@ -62,19 +62,25 @@ class TokenizedDataset:
         return len(self.examples) - len(self.usable)
 
 
-def tokenize_record(record: dict, data_format: str, tokenizer: TextTokenizer, max_seq_len: int, index: int) -> Example:
-    """Tokenize one parsed JSONL record."""
+def tokenize_records(
+    records: list[dict], data_format: str, tokenizer: TextTokenizer, max_seq_len: int
+) -> tuple[Example, ...]:
+    """Tokenize parsed JSONL records (a file's lines, in order) by the format's rule."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if data_format == "text":
-        ids = tokenizer.encode(record["text"], add_special_tokens=True) + eos
-        ids = ids[:max_seq_len]
-        is_target = [False] + [True] * (len(ids) - 1)
-    else:
-        prompt = tokenizer.encode(record["prompt"], add_special_tokens=True)
-        completion = tokenizer.encode(record["completion"], add_special_tokens=False) + eos
-        ids = (prompt + completion)[:max_seq_len]
-        is_target = [i >= len(prompt) and i > 0 for i in range(len(ids))]
-    return Example(index=index, input_ids=tuple(ids), is_target=tuple(is_target))
+        texts = tokenizer.encode_many([r["text"] for r in records], add_special_tokens=True)
+        return tuple(_example(i, [], ids + eos, max_seq_len) for i, ids in enumerate(texts))
+    prompts = tokenizer.encode_many([r["prompt"] for r in records], add_special_tokens=True)
+    completions = tokenizer.encode_many([r["completion"] for r in records], add_special_tokens=False)
+    return tuple(_example(i, p, c + eos, max_seq_len) for i, (p, c) in enumerate(zip(prompts, completions)))
+
+
+def _example(index: int, prompt: list[int], scored: list[int], max_seq_len: int) -> Example:
+    """``(prompt + scored)[:max_seq_len]``, positions predicting a token of ``scored`` as targets
+    (the first token is never one: nothing predicts it)."""
+    ids = (prompt + scored)[:max_seq_len]
+    is_target = tuple(i >= len(prompt) and i > 0 for i in range(len(ids)))
+    return Example(index=index, input_ids=tuple(ids), is_target=is_target)
 
 
 def read_jsonl(path: Path, data_format: str) -> list[dict]:
@@ -164,8 +170,7 @@ def load_dataset(path: str | Path, data_format: str, tokenizer: TextTokenizer, m
     """Read and tokenize a task's dataset; an error when no example keeps a target token."""
     path = Path(path)
     records = read_jsonl(path, data_format)
-    examples = tuple(tokenize_record(r, data_format, tokenizer, max_seq_len, i) for i, r in enumerate(records))
-    dataset = TokenizedDataset(path=path, examples=examples)
+    dataset = TokenizedDataset(path=path, examples=tokenize_records(records, data_format, tokenizer, max_seq_len))
     if not dataset.usable:
         raise DataError(
             f"{path}: no example keeps a target token within max_seq_len={max_seq_len} "

@@ -26,6 +26,10 @@ class TextTokenizer:
         """Token ids of `text`; with `add_special_tokens` the tokenizer's own template (e.g. BOS)."""
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_many(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        """`encode` of each text, in one call (the tokenizer encodes them on all cores)."""
+        return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 

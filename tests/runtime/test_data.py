@@ -41,6 +41,23 @@ def test_text_tokenization_and_truncation(tokenizer, tmp_path: Path) -> None:
     assert example.is_target == (False, True, True, True, True)
 
 
+def test_a_file_is_tokenized_record_by_record_rule(tokenizer, tmp_path: Path) -> None:
+    """Tokenizing a whole file at once gives each line what the rule gives it alone."""
+    pairs = [("", " yes"), ("Über naïve café 🙂\n", ""), ("a " * 300, " b"), ("   ", "\t\n"), ("x", " " + "long " * 50)]
+    path = write(tmp_path / "d.jsonl", [{"prompt": p, "completion": c} for p, c in pairs])
+    examples = load_dataset(path, "prompt_completion", tokenizer, 96).examples
+    eos = [tokenizer.eos_token_id]
+    for index, ((prompt, completion), example) in enumerate(zip(pairs, examples)):
+        p = tokenizer.encode(prompt, add_special_tokens=True)
+        ids = (p + tokenizer.encode(completion, add_special_tokens=False) + eos)[:96]
+        assert example.index == index and list(example.input_ids) == ids
+        assert list(example.is_target) == [i >= len(p) and i > 0 for i in range(len(ids))]
+    texts = [p + c for p, c in pairs]
+    path = write(tmp_path / "t.jsonl", [{"text": t} for t in texts])
+    for text, example in zip(texts, load_dataset(path, "text", tokenizer, 96).examples):
+        assert list(example.input_ids) == (tokenizer.encode(text, add_special_tokens=True) + eos)[:96]
+
+
 def test_examples_cut_to_no_target_are_counted_not_used(tokenizer, tmp_path: Path) -> None:
     path = write(
         tmp_path / "d.jsonl", [{"prompt": "word " * 40, "completion": " yes"}, {"prompt": "hi", "completion": " yes"}]
