@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.autograd.graph import _engine_run_backward
 
 from muxtune.plans import Backward, Forward, Free, LossBackward, RecordEvent, WaitEvent
 
@@ -142,7 +143,7 @@ class SubgraphInterpreter:
         if not pairs:
             return
         with self.streams.on(ins.stream), self._guarded(ins.subgraph):
-            torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+            backward_from(pairs)
         for name, leaf in leaves.items():
             if leaf.grad is None:
                 continue
@@ -155,3 +156,14 @@ class SubgraphInterpreter:
 
     def free(self, ins: Free) -> None:
         del self.buffers[(ins.htask, ins.microbatch)]
+
+
+def backward_from(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """`torch.autograd.backward` of the outputs with their gradients, gradients accumulated into
+    the leaves, without its argument checks: those go through torch.fx's symbolic-shape helpers,
+    whose first import (sympy among them) holds the GIL for ~0.3 s in the first round, stalling
+    every lane. The gradients here are the next subgraph's input gradients for these very
+    outputs, so their shapes, dtypes and devices match by construction."""
+    outputs = tuple(out for out, _ in pairs)
+    grads = tuple(grad for _, grad in pairs)
+    _engine_run_backward(outputs, grads, False, False, (), True, True)
