@@ -4,9 +4,11 @@ disk) are user errors too, naming the path."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from .errors import UserError
 from .text import clip_line
@@ -58,3 +60,18 @@ def run_command(prog: str, main: Callable[[], int], debug: bool, interrupt_hint:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted{'; ' + interrupt_hint if interrupt_hint else ''}", file=sys.stderr)
         return INTERRUPTED_EXIT
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a command's process with ``code``: the atexit handlers run and the standard streams
+    are flushed, as at a normal exit, but the interpreter's teardown of every module and object
+    is skipped (~0.4 s once torch is loaded). Every file a command writes is closed (and synced)
+    before its `main` returns, so nothing is lost; commands called in-process (tests) return
+    from `main` instead."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed pipe or stream: what a normal exit would also fail to write
+    os._exit(code)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from muxtune.common.cli import run_command
+from muxtune.common.cli import exit_process, run_command
 from muxtune.common.errors import UserError
 
 from .cost.profile import PROFILE_DEVICES, PROFILE_DTYPES, Profile, save_profile
@@ -101,5 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(PROG, profile_command, args.debug)
 
 
+def entry() -> NoReturn:
+    """The console command: `main` with the command line, then `exit_process`."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

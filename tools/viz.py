@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+from typing import NoReturn
 
-from muxtune.common.cli import run_command
+from muxtune.common.cli import exit_process, run_command
 from muxtune.common.errors import UserError
 from muxtune.common.files import atomic_write_text
 from muxtune.compiler.cost.profile import load_profile
@@ -79,5 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(PROG, write, args.debug)
 
 
+def entry() -> NoReturn:
+    """The console command: `main` with the command line, then `exit_process`."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,0 +1,29 @@
+"""How the console commands end: atexit handlers run and buffered output is written, the exit
+status is kept, and the interpreter's teardown of modules and objects is skipped."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+SCRIPT = """
+import atexit, sys
+from muxtune.common.cli import exit_process
+
+class Kept:
+    def __del__(self):
+        print("torn down")
+
+kept = Kept()
+atexit.register(lambda: print("atexit ran"))
+sys.stdout.write("buffered, ")
+sys.stderr.write("to stderr")
+exit_process(3)
+"""
+
+
+def test_exit_process_flushes_runs_atexit_and_skips_teardown() -> None:
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3
+    assert done.stdout == "buffered, atexit ran\n", "no object is torn down after the atexit handlers"
+    assert done.stderr == "to stderr"
