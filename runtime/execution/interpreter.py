@@ -166,4 +166,6 @@ def backward_from(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     outputs, so their shapes, dtypes and devices match by construction."""
     outputs = tuple(out for out, _ in pairs)
     grads = tuple(grad for _, grad in pairs)
-    _engine_run_backward(outputs, grads, False, False, (), True, True)
+    keep_graph = create_graph = False
+    allow_unreachable = accumulate_grad = True
+    _engine_run_backward(outputs, grads, keep_graph, create_graph, (), allow_unreachable, accumulate_grad)
