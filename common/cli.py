@@ -67,7 +67,10 @@ def exit_process(code: int) -> NoReturn:
     are flushed, as at a normal exit, but the interpreter's teardown of every module and object
     is skipped (~0.4 s once torch is loaded). Every file a command writes is closed (and synced)
     before its `main` returns, so nothing is lost; commands called in-process (tests) return
-    from `main` instead."""
+    from `main` instead. Under a tracer or profiler (coverage, ``python -m cProfile``) the
+    process exits normally, so that the tool can write its results."""
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        raise SystemExit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
