@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -63,14 +64,16 @@ def run_command(prog: str, main: Callable[[], int], debug: bool, interrupt_hint:
 
 
 def exit_process(code: int) -> NoReturn:
-    """End a command's process with ``code``: the atexit handlers run and the standard streams
-    are flushed, as at a normal exit, but the interpreter's teardown of every module and object
-    is skipped (~0.4 s once torch is loaded). Every file a command writes is closed (and synced)
-    before its `main` returns, so nothing is lost; commands called in-process (tests) return
-    from `main` instead. Under a tracer or profiler (coverage, ``python -m cProfile``) the
-    process exits normally, so that the tool can write its results."""
+    """End a command's process with ``code``: as at a normal exit, running threads that are not
+    daemons are waited for, the atexit handlers run and the standard streams are flushed; but
+    the interpreter's teardown of every module and object is skipped (~0.4 s once torch is
+    loaded). Every file a command writes is closed (and synced) before its `main` returns, so
+    nothing is lost; commands called in-process (tests) return from `main` instead. Under a
+    tracer or profiler (coverage, ``python -m cProfile``) the process exits normally, so that
+    the tool can write its results."""
     if sys.gettrace() is not None or sys.getprofile() is not None:
         raise SystemExit(code)
+    threading._shutdown()  # what the interpreter's exit does first: join non-daemon threads
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

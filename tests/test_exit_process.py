@@ -1,5 +1,6 @@
-"""How the console commands end: atexit handlers run and buffered output is written, the exit
-status is kept, and the interpreter's teardown of modules and objects is skipped."""
+"""How the console commands end: running threads are waited for, atexit handlers run and buffered
+output is written, the exit status is kept, and the interpreter's teardown of modules and
+objects is skipped."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import subprocess
 import sys
 
 SCRIPT = """
-import atexit, sys
+import atexit, sys, threading, time
 from muxtune.common.cli import exit_process
 
 class Kept:
@@ -16,6 +17,7 @@ class Kept:
 
 kept = Kept()
 atexit.register(lambda: print("atexit ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), print("thread done, ", end=""))).start()
 sys.stdout.write("buffered, ")
 sys.stderr.write("to stderr")
 exit_process(3)
@@ -25,7 +27,7 @@ exit_process(3)
 def test_exit_process_flushes_runs_atexit_and_skips_teardown() -> None:
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60)
     assert done.returncode == 3
-    assert done.stdout == "buffered, atexit ran\n", "no object is torn down after the atexit handlers"
+    assert done.stdout == "buffered, thread done, atexit ran\n", "no object is torn down after the atexit handlers"
     assert done.stderr == "to stderr"
 
 
