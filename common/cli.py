@@ -81,3 +81,13 @@ def exit_process(code: int) -> NoReturn:
         except (OSError, ValueError):
             pass  # a closed pipe or stream: what a normal exit would also fail to write
     os._exit(code)
+
+
+def console_entry(main: Callable[[], int]) -> Callable[[], NoReturn]:
+    """A console command's entry point (what pyproject's scripts and ``python -m`` call): `main`
+    with the command line, then `exit_process`."""
+
+    def entry() -> NoReturn:
+        exit_process(main())
+
+    return entry

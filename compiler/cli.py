@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn
 
-from muxtune.common.cli import exit_process, run_command
+from muxtune.common.cli import console_entry, run_command
 from muxtune.plans import save_plan
 from muxtune.specs import load_job_spec
 
@@ -103,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(PROG, compile_command, args.debug)
 
 
-def entry() -> NoReturn:
-    """The console command: `main` with the command line, then `exit_process`."""
-    exit_process(main())
+entry = console_entry(main)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn
 
-from muxtune.common.cli import exit_process, run_command
+from muxtune.common.cli import console_entry, run_command
 from muxtune.common.errors import UserError
 
 from .cost.profile import PROFILE_DEVICES, PROFILE_DTYPES, Profile, save_profile
@@ -102,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(PROG, profile_command, args.debug)
 
 
-def entry() -> NoReturn:
-    """The console command: `main` with the command line, then `exit_process`."""
-    exit_process(main())
+entry = console_entry(main)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,9 @@ torch is imported only once the command has chosen its allocator (`muxtune.commo
 from __future__ import annotations
 
 import os
-from typing import NoReturn
 
 from muxtune.common.allocator import restart_with_allocator
-from muxtune.common.cli import exit_process, run_command
+from muxtune.common.cli import console_entry, run_command
 
 from .run_options import PROG, RunOptions, run_arguments
 
@@ -46,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(PROG, run, args.debug, interrupt_hint=hint)
 
 
-def entry() -> NoReturn:
-    """The console command: `main` with the command line, then `exit_process`."""
-    exit_process(main())
+entry = console_entry(main)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from muxtune.common.cli import exit_process, run_command
+from muxtune.common.cli import console_entry, run_command
 from muxtune.common.text import aligned_columns
 from muxtune.plans import Instruction, Opcode, Plan, PlanError, RankProgram, load_plan
 from muxtune.plans.stream_checks import htask_streams
@@ -339,9 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(PROG, inspect_command, args.debug)
 
 
-def entry() -> NoReturn:
-    """The console command: `main` with the command line, then `exit_process`."""
-    exit_process(main())
+entry = console_entry(main)
 
 
 if __name__ == "__main__":

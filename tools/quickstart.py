@@ -12,10 +12,9 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 from muxtune.common.allocator import restart_with_allocator
-from muxtune.common.cli import exit_process, run_command
+from muxtune.common.cli import console_entry, run_command
 from muxtune.compiler.compile import compile_job
 from muxtune.plans import save_plan
 from muxtune.runtime.executor import PlanExecutor
@@ -85,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(PROG, quickstart, args.debug)
 
 
-def entry() -> NoReturn:
-    """The console command: `main` with the command line, then `exit_process`."""
-    exit_process(main())
+entry = console_entry(main)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import NoReturn
 
-from muxtune.common.cli import exit_process, run_command
+from muxtune.common.cli import console_entry, run_command
 from muxtune.common.errors import UserError
 from muxtune.common.files import atomic_write_text
 from muxtune.compiler.cost.profile import load_profile
@@ -79,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(PROG, write, args.debug)
 
 
-def entry() -> NoReturn:
-    """The console command: `main` with the command line, then `exit_process`."""
-    exit_process(main())
+entry = console_entry(main)
 
 
 if __name__ == "__main__":

@@ -137,12 +137,13 @@ class OperatorHost(PeftHost):
         sizes, owners = self.segment_pieces(layout, x_TI.shape[0])
         modules = [None if task is None else self.adapters[task] for task in owners]
         pieces_x = x_TI.split(sizes)
-        if any(m is not None and m.adapts_input for m in modules):
+        adapts_input = any(m is not None and m.adapts_input for m in modules)
+        if adapts_input:
             pieces_x = [x if m is None else m.adapt_input(x) for m, x in zip(modules, pieces_x)]
-            x_TI = torch.cat(pieces_x, dim=0)
         if layout.per_segment_operators:
             pieces_y = [self.base_forward(x) for x in pieces_x]
         else:
+            x_TI = torch.cat(pieces_x, dim=0) if adapts_input else x_TI
             pieces_y = self.base_forward(x_TI).split(sizes)
         pieces = [y if m is None else m.adapt(x, y, self) for m, x, y in zip(modules, pieces_x, pieces_y)]
         return torch.cat(pieces, dim=0) if len(pieces) != 1 else pieces[0]
