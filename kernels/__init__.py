@@ -11,6 +11,7 @@ from .lora_dispatch import (
     lora_shrink,
     lora_weight_grad,
     segmented_lora,
+    segmented_path,
 )
 from .lora_layout import LoraSlots, SegmentLayout
 
@@ -24,4 +25,5 @@ __all__ = [
     "lora_shrink",
     "lora_weight_grad",
     "segmented_lora",
+    "segmented_path",
 ]

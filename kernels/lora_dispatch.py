@@ -33,14 +33,28 @@ BACKEND: Backend | None = None
 BACKEND_ENV = "MUXTUNE_LORA_BACKEND"
 
 
-def chosen_backend(x: torch.Tensor) -> Literal["triton", "torch"]:
-    """The implementation `segmented_lora` uses for a call on `x`."""
+def configured_backend() -> Backend:
+    """`BACKEND` if set, else the `MUXTUNE_LORA_BACKEND` environment variable, else "auto"."""
     choice = BACKEND or os.environ.get(BACKEND_ENV, "auto")
     if choice not in ("auto", "triton", "torch"):
         raise ValueError(f"{BACKEND_ENV} must be auto, triton or torch, got {choice!r}")
+    return choice
+
+
+def chosen_backend(x: torch.Tensor) -> Literal["triton", "torch"]:
+    """The implementation `segmented_lora` uses for a call on `x`."""
+    choice = configured_backend()
     if choice == "auto":
         return "triton" if x.is_cuda else "torch"
     return choice
+
+
+def segmented_path(x: torch.Tensor) -> bool:
+    """Whether PEFT hosts run all their LoRA segments as one `segmented_lora` call on input `x`:
+    on CUDA, and wherever a backend is configured explicitly (the reference on the CPU in tests).
+    Otherwise, on the CPU, each task's segment runs its own products (the runtime's
+    `ParallelLora`: peft's rounding, and faster there than the reference's loop)."""
+    return x.is_cuda or configured_backend() != "auto"
 
 
 def _triton_ops() -> ModuleType:

@@ -71,6 +71,16 @@ class OperatorPeftModule(nn.Module, abc.ABC):
     def adapt(self, x: torch.Tensor, y: torch.Tensor, host: nn.Module) -> torch.Tensor:
         """Return the adapted output for one task's segment."""
 
+    @classmethod
+    def adapt_pieces(
+        cls, x_TI: torch.Tensor, y_TO: torch.Tensor, sizes: list[int], modules: list[OperatorPeftModule | None]
+    ) -> torch.Tensor | None:
+        """Every piece of a host's buffer adapted in one call, when all its modules are of this
+        class and the class has such a call for them here: piece i (``sizes[i]`` rows of the
+        operator's input `x_TI` and output `y_TO`) adapted by ``modules[i]`` (None: passed
+        through). None: adapt piece by piece (`adapt`)."""
+        return None
+
     def shard_dims(self, style: str) -> dict[str, int | None] | None:
         """How the module splits at a ``style`` ("column" or "row") tensor-parallel host: per
         parameter name, the dimension split over the shards, or None for a parameter every shard
@@ -129,8 +139,9 @@ class OperatorHost(PeftHost):
         """The frozen operator over a token buffer."""
 
     def adapted_forward(self, x_TI: torch.Tensor, layout: MicroBatchLayout) -> torch.Tensor:
-        """The frozen operator of `x_TI`, each task's segment adapted by its module (and, with
-        the layout's `per_segment_operators`, each piece through the operator apart)."""
+        """The frozen operator of `x_TI`, each task's segment adapted by its module (all at once
+        where the modules' class can, `adapt_pieces`; with the layout's `per_segment_operators`,
+        each piece through the operator apart)."""
         adapted = any(seg.task in self.adapters for seg in layout.segments)
         if not (adapted or layout.per_segment_operators) or x_TI.shape[0] == 0:
             return self.base_forward(x_TI)
@@ -144,7 +155,12 @@ class OperatorHost(PeftHost):
             pieces_y = [self.base_forward(x) for x in pieces_x]
         else:
             x_TI = torch.cat(pieces_x, dim=0) if adapts_input else x_TI
-            pieces_y = self.base_forward(x_TI).split(sizes)
+            y_TO = self.base_forward(x_TI)
+            classes = {type(m) for m in modules if m is not None}
+            adapted_TO = classes.pop().adapt_pieces(x_TI, y_TO, sizes, modules) if len(classes) == 1 else None
+            if adapted_TO is not None:
+                return adapted_TO
+            pieces_y = y_TO.split(sizes)
         pieces = [y if m is None else m.adapt(x, y, self) for m, x, y in zip(modules, pieces_x, pieces_y)]
         return torch.cat(pieces, dim=0) if len(pieces) != 1 else pieces[0]
 

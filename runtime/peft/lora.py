@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from muxtune.kernels import LoraSlots, SegmentLayout, segmented_lora, segmented_path
 from muxtune.specs import LoraSpec
 
 from ..sharding import full_features
@@ -99,6 +101,54 @@ class LoraModule(OperatorPeftModule):
         if self.config.dropout != 0.0 and self.training:
             x = self.dropout(x.to(weight_A.dtype))
         return ParallelLora.apply(x, y, weight_A, self.lora_B.weight, self.scaling)
+
+    @classmethod
+    def adapt_pieces(
+        cls, x_TI: torch.Tensor, y_TO: torch.Tensor, sizes: list[int], modules: list[OperatorPeftModule | None]
+    ) -> torch.Tensor | None:
+        """All tasks' segments in one `segmented_lora` call (Triton on CUDA: one launch per
+        product for every task, each at its own rank), where `segmented_path` says so; DoRA
+        and adapters of mixed dtypes keep the per-segment path. The segment table is built on
+        the host and copied once per distinct layout (`_segment_layout`)."""
+        present = [m for m in modules if m is not None]
+        if not segmented_path(x_TI) or any(type(m) is not LoraModule for m in present):
+            return None
+        dtype = present[0].lora_A.weight.dtype
+        if any(m.lora_A.weight.dtype != dtype or m.lora_B.weight.dtype != dtype for m in present):
+            return None
+        slot_of: dict[int, int] = {}
+        segments: list[tuple[int, int, int]] = []
+        start = 0
+        for size, module in zip(sizes, modules):
+            if module is not None:
+                segments.append((start, start + size, slot_of.setdefault(id(module), len(slot_of))))
+            start += size
+        slotted = list({id(m): m for m in present}.values())
+        if any(m.config.dropout != 0.0 and m.training for m in slotted):
+            pieces = x_TI.split(sizes)
+            x_TI = torch.cat([x.to(dtype) if m is None else m.dropout(x.to(dtype)) for m, x in zip(modules, pieces)])
+        device = x_TI.device
+        layout = _segment_layout(tuple(segments), x_TI.shape[0], len(slotted), device)
+        slots = _lora_slots(tuple(m.config.r for m in slotted), tuple(m.scaling for m in slotted), device)
+        weights_A = [m.lora_A.weight for m in slotted]
+        weights_B = [m.lora_B.weight for m in slotted]
+        return segmented_lora(x_TI, weights_A, weights_B, layout, slots, y_TO)
+
+
+LAYOUT_CACHE_SIZE = 256
+"""Segment tables kept: a micro-batch asks once per host, with the same few task sets."""
+
+
+@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
+def _segment_layout(
+    segments: tuple[tuple[int, int, int], ...], num_tokens: int, num_slots: int, device: torch.device
+) -> SegmentLayout:
+    return SegmentLayout.build(segments, num_tokens, num_slots, device)
+
+
+@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
+def _lora_slots(ranks: tuple[int, ...], scalings: tuple[float, ...], device: torch.device) -> LoraSlots:
+    return LoraSlots.build(ranks, scalings, device)
 
 
 class ParallelLora(torch.autograd.Function):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from training_cases import TaskCase, make_batches, relative_update_difference, train_muxtune, train_transformers_peft
 
+from muxtune.kernels import lora_dispatch
 from muxtune.runtime.adapters import load_adapter, save_adapter
 from muxtune.runtime.backbone import load_model
 from muxtune.runtime.engine import MultiTaskEngine, TaskTraining
@@ -184,3 +185,31 @@ def test_dropout_masks_belong_to_the_task(tiny_llama_dir: Path, init_states: dic
     for key, value in alone.items():
         torch.testing.assert_close(fused[key], value, rtol=1e-5, atol=1e-7)
     assert any(not torch.allclose(without_dropout[k], v) for k, v in alone.items()), "dropout had no effect"
+
+
+def test_segmented_lora_path_equals_alone(
+    runs: dict, tiny_llama_dir: Path, init_states: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path CUDA takes (every task's segments in one `segmented_lora` call per host), here
+    with the torch reference forced on the CPU, trains what each task trains alone."""
+    monkeypatch.setattr(lora_dispatch, "BACKEND", "torch")
+    calls = []
+    monkeypatch.setattr(lora_dispatch, "SegmentedLoraFunction", counting(lora_dispatch.SegmentedLoraFunction, calls))
+    segmented = train_muxtune(tiny_llama_dir, TASKS, init_states, runs["batches"], max_tokens=40)
+    assert calls and max(calls) >= 2, "hosts ran several tasks' segments in one segmented call"
+    for case in TASKS:
+        name = case.training.name
+        init = init_states[name]
+        assert relative_update_difference(segmented[name], runs["alone"][name], init) <= 1e-4, name
+
+
+def counting(function: type, calls: list[int]) -> type:
+    """`function` (an autograd Function) whose `apply` records how many slots each call has."""
+
+    class Counted(function):
+        @classmethod
+        def apply(cls, *args):  # type: ignore[override]
+            calls.append(args[5].num_slots)
+            return function.apply(*args)
+
+    return Counted
