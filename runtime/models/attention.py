@@ -6,6 +6,9 @@ H query heads, Hkv key/value heads, D head dim.
 `PackedAttention` is a parameter-free PEFT host (a leaf in torch.fx graphs) that the backbone
 families call with the micro-batch layout: each sequence of a task with a prefix module here
 (prefix tuning) also attends to that task's P learned keys and values.
+
+On CUDA in fp16/bf16, sequences without prefix keys run as one flash call over the whole buffer
+(`muxtune.kernels.varlen_attention`); the per-sequence products below run everywhere else.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import functools
 
 import torch
 from torch import Tensor, nn
+
+from muxtune.kernels.varlen_attention import varlen_applies, varlen_causal_attention
 
 from ..layout import MicroBatchLayout
 from ..peft.base import AttachmentKind, KVPrefixModule, PeftHost
@@ -110,6 +115,8 @@ def _packed_attention(
 ) -> Tensor:
     """`packed_causal_attention` over sequences of `lengths`, sequence i after `prefixes[i]`."""
     scale = q_THD.shape[2] ** -0.5 if scale is None else scale
+    if q_THD.shape[0] > 0 and (prefixes is None or not any(prefixes)) and varlen_applies(q_THD):
+        return varlen_causal_attention(q_THD, k_THkvD, v_THkvD, lengths, scale, sliding_window)
     prefixes = [None] * len(lengths) if prefixes is None else prefixes
     # torch.split (not slicing) so that backward assembles the gradient once, instead of one
     # full-size zero tensor per sequence.

@@ -1,0 +1,71 @@
+"""Causal attention over packed sequences on CUDA in one flash call (`varlen_attn`).
+
+`torch.nn.attention.varlen.varlen_attn` takes the packed buffer and the sequences' cumulative
+offsets, with a backward, but runs on CUDA only and in fp16/bf16 (DESIGN section 10). Where it
+applies (`varlen_applies`) the runtime's packed attention calls `varlen_causal_attention`
+instead of one eager product pair per sequence; elsewhere (the CPU, fp32, prefix keys) it keeps
+that path. Flash keeps the softmax in fp32 and never rounds the scores to the inputs' dtype, so
+results differ from the eager path by the inputs' rounding, not more.
+
+The offsets are built on the host once per distinct set of sequence lengths and moved with one
+copy (`_device_offsets`), so nothing on the path reads a device value back.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+
+VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+OFFSETS_CACHE_SIZE = 256
+
+
+def varlen_applies(q_THD: torch.Tensor) -> bool:
+    """Whether `varlen_causal_attention` can run attention for queries `q_THD` [T, H, D]."""
+    head_dim = q_THD.shape[-1]
+    return q_THD.is_cuda and q_THD.dtype in VARLEN_DTYPES and head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0
+
+
+@functools.lru_cache(maxsize=OFFSETS_CACHE_SIZE)
+def _device_offsets(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int32 cumulative offsets [S + 1] of `lengths` on `device`, copied once."""
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+    host = torch.tensor(offsets, dtype=torch.int32)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def varlen_causal_attention(
+    q_THD: torch.Tensor,
+    k_THkvD: torch.Tensor,
+    v_THkvD: torch.Tensor,
+    lengths: Sequence[int],
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Attention [T, H, D] causal within each of the packed sequences of `lengths` (never across
+    them); with `sliding_window` W a token sees itself and the W - 1 tokens before it. Query head
+    h reads key/value head h // (H / Hkv)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    offsets = _device_offsets(tuple(lengths), q_THD.device)
+    longest = max(lengths)
+    window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
+    return varlen_attn(
+        q_THD,
+        k_THkvD,
+        v_THkvD,
+        offsets,
+        offsets,
+        longest,
+        longest,
+        scale=scale,
+        window_size=window,
+        enable_gqa=k_THkvD.shape[1] != q_THD.shape[1],
+    )
