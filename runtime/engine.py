@@ -80,7 +80,9 @@ class TaskState:
     dropout_generator: torch.Generator
     step: int = 0
     status: TaskStatus = TaskStatus.ACTIVE
-    pending_loss: float = 0.0
+    pending_loss: float | torch.Tensor = 0.0
+    """Summed cross-entropy of the step so far: a float64 device tensor once a row is scored
+    (read back once per step)."""
     pending_target_tokens: int = 0
     pending_tokens: int = 0
     normalizer: int = 0
@@ -188,16 +190,19 @@ class MultiTaskEngine:
         no token is scored); the caller runs its backward, possibly after other micro-batches'
         forwards, since the layout travels with the micro-batch. Records each task's pending
         loss and token counts; the tasks' normalizers must be set (see `forward_backward`)."""
-        input_ids_T, position_ids_T = mb.input_ids_T.to(self.device), mb.position_ids_T.to(self.device)
+        input_ids_T = mb.input_ids_T.to(self.device, non_blocking=True)
+        position_ids_T = mb.position_ids_T.to(self.device, non_blocking=True)
         return self.segment_losses(self.model.hidden_states(input_ids_T, position_ids_T, mb.layout), mb)
 
     def segment_losses(self, hidden_TC: torch.Tensor, mb: MicroBatch) -> torch.Tensor | None:
         """The sum of the micro-batch's tasks' normalized losses from its final hidden states
         (of every row, or of the layout's output rows when it declares them; None when no token
-        is scored), recording each task's pending loss and token counts."""
+        is scored), recording each task's pending loss and token counts.
+
+        Which rows are scored is worked out on the host (the targets are host tensors) and
+        each task's losses are summed on the device, so nothing here waits for the device."""
         kept = mb.layout.output_rows
         targets_T = mb.targets_T if kept is None else mb.targets_T.index_select(0, kept.rows_N)
-        targets_T = targets_T.to(self.device)
         rows = {seg.task: (seg.start, seg.end) for seg in (mb.layout if kept is None else kept.layout).segments}
         total = None
         for seg in mb.layout.segments:
@@ -206,15 +211,15 @@ class MultiTaskEngine:
             state = self.tasks[seg.task]
             state.pending_tokens += seg.end - seg.start
             start, end = rows.get(seg.task, (0, 0))
-            targets_S = targets_T[start:end]
-            scored_S = targets_S != IGNORE_INDEX
-            hidden_NC = hidden_TC[start:end][scored_S]
-            num_scored = int(hidden_NC.shape[0])
+            scored_N = (targets_T[start:end] != IGNORE_INDEX).nonzero().squeeze(1)
+            num_scored = int(scored_N.shape[0])
             state.pending_target_tokens += num_scored
             if num_scored == 0:
                 continue
-            task_nll, term = self._task_loss(seg.task, hidden_NC, targets_S[scored_S], 1.0 / state.normalizer)
-            state.pending_loss += float(task_nll.detach())
+            targets_N = targets_T[start:end].index_select(0, scored_N).to(self.device, non_blocking=True)
+            hidden_NC = hidden_TC[start:end].index_select(0, scored_N.to(self.device, non_blocking=True))
+            task_nll, term = self._task_loss(seg.task, hidden_NC, targets_N, 1.0 / state.normalizer)
+            state.pending_loss = state.pending_loss + task_nll.detach().double()
             total = term if total is None else total + term
         return total
 
@@ -245,7 +250,7 @@ class MultiTaskEngine:
         """
         state = self.tasks[task]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(state.parameters, state.config.max_grad_norm))
-        loss = state.pending_loss / max(1, state.normalizer)
+        loss = float(state.pending_loss) / max(1, state.normalizer)
         lr, stepped = self.apply_update(task, loss, grad_norm)
         diverged = not stepped or not self.parameters_finite(task)
         return self.finish_step(task, loss, lr, grad_norm, diverged, state.pending_target_tokens, state.pending_tokens)

@@ -105,7 +105,8 @@ def optimizer_steps(engine: MultiTaskEngine, names: Sequence[str], world: World)
     figures = torch.zeros(len(states), 4, dtype=torch.float64)
     for i, state in enumerate(states):
         if world.counts_loss:
-            figures[i, :3] = torch.tensor([state.pending_loss, state.pending_target_tokens, state.pending_tokens])
+            pending = (float(state.pending_loss), state.pending_target_tokens, state.pending_tokens)
+            figures[i, :3] = torch.tensor(pending)
         grads = [p.grad for p in state.parameters if p.grad is not None and world.counts_gradient(p)]
         if grads:
             figures[i, 3] = float(torch.nn.utils.get_total_norm(grads)) ** 2
