@@ -12,17 +12,23 @@ the same global batches are trained in these ways, each in processes of its own:
 - (e) MuxTune with fusion (`--no-fuse`), chunk alignment (`--no-align`) and temporal
   interleaving turned off in turn; a row whose plan or program equals (a)'s is not run again.
 
-Reported per row: effective (non-padding) tokens/s over training time, whole-job wall time
-(MuxTune's includes compiling and process start-up), peak RSS, and ratios against (b) and (c);
-then whether the targets are met: throughput >= 2.5x (b), peak memory >= 3x (4 tasks) and >= 5x
-(8 tasks) lower than (c). With ``--repeat N`` the rows run N times in turn (a, b, ..., a, b, ...),
-each row reports its median run, and the (a) / (b) ratio of every repetition is listed: on a
-noisy machine the speed drifts by more than the differences measured. ``--record`` appends a
-dated section to BENCHMARKS.md (``--record-file``).
+Reported per row: effective (non-padding) tokens/s over training time, model FLOP utilization
+(4 x parameters x non-padding tokens against the bf16 matmul peak measured once per run on the
+rows' device, `bench_mfu`), whole-job wall time (MuxTune's includes compiling and process
+start-up), peak memory (CUDA's peak allocated on a GPU, else peak RSS), and ratios against (b)
+and (c); then whether the targets are met: throughput >= 2.5x (b), peak memory >= 3x (4 tasks)
+and >= 5x (8 tasks) lower than (c), MFU of (a) >= 50%. With ``--repeat N`` the rows run N times
+in turn (a, b, ..., a, b, ...), each row reports its median run, and the (a) / (b) ratio of every
+repetition is listed: on a noisy machine the speed drifts by more than the differences measured.
+``--record`` appends a dated section to BENCHMARKS.md (``--record-file``).
 
     muxtune-bench [--model builtin:smollm2-135m --model layers=8] [--tasks 4 --tasks 8] [--steps 4]
                   [--rows a,b,c,d,e-fuse,e-align,e-interleave] [--repeat N] [--dtype bf16]
-                  [--record [--record-file FILE]] [key=value ...]
+                  [--peak-tflops X] [--record [--record-file FILE]] [key=value ...]
+
+The GPU whole-job benchmark (a LLaMA-architecture 1.07B model with random weights, 8 tasks):
+
+    muxtune-bench --model random:llama-1b --tasks 8 --steps 100 --rows a,b --record
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ from typing import TextIO
 from muxtune.common.allocator import restart_with_allocator
 from muxtune.common.cli import run_command
 
+from .bench_mfu import PeakFlops, bench_device, peak_in_subprocess
+from .bench_models import RANDOM_MODELS, RANDOM_PREFIX, flop_parameters
 from .bench_report import (
     ROW_LABELS,
     ROWS,
@@ -67,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         action="append",
-        help="builtin:NAME, a model directory, or layers=N (the first N layers of SmolLM2-135M); "
+        help="builtin:NAME, a model directory, layers=N (the first N layers of SmolLM2-135M) or "
+        f"{' / '.join(RANDOM_PREFIX + n for n in RANDOM_MODELS)} (LLaMA, random bf16 weights); "
         f"repeat for several (default: {' and '.join(DEFAULT_MODELS)})",
     )
     parser.add_argument(
@@ -90,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="backbone dtype (default bf16)"
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        metavar="X",
+        help="the device's bf16 peak for MFU, in TFLOP/s (default: measured once at the start of the run)",
     )
     parser.add_argument(
         "--record", action="store_true", help="append a dated section (command, machine, tables) to --record-file"
@@ -121,7 +136,8 @@ def parse_rows(text: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class BenchOptions:
     """What to run: models (`resolve_bench_model` values), task counts, rows, steps per task,
-    backbone dtype and job spec overrides."""
+    backbone dtype, job spec overrides, repetitions and the bf16 peak MFU is counted against
+    (TFLOP/s; None: measured)."""
 
     models: tuple[str, ...] = DEFAULT_MODELS
     task_counts: tuple[int, ...] = DEFAULT_TASKS
@@ -130,18 +146,42 @@ class BenchOptions:
     dtype: str = "bf16"
     overrides: tuple[str, ...] = ()
     repeat: int = 1
+    peak_tflops: float | None = None
+
+
+class Peaks:
+    """The bf16 peak of each device, measured the first time it is asked for (or given)."""
+
+    def __init__(self, given_tflops: float | None, progress: TextIO) -> None:
+        self.given, self.progress = given_tflops, progress
+        self.measured: dict[str, PeakFlops] = {}
+
+    def __call__(self, device: str) -> PeakFlops:
+        if self.given is not None:
+            return PeakFlops(self.given * 1e12, 0, f"{device}, given by --peak-tflops")
+        if device not in self.measured:
+            try:
+                self.measured[device] = peak_in_subprocess(device)
+            except RuntimeError as exc:
+                raise BenchFailure(str(exc)) from None
+            print(f"bf16 peak: {self.measured[device].describe()}", file=self.progress)
+        return self.measured[device]
 
 
 def run_configuration(
-    model: str, label: str, num_tasks: int, options: BenchOptions, scratch: Path, progress: TextIO
+    model: str, label: str, num_tasks: int, options: BenchOptions, scratch: Path, progress: TextIO, peaks: Peaks
 ) -> ConfigResult:
     """Every requested row of one (model, task count), in `RUN_ORDER`, ``options.repeat`` times
     in turn (a row that is not measured runs once); each row's median run is its result."""
+    from muxtune.runtime.model_sources import resolve_model_dir
+
     work = Path(tempfile.mkdtemp(prefix=f"{num_tasks}-tasks-", dir=scratch))
     job = work / "job.yaml"
     spec = write_job(job, model, options.dtype, workload(num_tasks), options.steps, options.overrides)
-    config = ConfigResult(label, spec)
-    run = ConfigurationRun(job, spec, work)
+    device = bench_device(spec.cluster.device)
+    counted = flop_parameters(resolve_model_dir(spec.model))
+    config = ConfigResult(label, spec, device=device, flop_parameters=counted, peak=peaks(device))
+    run = ConfigurationRun(job, spec, work, device)
     for repetition in range(1, options.repeat + 1):
         for key in (k for k in RUN_ORDER if k in options.rows):
             if key in config.runs and not config.runs[key][0].measured:
@@ -163,18 +203,21 @@ def run_benchmark(options: BenchOptions, progress: TextIO = sys.stderr) -> list[
         raise BenchError(f"--steps: must be a positive integer, got {options.steps}")
     if options.repeat < 1:
         raise BenchError(f"--repeat: must be a positive integer, got {options.repeat}")
+    if options.peak_tflops is not None and not options.peak_tflops > 0:
+        raise BenchError(f"--peak-tflops: must be a positive number, got {options.peak_tflops}")
     baselines = [row for row in options.rows if row in PEFT_ROWS]
     if baselines and importlib.util.find_spec("peft") is None:
         raise BenchError(f"--rows: {', '.join(baselines)} need peft (pip install peft), which is not installed")
     for count in options.task_counts:
         workload(count)
     configs = []
+    peaks = Peaks(options.peak_tflops, progress)
     with tempfile.TemporaryDirectory(prefix="muxtune-bench-") as name:
         scratch = Path(name)
         for model in options.models:
             spec_model, label = resolve_bench_model(model, scratch)
             for count in options.task_counts:
-                configs.append(run_configuration(spec_model, label, count, options, scratch, progress))
+                configs.append(run_configuration(spec_model, label, count, options, scratch, progress, peaks))
     return configs
 
 
@@ -194,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             overrides=tuple(args.overrides),
             repeat=args.repeat,
+            peak_tflops=args.peak_tflops,
         )
         started = time.perf_counter()
         try:

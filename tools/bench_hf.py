@@ -9,8 +9,10 @@
 Every side trains the global batches MuxTune trains (each task's seeded batch stream), with the
 loss of DESIGN section 8, AdamW, the task's schedule and clipping over the task's own
 parameters; adapters are fp32 on a backbone of the job's dtype, as in MuxTune. Loading the model
-and tokenizing the data are not training time. A side prints one JSON line: non-padding tokens,
-padded tokens, training seconds and the wall-clock start and end of training.
+and tokenizing the data are not training time. The sides run on the job's device (``auto`` resolved
+as the compiler does: CUDA when a GPU is visible). A side prints one JSON line: non-padding tokens,
+padded tokens, training seconds, the wall-clock start and end of training and, on CUDA, the peak of
+`torch.cuda.max_memory_allocated` over its training (model included; 0 on CPU).
 
     python -m muxtune.tools.bench_hf sequential|task|mixed JOB.yaml [--task NAME] [--threads N]
 """
@@ -18,6 +20,7 @@ padded tokens, training seconds and the wall-clock start and end of training.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -45,13 +48,15 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class SideResult:
     """What one side measured: non-padding and padded tokens, seconds spent training (summed
-    over tasks for ``sequential``), and when training started and ended (epoch seconds)."""
+    over tasks for ``sequential``), when training started and ended (epoch seconds) and the peak
+    CUDA memory allocated while training (0 on CPU; the largest task's for ``sequential``)."""
 
     tokens: int
     padded_tokens: int
     train_seconds: float
     train_start: float
     train_end: float
+    peak_gpu_bytes: int = 0
 
 
 def lora_config(peft: PeftSpec) -> LoraConfig:
@@ -71,11 +76,29 @@ def lora_config(peft: PeftSpec) -> LoraConfig:
     )
 
 
-def load_base(model_dir: Path, dtype: str) -> nn.Module:
-    """The frozen transformers model in ``dtype``."""
+def load_base(model_dir: Path, dtype: str, device: str = "cpu") -> nn.Module:
+    """The frozen transformers model in ``dtype`` on ``device``."""
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype])
+    return transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype]).to(device)
+
+
+def start_training(device: str) -> float:
+    """The epoch seconds training starts at; on CUDA after the queued work and with the peak
+    memory statistics reset (what is allocated now, the model, still counts)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    return time.time()
+
+
+def end_training(device: str) -> tuple[float, int]:
+    """The epoch seconds training ended at (after the queued work) and the peak CUDA memory
+    allocated since `start_training` (0 on CPU)."""
+    if device != "cuda":
+        return time.time(), 0
+    torch.cuda.synchronize()
+    return time.time(), int(torch.cuda.max_memory_allocated())
 
 
 def fp32_trainable(params: Sequence[nn.Parameter]) -> list[nn.Parameter]:
@@ -114,11 +137,11 @@ class TaskOptimizer:
         self.optimizer.zero_grad()
 
 
-def single_task_model(model_dir: Path, dtype: str, task: TaskSpec) -> nn.Module:
-    """A fresh transformers + peft model holding the task's adapter (named after the task)."""
+def single_task_model(model_dir: Path, dtype: str, task: TaskSpec, device: str = "cpu") -> nn.Module:
+    """A fresh transformers + peft model on ``device`` holding the task's adapter (named after the task)."""
     from peft import get_peft_model
 
-    return get_peft_model(load_base(model_dir, dtype), lora_config(task.peft), adapter_name=task.name)
+    return get_peft_model(load_base(model_dir, dtype, device), lora_config(task.peft), adapter_name=task.name)
 
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -131,9 +154,10 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 def train_single(model: nn.Module, task: TaskSpec, batches: Sequence[list[Example]]) -> tuple[int, int]:
     """Train the single-task model on its padded batches; (non-padding, padded) tokens."""
     optimizer = TaskOptimizer(task, fp32_trainable([p for p in model.parameters() if p.requires_grad]))
+    device = next(model.parameters()).device
     tokens = padded = 0
     for step, batch in enumerate(batches):
-        ids, mask, labels = padded_batch(batch)
+        ids, mask, labels = (t.to(device) for t in padded_batch(batch))
         padded_batch_loss(model(input_ids=ids, attention_mask=mask).logits, labels).backward()
         optimizer.step(step)
         tokens += int(mask.sum())
@@ -141,59 +165,75 @@ def train_single(model: nn.Module, task: TaskSpec, batches: Sequence[list[Exampl
     return tokens, padded
 
 
-def train_one(model_dir: Path, dtype: str, task: TaskSpec, tokenizer: TextTokenizer) -> SideResult:
+def release(device: str) -> None:
+    """Free the previous task's model before the next one loads (its CUDA memory included)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def train_one(model_dir: Path, dtype: str, task: TaskSpec, tokenizer: TextTokenizer, device: str = "cpu") -> SideResult:
     """One task alone."""
     batches = task_batches(task, tokenizer)
-    model = single_task_model(model_dir, dtype, task)
-    start = time.time()
+    release(device)
+    model = single_task_model(model_dir, dtype, task, device)
+    start = start_training(device)
     tokens, padded = train_single(model, task, batches)
-    end = time.time()
-    return SideResult(tokens, padded, end - start, start, end)
+    end, peak = end_training(device)
+    return SideResult(tokens, padded, end - start, start, end, peak)
 
 
-def train_sequential(model_dir: Path, dtype: str, tasks: Sequence[TaskSpec], tokenizer: TextTokenizer) -> SideResult:
+def train_sequential(
+    model_dir: Path, dtype: str, tasks: Sequence[TaskSpec], tokenizer: TextTokenizer, device: str = "cpu"
+) -> SideResult:
     """Each task alone on a fresh model, one after another."""
-    results = [train_one(model_dir, dtype, task, tokenizer) for task in tasks]
+    results = [train_one(model_dir, dtype, task, tokenizer, device) for task in tasks]
     return SideResult(
         tokens=sum(r.tokens for r in results),
         padded_tokens=sum(r.padded_tokens for r in results),
         train_seconds=sum(r.train_seconds for r in results),
         train_start=results[0].train_start,
         train_end=results[-1].train_end,
+        peak_gpu_bytes=max(r.peak_gpu_bytes for r in results),
     )
 
 
-def train_mixed(model_dir: Path, dtype: str, tasks: Sequence[TaskSpec], tokenizer: TextTokenizer) -> SideResult:
+def train_mixed(
+    model_dir: Path, dtype: str, tasks: Sequence[TaskSpec], tokenizer: TextTokenizer, device: str = "cpu"
+) -> SideResult:
     """Every task in one padded mixed batch per step (`bench_mixed.MixedBatchLora`)."""
     from .bench_mixed import MixedBatchLora
 
     batches = {t.name: task_batches(t, tokenizer) for t in tasks}
-    mixed = MixedBatchLora(load_base(model_dir, dtype), tasks)
-    start = time.time()
+    mixed = MixedBatchLora(load_base(model_dir, dtype, device), tasks)
+    start = start_training(device)
     tokens = padded = 0
     for step in range(max(t.steps for t in tasks)):
         counts = mixed.train_step({name: b[step] for name, b in batches.items() if step < len(b)}, step)
         tokens, padded = tokens + counts[0], padded + counts[1]
-    end = time.time()
-    return SideResult(tokens, padded, end - start, start, end)
+    end, peak = end_training(device)
+    return SideResult(tokens, padded, end - start, start, end, peak)
 
 
 SIDES = ("sequential", "task", "mixed")
 
 
 def run_side(side: str, job: Path, task: str | None = None) -> SideResult:
-    """Run one side on the job spec's model, dtype and tasks (``task`` names the one for ``task``)."""
+    """Run one side on the job spec's model, dtype, tasks and device (``task`` names the one for ``task``)."""
+    from .bench_mfu import bench_device
+
     spec = load_job_spec(job)
     model_dir = resolve_model_dir(spec.model)
     tokenizer = load_tokenizer(model_dir)
+    device = bench_device(spec.cluster.device)
     if side == "sequential":
-        return train_sequential(model_dir, spec.dtype, spec.tasks, tokenizer)
+        return train_sequential(model_dir, spec.dtype, spec.tasks, tokenizer, device)
     if side == "mixed":
-        return train_mixed(model_dir, spec.dtype, spec.tasks, tokenizer)
+        return train_mixed(model_dir, spec.dtype, spec.tasks, tokenizer, device)
     chosen = [t for t in spec.tasks if t.name == task]
     if len(chosen) != 1:
         raise ValueError(f"--task: the job has no task {task!r}")
-    return train_one(model_dir, spec.dtype, chosen[0], tokenizer)
+    return train_one(model_dir, spec.dtype, chosen[0], tokenizer, device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """What `muxtune-bench` measured, as tables for the terminal and a dated section of BENCHMARKS.md:
-per row effective tokens/s, whole-job wall time and peak memory, the ratios against the
-baselines (b) and (c), and whether the targets are met."""
+per row effective tokens/s, model FLOP utilization against the measured bf16 peak (`bench_mfu`),
+whole-job wall time and peak memory (CUDA's peak allocated on a GPU, else peak RSS), the ratios
+against the baselines (b) and (c), and whether the targets are met."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from muxtune.common.files import atomic_write_text
 from muxtune.common.text import aligned_columns
 from muxtune.specs import JobSpec
 
+from .bench_mfu import FLOPS_PER_PARAMETER_TOKEN, PeakFlops, model_flop_utilization
+
 ROW_LABELS = {
     "a": "(a) MuxTune",
     "b": "(b) transformers+peft, one task after another",
@@ -32,14 +35,17 @@ TARGET_SPEEDUP = 2.5
 """Effective throughput of (a) against (b)."""
 TARGET_MEMORY = {4: 3.0, 8: 5.0}
 """How many times less peak memory (a) needs than (c), by task count."""
+TARGET_MFU = 0.5
+"""Model FLOP utilization of (a) against the measured bf16 peak."""
 GIB = 2**30
 
 
 @dataclass(frozen=True)
 class RowResult:
-    """One row: tokens (non-padding and padded), training seconds, whole-job wall seconds and
-    each process's peak RSS (summed when the processes ran at once, else the largest). A row that
-    was not run says why in ``note`` (``measured`` false)."""
+    """One row: tokens (non-padding and padded), training seconds, whole-job wall seconds, each
+    process's peak RSS and, on CUDA, each training process's peak CUDA memory allocated (summed
+    when the processes ran at once, else the largest). A row that was not run says why in
+    ``note`` (``measured`` false)."""
 
     row: str
     tokens: int = 0
@@ -47,6 +53,7 @@ class RowResult:
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
     process_peak_rss: tuple[int, ...] = ()
+    process_peak_gpu: tuple[int, ...] = ()
     concurrent: bool = False
     measured: bool = True
     note: str = ""
@@ -60,18 +67,44 @@ class RowResult:
         return sum(self.process_peak_rss) if self.concurrent else max(self.process_peak_rss)
 
     @property
+    def peak_memory(self) -> int:
+        """The peak CUDA memory when measured (on CUDA), else the peak RSS."""
+        if not self.process_peak_gpu:
+            return self.peak_rss
+        return sum(self.process_peak_gpu) if self.concurrent else max(self.process_peak_gpu)
+
+    @property
     def padding(self) -> float:
         return 1 - self.tokens / self.padded_tokens
 
 
 @dataclass(frozen=True)
 class ConfigResult:
-    """Every row of one (model, task count) configuration."""
+    """Every row of one (model, task count) configuration, the device the rows trained on, the
+    parameters MFU counts (`bench_models.flop_parameters`) and the device's measured peak."""
 
     model: str
     spec: JobSpec
     runs: dict[str, list[RowResult]] = field(default_factory=dict)
     """Every run of each row, in order (one each unless the rows were repeated)."""
+    device: str = "cpu"
+    flop_parameters: int = 0
+    peak: PeakFlops | None = None
+
+    def mfu(self, row: RowResult) -> float | None:
+        """The row's model FLOP utilization (None without a measured peak or parameter count)."""
+        if self.peak is None or not self.flop_parameters or not row.measured:
+            return None
+        return model_flop_utilization(self.flop_parameters, row.tokens, row.train_seconds, self.peak.flops)
+
+    def mfu_line(self) -> str | None:
+        """How MFU is counted here, with the measured peak."""
+        if self.peak is None or not self.flop_parameters:
+            return None
+        return (
+            f"MFU = {FLOPS_PER_PARAMETER_TOKEN} x {self.flop_parameters:,} parameters (embeddings excluded, "
+            f"output head included) x non-padding tokens / training seconds / bf16 peak {self.peak.describe()}"
+        )
 
     @property
     def rows(self) -> dict[str, RowResult]:
@@ -111,7 +144,7 @@ def speedup(config: ConfigResult, row: str, against: str) -> float | None:
 def memory_saving(config: ConfigResult, row: str, against: str) -> float | None:
     """How many times less peak memory ``row`` needs than ``against``."""
     ours, theirs = config.measured(row), config.measured(against)
-    return theirs.peak_rss / ours.peak_rss if ours and theirs else None
+    return theirs.peak_memory / ours.peak_memory if ours and theirs else None
 
 
 def _ratio(value: float | None) -> str:
@@ -123,6 +156,7 @@ HEADER = (
     "tokens",
     "padding",
     "tokens/s",
+    "MFU",
     "vs (a)",
     "vs (b)",
     "vs (c)",
@@ -132,31 +166,45 @@ HEADER = (
     "mem (c)/row",
     "note",
 )
-NUMERIC = range(1, 11)
+NUMERIC = range(1, len(HEADER) - 1)
+MEMORY_COLUMN = HEADER.index("peak RSS GiB")
+
+
+def header(config: ConfigResult) -> tuple[str, ...]:
+    """`HEADER`, the memory column named for what it holds on the configuration's device."""
+    if config.device != "cuda":
+        return HEADER
+    return (*HEADER[:MEMORY_COLUMN], "peak GPU GiB", *HEADER[MEMORY_COLUMN + 1 :])
+
+
+def _percent(value: float | None) -> str:
+    return f"{value:.1%}" if value is not None else ""
 
 
 def table_rows(config: ConfigResult) -> list[tuple[str, ...]]:
     """The header and one row of cells per row of ``config``, in `ROWS` order."""
-    cells = [HEADER]
+    cells = [header(config)]
     for key in ROWS:
         r = config.rows.get(key)
         if r is None:
             continue
         if not r.measured:
-            cells.append((ROW_LABELS[key], *[""] * 10, r.note))
+            cells.append((ROW_LABELS[key], *[""] * (len(HEADER) - 2), r.note))
             continue
-        processes = f"{len(r.process_peak_rss)} processes at once, RSS summed" if r.concurrent else ""
+        summed = "GPU memory summed" if r.process_peak_gpu else "RSS summed"
+        processes = f"{len(r.process_peak_rss)} processes at once, {summed}" if r.concurrent else ""
         cells.append(
             (
                 ROW_LABELS[key],
                 f"{r.tokens:,}",
                 f"{r.padding:.1%}",
                 f"{r.tokens_per_second:,.1f}",
+                _percent(config.mfu(r)),
                 _ratio(speedup(config, key, "a")),
                 _ratio(speedup(config, key, "b")),
                 _ratio(speedup(config, key, "c")),
                 f"{r.wall_seconds:.1f}",
-                f"{r.peak_rss / GIB:.2f}",
+                f"{r.peak_memory / GIB:.2f}",
                 _ratio(memory_saving(config, key, "b")),
                 _ratio(memory_saving(config, key, "c")),
                 "; ".join(n for n in (processes, r.note) if n),
@@ -187,6 +235,14 @@ def targets(config: ConfigResult) -> list[str]:
             f"peak memory (c) / (a): {value:.2f}x lower; target >= {goal:g}x lower with "
             f"{len(config.spec.tasks)} tasks: {verdict}"
         )
+    ours = config.measured("a")
+    value = config.mfu(ours) if ours else None
+    if value is not None:
+        verdict = "met" if value >= TARGET_MFU else "not met"
+        lines.append(f"model FLOP utilization (a): {value:.1%}; goal >= {TARGET_MFU:.0%}: {verdict}")
+    line = config.mfu_line()
+    if line is not None:
+        lines.append(line)
     counts = {r.tokens for r in config.rows.values() if r.measured}
     if len(counts) > 1:
         lines.append(f"warning: the rows trained different token counts ({', '.join(map(str, sorted(counts)))})")
@@ -260,8 +316,12 @@ def record_section(configs: Sequence[ConfigResult], command: str, seconds: float
     for spec in {len(c.spec.tasks): c.spec for c in configs}.values():
         lines.append(f"- Workload ({len(spec.tasks)} tasks): {describe_tasks(spec)}")
     lines += [
-        "- Rows: effective (non-padding) tokens/s over training time; wall time of the whole job (for "
-        "MuxTune compile and process start-up included); peak RSS of the row's processes (summed for (c)).",
+        "- Rows: effective (non-padding) tokens/s over training time; model FLOP utilization (MFU): "
+        f"{FLOPS_PER_PARAMETER_TOKEN} x parameters (embeddings excluded, output head included: the frozen "
+        "backbone's forward and activation gradients, no weight gradients) x non-padding tokens / training "
+        "seconds / the bf16 matmul peak measured on the device at the start of the run; wall time of the whole "
+        "job (for MuxTune compile and process start-up included); peak memory of the row's processes (summed "
+        "for (c)): CUDA's peak allocated on a GPU, else peak RSS.",
         "",
     ]
     for config in configs:

@@ -121,10 +121,11 @@ def same_plan_note(key: str, reference: Plan) -> str:
 
 class ConfigurationRun:
     """The rows of one configuration: the job spec at ``job`` (already resolved), scratch space
-    in ``work``; `row` runs one row and returns its result."""
+    in ``work``, the device the rows train on (``cpu`` or ``cuda``: there each row's peak memory is
+    its CUDA peak); `row` runs one row and returns its result."""
 
-    def __init__(self, job: Path, spec: JobSpec, work: Path) -> None:
-        self.job, self.spec, self.work = job, spec, work
+    def __init__(self, job: Path, spec: JobSpec, work: Path, device: str = "cpu") -> None:
+        self.job, self.spec, self.work, self.device = job, spec, work, device
         self.compiled: Counter[str] = Counter()
         self.python = sys.executable
         self.reference: Plan | None = None
@@ -173,6 +174,7 @@ class ConfigurationRun:
             train_seconds=summary["train_seconds"],
             wall_seconds=compile_seconds + run_seconds,
             process_peak_rss=(compiled.peak_rss_bytes, ran.peak_rss_bytes),
+            process_peak_gpu=(summary["peak_memory_bytes"],) if self.device == "cuda" else (),
         )
 
     def interleave_off(self) -> RowResult:
@@ -216,5 +218,6 @@ class ConfigurationRun:
             train_seconds=train,
             wall_seconds=wall,
             process_peak_rss=tuple(f.peak_rss_bytes for f in finished),
+            process_peak_gpu=tuple(s["peak_gpu_bytes"] for s in sides) if self.device == "cuda" else (),
             concurrent=concurrent,
         )

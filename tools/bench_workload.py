@@ -105,12 +105,25 @@ def write_job(
 
 def resolve_bench_model(model: str, scratch: Path) -> tuple[str, str]:
     """(the spec's ``model`` value, a label for tables) for a ``--model`` value: a builtin, a
-    model directory, or ``layers=N``, the first N decoder layers of SmolLM2-135M written under
-    ``scratch``."""
+    model directory, ``layers=N``, the first N decoder layers of SmolLM2-135M, or ``random:NAME``,
+    a LLaMA model with random weights (`bench_models`); the last two are written under ``scratch``
+    (once)."""
     from muxtune.runtime.model_sources import resolve_model_dir
 
+    from .bench_models import RANDOM_MODELS, RANDOM_PREFIX, write_random_model
     from .truncate_model import truncate_model
 
+    if model.startswith(RANDOM_PREFIX):
+        name = model.removeprefix(RANDOM_PREFIX)
+        if name not in RANDOM_MODELS:
+            raise BenchError(
+                f"--model: unknown {model!r}; choose from {', '.join(RANDOM_PREFIX + n for n in RANDOM_MODELS)}"
+            )
+        try:
+            out = write_random_model(name, scratch / f"random-{name}")
+        except UserError as exc:
+            raise BenchError(f"--model {model}: {exc}") from None
+        return str(out), RANDOM_MODELS[name].label
     if model.startswith(LAYERS_PREFIX):
         count = model.removeprefix(LAYERS_PREFIX)
         if not count.isdigit():

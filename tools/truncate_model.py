@@ -22,7 +22,7 @@ from muxtune.common.files import atomic_write_text
 from muxtune.runtime.model_sources import ModelSourceError, resolve_model_dir
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_CONFIG_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+CONFIG_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 class TruncateError(UserError):
@@ -51,7 +51,7 @@ def truncate_model(model: str, num_layers: int, out_dir: Path) -> Path:
                 kept[name] = tensor
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(kept, str(out_dir / "model.safetensors"))
-    for name in _CONFIG_FILES:
+    for name in CONFIG_FILES:
         if (source / name).exists():
             shutil.copyfile(source / name, out_dir / name)
     config["num_hidden_layers"] = num_layers

@@ -37,7 +37,8 @@ def config() -> ConfigResult:
     options = BenchOptions(models=("builtin:tiny-llama",), task_counts=(2,), steps=1, dtype="fp32", overrides=TINY)
     progress = io.StringIO()
     [result] = run_benchmark(options, progress)
-    assert progress.getvalue().count("\n") == len(ROW_LABELS)
+    peak, *rows = progress.getvalue().splitlines()
+    assert peak.startswith("bf16 peak: ") and len(rows) == len(ROW_LABELS)
     return result
 
 
@@ -84,11 +85,12 @@ def test_table_ratios_come_from_the_rows(config: ConfigResult) -> None:
             assert cells[-1] == r.note and not any(cells[:-1])
             continue
         assert number(cells[0]) == r.tokens and number(cells[2]) == pytest.approx(r.tokens_per_second, abs=0.05)
-        assert number(cells[4]) == pytest.approx(number(cells[2]) / number(b[2]), abs=0.006)
-        assert number(cells[5]) == pytest.approx(number(cells[2]) / number(c[2]), abs=0.006)
-        assert number(cells[7]) == pytest.approx(r.peak_rss / GIB, abs=0.006)
-        assert number(cells[9]) == pytest.approx(number(c[7]) / number(cells[7]), rel=0.05)
-    assert number(c[7]) == pytest.approx(sum(config.rows["c"].process_peak_rss) / GIB, abs=0.006)
+        assert number(cells[3]) == pytest.approx(100 * config.mfu(r), abs=0.06)
+        assert number(cells[5]) == pytest.approx(number(cells[2]) / number(b[2]), abs=0.006)
+        assert number(cells[6]) == pytest.approx(number(cells[2]) / number(c[2]), abs=0.006)
+        assert number(cells[8]) == pytest.approx(r.peak_rss / GIB, abs=0.006)
+        assert number(cells[10]) == pytest.approx(number(c[8]) / number(cells[8]), rel=0.05)
+    assert number(c[8]) == pytest.approx(sum(config.rows["c"].process_peak_rss) / GIB, abs=0.006)
     assert "2 processes at once, RSS summed" in c[-1]
     assert re.search(r"- effective throughput \(a\) / \(b\): [\d.]+x; target >= 2.5x: (met|not met)", section)
 
@@ -116,6 +118,8 @@ def test_record_appends_a_dated_section(config: ConfigResult, tmp_path: Path, mo
         (["--steps", "0"], "--steps"),
         (["--repeat", "0"], "--repeat"),
         (["--model", "layers=many"], "--model"),
+        (["--model", "random:llama-99b"], "--model"),
+        (["--peak-tflops", "0"], "--peak-tflops"),
         (["--model", "builtin:tiny-llama", "--tasks", "1", "tasks.*.lr=-1"], "tasks[0].lr"),
     ],
 )
@@ -208,7 +212,9 @@ def test_repeated_rows_run_in_turn_and_report_their_median_run(monkeypatch) -> N
         )
 
     monkeypatch.setattr(bench.ConfigurationRun, "row", fake_row)
-    options = BenchOptions(models=("builtin:tiny-llama",), task_counts=(2,), rows=("a", "b", "e-align"), repeat=3)
+    options = BenchOptions(
+        models=("builtin:tiny-llama",), task_counts=(2,), rows=("a", "b", "e-align"), repeat=3, peak_tflops=1.0
+    )
     [config] = run_benchmark(options, io.StringIO())
     assert order == ["a", "e-align", "b", "a", "b", "a", "b"]
     assert config.rows["a"].tokens_per_second == pytest.approx(1100.0)
