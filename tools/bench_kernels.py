@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -58,7 +56,7 @@ from .bench_kernels_cases import (
     make_case,
     make_tensors,
 )
-from .bench_report import append_record
+from .bench_report import append_record, describe_cpu, package_version
 
 PROG = "muxtune-bench-kernels"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -271,25 +269,12 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 
 def machine(device: torch.device) -> str:
-    """CPU model and core count, GPU name, torch (and triton) versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The CPU, the GPU used and the torch (and, on CUDA, triton) versions."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU used"
     versions = f"torch {torch.__version__}"
     if device.type == "cuda":
-        try:
-            import triton
-
-            versions += f", triton {triton.__version__}"
-        except ImportError:
-            pass
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}; {versions}"
+        versions += f", triton {package_version('triton')}"
+    return f"{describe_cpu()}, {gpu}; {versions}"
 
 
 def describe_ceilings(ceilings: dict) -> str:

@@ -274,7 +274,8 @@ def describe_tasks(spec: JobSpec) -> str:
     )
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
+    """The installed version of ``package``, or "not installed"."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -285,6 +286,13 @@ def machine() -> str:
     """The CPU model (from /proc/cpuinfo), core count, memory, GPU and library versions."""
     import torch
 
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    versions = ", ".join(f"{name} {package_version(name)}" for name in ("torch", "transformers", "peft"))
+    return f"{describe_cpu()}, {gpu}; {versions}; malloc of every row: {active_allocator()}"
+
+
+def describe_cpu() -> str:
+    """The CPU model (from /proc/cpuinfo), core count and memory."""
     cpu = platform.processor() or platform.machine()
     memory = ""
     try:
@@ -298,9 +306,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    versions = ", ".join(f"{name} {_version(name)}" for name in ("torch", "transformers", "peft"))
-    return f"{cpu}, {os.cpu_count()} cores{memory}, {gpu}; {versions}; malloc of every row: {active_allocator()}"
+    return f"{cpu}, {os.cpu_count()} cores{memory}"
 
 
 def record_section(configs: Sequence[ConfigResult], command: str, seconds: float, date: datetime.date) -> str:
