@@ -4,7 +4,10 @@ and the share of it a row's training reached.
 A LoRA step on a frozen backbone costs about 4 x parameters FLOPs per token: 2 for the forward
 pass and 2 for the backward pass's activation gradients (no weight gradients; the adapters'
 FLOPs and attention's score and value products are left out). MFU counts non-padding tokens only,
-so a padded batch's extra work is not utilization.
+so a padded batch's extra work is not utilization. These are model FLOPs: the output head counts
+for every token, also where MuxTune makes logits for the scored tokens only, so on a model whose
+head is a large share of its parameters (SmolLM2's 8 first layers: half) MFU is well above the
+share of the peak the device's products actually run at.
 
 The peak is measured in a process of its own (`peak_in_subprocess`), so the bench's own process
 never holds a CUDA context: on CUDA a 8192 x 8192 x 8192 bf16 matmul timed with CUDA events after

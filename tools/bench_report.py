@@ -36,7 +36,8 @@ TARGET_SPEEDUP = 2.5
 TARGET_MEMORY = {4: 3.0, 8: 5.0}
 """How many times less peak memory (a) needs than (c), by task count."""
 TARGET_MFU = 0.5
-"""Model FLOP utilization of (a) against the measured bf16 peak."""
+"""Model FLOP utilization of (a) against the measured bf16 peak, on `TARGET_MFU_DEVICE`."""
+TARGET_MFU_DEVICE = "cuda"
 GIB = 2**30
 
 
@@ -103,7 +104,8 @@ class ConfigResult:
             return None
         return (
             f"MFU = {FLOPS_PER_PARAMETER_TOKEN} x {self.flop_parameters:,} parameters (embeddings excluded, "
-            f"output head included) x non-padding tokens / training seconds / bf16 peak {self.peak.describe()}"
+            f"output head included) x non-padding tokens / training seconds / bf16 peak {self.peak.describe()}; "
+            "model FLOPs: the head counts for every token, also where a row computes logits only for scored tokens"
         )
 
     @property
@@ -238,8 +240,9 @@ def targets(config: ConfigResult) -> list[str]:
     ours = config.measured("a")
     value = config.mfu(ours) if ours else None
     if value is not None:
-        verdict = "met" if value >= TARGET_MFU else "not met"
-        lines.append(f"model FLOP utilization (a): {value:.1%}; goal >= {TARGET_MFU:.0%}: {verdict}")
+        goal = TARGET_MFU_DEVICE == config.device
+        verdict = f"; goal on a GPU >= {TARGET_MFU:.0%}: {'met' if value >= TARGET_MFU else 'not met'}" if goal else ""
+        lines.append(f"model FLOP utilization (a): {value:.1%}{verdict}")
     line = config.mfu_line()
     if line is not None:
         lines.append(line)
