@@ -5,8 +5,10 @@ Importing this package never imports Triton; `segmented_lora` loads it on first 
 
 from .lora_dispatch import (
     BACKEND_ENV,
+    BackendError,
     SegmentedLoraFunction,
     chosen_backend,
+    configured_backend,
     lora_expand,
     lora_shrink,
     lora_weight_grad,
@@ -17,10 +19,12 @@ from .lora_layout import LoraSlots, SegmentLayout
 
 __all__ = [
     "BACKEND_ENV",
+    "BackendError",
     "LoraSlots",
     "SegmentLayout",
     "SegmentedLoraFunction",
     "chosen_backend",
+    "configured_backend",
     "lora_expand",
     "lora_shrink",
     "lora_weight_grad",

@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import torch
 
+from muxtune.common.errors import UserError
+
 from . import lora_reference
 from .lora_layout import LoraSlots, SegmentLayout
 
@@ -33,11 +35,15 @@ BACKEND: Backend | None = None
 BACKEND_ENV = "MUXTUNE_LORA_BACKEND"
 
 
+class BackendError(UserError):
+    """A `MUXTUNE_LORA_BACKEND` value that names no backend."""
+
+
 def configured_backend() -> Backend:
     """`BACKEND` if set, else the `MUXTUNE_LORA_BACKEND` environment variable, else "auto"."""
     choice = BACKEND or os.environ.get(BACKEND_ENV, "auto")
     if choice not in ("auto", "triton", "torch"):
-        raise ValueError(f"{BACKEND_ENV} must be auto, triton or torch, got {choice!r}")
+        raise BackendError(f"{BACKEND_ENV} must be auto, triton or torch, got {choice!r}")
     return choice
 
 

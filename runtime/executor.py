@@ -30,6 +30,7 @@ import torch
 
 from muxtune.common.allocator import active_allocator
 from muxtune.common.files import atomic_write_bytes
+from muxtune.kernels import configured_backend
 from muxtune.plans import (
     AllReduce,
     BuildTasks,
@@ -144,6 +145,7 @@ class PlanExecutor:
                 "(or torchrun -m muxtune.runtime.launch)"
             )
         self.tensorboard.require_packages()
+        configured_backend()  # a bad MUXTUNE_LORA_BACKEND stops the run before anything is written
         folder_context = RunFolder(self.plan, resume=self.resume) if self.lead else contextlib.nullcontext()
         with folder_context as folder, self.tensorboard:
             self.folder = folder

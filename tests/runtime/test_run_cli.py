@@ -143,6 +143,16 @@ def test_edited_plan_is_refused_by_run(reference_run: Path, tmp_path: Path) -> N
     assert snapshot(reference_run / "out") == before
 
 
+def test_unknown_lora_backend_is_refused_before_anything_is_written(reference_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (tmp_path / "plan.yaml").write_text(
+        (reference_run / "plan.yaml").read_text().replace(str(reference_run / "out"), str(out))
+    )
+    result = run_cli("run", str(tmp_path / "plan.yaml"), env={"MUXTUNE_LORA_BACKEND": "cuda"})
+    assert result.returncode == 2 and "MUXTUNE_LORA_BACKEND" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
 def test_init_from_and_validate(reference_run: Path, tmp_path: Path) -> None:
     tasks = [{**default_tasks()[1], "init_from": str(reference_run / "out" / "qa"), "steps": 1, "save_every": 0}]
     job = write_job(tmp_path, tasks, cluster={"num_devices": 2, "tensor_parallel": 2})
