@@ -48,7 +48,7 @@ def forward_backward(host: HostLinear, x: torch.Tensor) -> list[torch.Tensor]:
     layout = MicroBatchLayout.for_sequences(SEQUENCES, OWNERS)
     y = host(x, layout)
     upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
-    weights = [p for p in host.adapters.parameters()]
+    weights = list(host.adapters.parameters())
     grads = torch.autograd.grad(y, [x, *weights], upstream)
     return [y.detach(), *grads]
 
