@@ -15,7 +15,7 @@ from .lora_dispatch import (
     segmented_lora,
     segmented_path,
 )
-from .lora_layout import LoraSlots, SegmentLayout
+from .lora_layout import LoraSlots, SegmentLayout, current_stream_id
 
 __all__ = [
     "BACKEND_ENV",
@@ -25,6 +25,7 @@ __all__ = [
     "SegmentedLoraFunction",
     "chosen_backend",
     "configured_backend",
+    "current_stream_id",
     "lora_expand",
     "lora_shrink",
     "lora_weight_grad",

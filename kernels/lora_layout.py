@@ -177,6 +177,12 @@ class SegmentLayout:
         return self.tile_starts.device
 
 
+def current_stream_id(device: torch.device) -> int:
+    """The current CUDA stream of ``device`` as a number (0 off CUDA): a cache key for tables
+    copied to the device on that stream."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
 def _cut(start: int, end: int, slot: int, size: int, out: list[tuple[int, int, int]]) -> None:
     """Append `[start, end)` cut into pieces of at most `size` rows."""
     for piece in range(start, end, size):

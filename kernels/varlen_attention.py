@@ -7,8 +7,8 @@ instead of one eager product pair per sequence; elsewhere (the CPU, fp32, prefix
 that path. Flash keeps the softmax in fp32 and never rounds the scores to the inputs' dtype, so
 results differ from the eager path by the inputs' rounding, not more.
 
-The offsets are built on the host once per distinct set of sequence lengths and moved with one
-copy (`_device_offsets`), so nothing on the path reads a device value back.
+The offsets are built on the host once per distinct set of sequence lengths and CUDA stream and
+moved with one copy (`_device_offsets`), so nothing on the path reads a device value back.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import functools
 from collections.abc import Sequence
 
 import torch
+
+from .lora_layout import current_stream_id
 
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -30,8 +32,9 @@ def varlen_applies(q_THD: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=OFFSETS_CACHE_SIZE)
-def _device_offsets(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """int32 cumulative offsets [S + 1] of `lengths` on `device`, copied once."""
+def _device_offsets(lengths: tuple[int, ...], device: torch.device, stream: int = 0) -> torch.Tensor:
+    """int32 cumulative offsets [S + 1] of `lengths` on `device`, copied once per CUDA stream
+    (`stream`, `current_stream_id`: only a cache key; the copy is ordered on that stream)."""
     offsets = [0]
     for length in lengths:
         offsets.append(offsets[-1] + length)
@@ -54,7 +57,7 @@ def varlen_causal_attention(
     h reads key/value head h // (H / Hkv)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    offsets = _device_offsets(tuple(lengths), q_THD.device)
+    offsets = _device_offsets(tuple(lengths), q_THD.device, current_stream_id(q_THD.device))
     longest = max(lengths)
     window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
     return varlen_attn(

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from muxtune.kernels import LoraSlots, SegmentLayout, segmented_lora, segmented_path
+from muxtune.kernels import LoraSlots, SegmentLayout, current_stream_id, segmented_lora, segmented_path
 from muxtune.specs import LoraSpec
 
 from ..sharding import full_features
@@ -127,27 +127,29 @@ class LoraModule(OperatorPeftModule):
         if any(m.config.dropout != 0.0 and m.training for m in slotted):
             pieces = x_TI.split(sizes)
             x_TI = torch.cat([x.to(dtype) if m is None else m.dropout(x.to(dtype)) for m, x in zip(modules, pieces)])
-        device = x_TI.device
-        layout = _segment_layout(tuple(segments), x_TI.shape[0], len(slotted), device)
-        slots = _lora_slots(tuple(m.config.r for m in slotted), tuple(m.scaling for m in slotted), device)
+        device, stream = x_TI.device, current_stream_id(x_TI.device)
+        layout = _segment_layout(tuple(segments), x_TI.shape[0], len(slotted), device, stream)
+        slots = _lora_slots(tuple(m.config.r for m in slotted), tuple(m.scaling for m in slotted), device, stream)
         weights_A = [m.lora_A.weight for m in slotted]
         weights_B = [m.lora_B.weight for m in slotted]
         return segmented_lora(x_TI, weights_A, weights_B, layout, slots, y_TO)
 
 
 LAYOUT_CACHE_SIZE = 256
-"""Segment tables kept: a micro-batch asks once per host, with the same few task sets."""
+"""Segment tables kept: a micro-batch asks once per host, with the same few task sets. Tables
+are kept per CUDA stream (the `stream` argument, only a cache key): each is copied to the device
+on the stream that first asks for it, so only that stream's work is ordered after the copy."""
 
 
 @functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
 def _segment_layout(
-    segments: tuple[tuple[int, int, int], ...], num_tokens: int, num_slots: int, device: torch.device
+    segments: tuple[tuple[int, int, int], ...], num_tokens: int, num_slots: int, device: torch.device, stream: int
 ) -> SegmentLayout:
     return SegmentLayout.build(segments, num_tokens, num_slots, device)
 
 
 @functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
-def _lora_slots(ranks: tuple[int, ...], scalings: tuple[float, ...], device: torch.device) -> LoraSlots:
+def _lora_slots(ranks: tuple[int, ...], scalings: tuple[float, ...], device: torch.device, stream: int) -> LoraSlots:
     return LoraSlots.build(ranks, scalings, device)
 
 
