@@ -22,7 +22,7 @@ from torch import nn
 from muxtune.specs import PeftSpec
 
 from .data import Example
-from .layout import MicroBatchLayout
+from .layout import MicroBatchLayout, host_to_device
 from .loss import FrozenHead, linear_cross_entropy
 from .optimizer import AdamW
 from .packing import IGNORE_INDEX, MicroBatch, pack_microbatches
@@ -190,8 +190,8 @@ class MultiTaskEngine:
         no token is scored); the caller runs its backward, possibly after other micro-batches'
         forwards, since the layout travels with the micro-batch. Records each task's pending
         loss and token counts; the tasks' normalizers must be set (see `forward_backward`)."""
-        input_ids_T = mb.input_ids_T.to(self.device, non_blocking=True)
-        position_ids_T = mb.position_ids_T.to(self.device, non_blocking=True)
+        input_ids_T = host_to_device(mb.input_ids_T, self.device)
+        position_ids_T = host_to_device(mb.position_ids_T, self.device)
         return self.segment_losses(self.model.hidden_states(input_ids_T, position_ids_T, mb.layout), mb)
 
     def segment_losses(self, hidden_TC: torch.Tensor, mb: MicroBatch) -> torch.Tensor | None:
@@ -216,8 +216,8 @@ class MultiTaskEngine:
             state.pending_target_tokens += num_scored
             if num_scored == 0:
                 continue
-            targets_N = targets_T[start:end].index_select(0, scored_N).to(self.device, non_blocking=True)
-            hidden_NC = hidden_TC[start:end].index_select(0, scored_N.to(self.device, non_blocking=True))
+            targets_N = host_to_device(targets_T[start:end].index_select(0, scored_N), self.device)
+            hidden_NC = hidden_TC[start:end].index_select(0, host_to_device(scored_N, self.device))
             task_nll, term = self._task_loss(seg.task, hidden_NC, targets_N, 1.0 / state.normalizer)
             state.pending_loss = state.pending_loss + task_nll.detach().double()
             total = term if total is None else total + term

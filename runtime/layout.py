@@ -18,6 +18,15 @@ from dataclasses import dataclass
 import torch
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (a micro-batch's ids, targets or row indices) on ``device``: on CUDA copied
+    from pinned memory without waiting (the copy is ordered on the current stream); elsewhere
+    the tensor itself."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class Segment:
     """The contiguous token range [start, end) of one task inside a packed micro-batch."""

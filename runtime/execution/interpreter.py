@@ -25,6 +25,7 @@ from torch.autograd.graph import _engine_run_backward
 from muxtune.plans import Backward, Forward, Free, LossBackward, RecordEvent, WaitEvent
 
 from ..engine import MultiTaskEngine
+from ..layout import host_to_device
 from ..packing import MicroBatch
 from .runner import PartitionedGraph
 from .streams import StreamSet
@@ -91,8 +92,8 @@ class SubgraphInterpreter:
             buffers = MicroBatchBuffers(mb)
             if not buffers.empty:
                 inputs = (
-                    mb.input_ids_T.to(self.device, non_blocking=True),
-                    mb.position_ids_T.to(self.device, non_blocking=True),
+                    host_to_device(mb.input_ids_T, self.device),
+                    host_to_device(mb.position_ids_T, self.device),
                     mb.layout,
                 )
                 buffers.values.update(zip(self.graph.description.inputs, inputs))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layout import MicroBatchLayout
+from ..layout import MicroBatchLayout, host_to_device
 from ..peft.base import AttachmentKind, InputPrefixModule, OperatorHost, PeftHost
 from .config import BackboneConfig
 
@@ -239,7 +239,7 @@ def output_rows(x_TC: Tensor, layout: MicroBatchLayout) -> Tensor:
     declares no output rows). A family's last layer keeps only these after attention: past it,
     rows do not interact, and the other rows' results would be thrown away."""
     kept = layout.output_rows
-    return x_TC if kept is None else x_TC.index_select(0, kept.rows_N.to(x_TC.device, non_blocking=True))
+    return x_TC if kept is None else x_TC.index_select(0, host_to_device(kept.rows_N, x_TC.device))
 
 
 def output_layout(layout: MicroBatchLayout) -> MicroBatchLayout:
