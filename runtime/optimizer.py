@@ -3,8 +3,9 @@ without `torch.optim`.
 
 `torch.optim.Optimizer` imports `torch._dynamo` (sympy and more, ~1 s) the first time one of its
 methods runs, which is most of `muxtune-run`'s start-up after torch itself. This class does what
-`torch.optim.AdamW(params, lr, betas, eps, weight_decay)` does on its default (single-tensor,
-non-capturable) path, operation for operation, so results are bitwise the same; its state dict
+`torch.optim.AdamW(params, lr, betas, eps, weight_decay)` does on its single-tensor,
+non-capturable path, operation for operation (each operation issued once for all of a task's
+parameters, `step`), so results are bitwise the same on the CPU; its state dict
 has torch's layout (`state` by parameter index with `step`, `exp_avg`, `exp_avg_sq`, and
 `param_groups`), so checkpoints load either way.
 """
@@ -43,24 +44,40 @@ class AdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One AdamW update of every parameter that has a gradient."""
+        """One AdamW update of every parameter that has a gradient. Parameters at the same step
+        count are updated together, each operation once for all of them (`torch._foreach_*`:
+        on the CPU the same per-tensor kernels as `torch.optim.AdamW`'s single-tensor path, on
+        CUDA fused ones)."""
         for group in self.param_groups:
             lr, (beta1, beta2), eps, weight_decay = (group[key] for key in HYPERPARAMETERS)
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                self._update(param, param.grad, lr, beta1, beta2, eps, weight_decay)
+            stepped = [param for param in group["params"] if param.grad is not None]
+            states = [self._state_of(param) for param in stepped]
+            steps = [state["step"] for state in states]
+            if steps:
+                torch._foreach_add_(steps, 1.0)
+            by_step: dict[float, list[int]] = {}
+            for index, step_t in enumerate(steps):
+                by_step.setdefault(step_t.item(), []).append(index)
+            for step, indices in by_step.items():
+                params = [stepped[i] for i in indices]
+                grads = [stepped[i].grad for i in indices]
+                exp_avgs = [states[i]["exp_avg"] for i in indices]
+                exp_avg_sqs = [states[i]["exp_avg_sq"] for i in indices]
+                if weight_decay != 0:
+                    torch._foreach_mul_(params, 1 - lr * weight_decay)
+                torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+                torch._foreach_mul_(exp_avg_sqs, beta2)
+                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+                bias_correction1 = 1 - beta1**step
+                bias_correction2 = 1 - beta2**step
+                step_size = lr / bias_correction1
+                denoms = torch._foreach_sqrt(exp_avg_sqs)
+                torch._foreach_div_(denoms, bias_correction2**0.5)
+                torch._foreach_add_(denoms, eps)
+                torch._foreach_addcdiv_(params, exp_avgs, denoms, -step_size)
 
-    def _update(
-        self,
-        param: torch.Tensor,
-        grad: torch.Tensor,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        weight_decay: float,
-    ) -> None:
+    def _state_of(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The parameter's step (a CPU float32 scalar) and moments, made at its first update."""
         state = self.state.get(param)
         if state is None:
             state = self.state[param] = {
@@ -68,18 +85,7 @@ class AdamW:
                 "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
             }
-        step_t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
-        step_t += 1
-        if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step = step_t.item()
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        step_size = lr / bias_correction1
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+        return state
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop (or zero) every parameter's gradient."""
