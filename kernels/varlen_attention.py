@@ -14,6 +14,8 @@ moved with one copy (`_device_offsets`), so nothing on the path reads a device v
 from __future__ import annotations
 
 import functools
+import importlib.util
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -25,10 +27,50 @@ MAX_HEAD_DIM = 256
 OFFSETS_CACHE_SIZE = 256
 
 
-def varlen_applies(q_THD: torch.Tensor) -> bool:
+@functools.cache
+def varlen_parameters() -> frozenset[str]:
+    """The keyword parameters this torch's `varlen_attn` takes (empty without the module).
+    torch 2.10 has `is_causal` and no `scale`; later releases add `scale`, `window_size` and
+    `enable_gqa`."""
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return frozenset()
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_arguments(
+    parameters: frozenset[str], head_dim: int, scale: float, sliding_window: int | None
+) -> dict[str, object] | None:
+    """The masking and scaling keyword arguments of a causal `varlen_attn` call with these
+    parameters, or None when that torch cannot make it: a sliding window without `window_size`,
+    a scale other than D**-0.5 without `scale`."""
+    if not parameters:
+        return None
+    arguments: dict[str, object] = {}
+    if "window_size" in parameters:
+        arguments["window_size"] = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
+    elif sliding_window is None and "is_causal" in parameters:
+        arguments["is_causal"] = True
+    else:
+        return None
+    if "scale" in parameters:
+        arguments["scale"] = scale
+    elif scale != head_dim**-0.5:
+        return None
+    return arguments
+
+
+def varlen_applies(q_THD: torch.Tensor, scale: float, sliding_window: int | None) -> bool:
     """Whether `varlen_causal_attention` can run attention for queries `q_THD` [T, H, D]."""
     head_dim = q_THD.shape[-1]
-    return q_THD.is_cuda and q_THD.dtype in VARLEN_DTYPES and head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0
+    return (
+        q_THD.is_cuda
+        and q_THD.dtype in VARLEN_DTYPES
+        and head_dim <= MAX_HEAD_DIM
+        and head_dim % 8 == 0
+        and varlen_arguments(varlen_parameters(), head_dim, scale, sliding_window) is not None
+    )
 
 
 @functools.lru_cache(maxsize=OFFSETS_CACHE_SIZE)
@@ -54,21 +96,19 @@ def varlen_causal_attention(
 ) -> torch.Tensor:
     """Attention [T, H, D] causal within each of the packed sequences of `lengths` (never across
     them); with `sliding_window` W a token sees itself and the W - 1 tokens before it. Query head
-    h reads key/value head h // (H / Hkv)."""
+    h reads key/value head h // (H / Hkv) (heads repeated where this torch's `varlen_attn` has
+    no `enable_gqa`). Only where `varlen_applies`."""
     from torch.nn.attention.varlen import varlen_attn
 
+    parameters = varlen_parameters()
+    arguments = varlen_arguments(parameters, q_THD.shape[-1], scale, sliding_window)
+    assert arguments is not None, "varlen_causal_attention called where varlen_applies is false"
+    group = q_THD.shape[1] // k_THkvD.shape[1]
+    if group > 1 and "enable_gqa" in parameters:
+        arguments["enable_gqa"] = True
+    elif group > 1:
+        k_THkvD = k_THkvD.repeat_interleave(group, dim=1)
+        v_THkvD = v_THkvD.repeat_interleave(group, dim=1)
     offsets = _device_offsets(tuple(lengths), q_THD.device, current_stream_id(q_THD.device))
     longest = max(lengths)
-    window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
-    return varlen_attn(
-        q_THD,
-        k_THkvD,
-        v_THkvD,
-        offsets,
-        offsets,
-        longest,
-        longest,
-        scale=scale,
-        window_size=window,
-        enable_gqa=k_THkvD.shape[1] != q_THD.shape[1],
-    )
+    return varlen_attn(q_THD, k_THkvD, v_THkvD, offsets, offsets, longest, longest, **arguments)

@@ -115,7 +115,7 @@ def _packed_attention(
 ) -> Tensor:
     """`packed_causal_attention` over sequences of `lengths`, sequence i after `prefixes[i]`."""
     scale = q_THD.shape[2] ** -0.5 if scale is None else scale
-    if q_THD.shape[0] > 0 and (prefixes is None or not any(prefixes)) and varlen_applies(q_THD):
+    if q_THD.shape[0] > 0 and (prefixes is None or not any(prefixes)) and varlen_applies(q_THD, scale, sliding_window):
         return varlen_causal_attention(q_THD, k_THkvD, v_THkvD, lengths, scale, sliding_window)
     prefixes = [None] * len(lengths) if prefixes is None else prefixes
     # torch.split (not slicing) so that backward assembles the gradient once, instead of one

@@ -5,15 +5,31 @@ from __future__ import annotations
 import pytest
 import torch
 
-from muxtune.kernels.varlen_attention import _device_offsets, varlen_applies
+from muxtune.kernels.varlen_attention import _device_offsets, varlen_applies, varlen_arguments, varlen_parameters
 from muxtune.runtime.models.attention import packed_causal_attention
 
 LENGTHS = (5, 1, 17, 0, 64, 9)
 
 
 def test_varlen_applies_only_to_cuda_half_precision() -> None:
-    assert not varlen_applies(torch.zeros(4, 2, 64, dtype=torch.bfloat16))
-    assert not varlen_applies(torch.zeros(4, 2, 64, dtype=torch.float32))
+    assert not varlen_applies(torch.zeros(4, 2, 64, dtype=torch.bfloat16), 0.125, None)
+    assert not varlen_applies(torch.zeros(4, 2, 64, dtype=torch.float32), 0.125, None)
+
+
+TORCH_2_10 = frozenset({"query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "is_causal", "return_aux"})
+TORCH_2_12 = (TORCH_2_10 - {"is_causal"}) | {"scale", "window_size", "enable_gqa", "num_splits"}
+
+
+def test_arguments_follow_the_signature_of_each_torch() -> None:
+    """Causal masking and scale as each generation of `varlen_attn` takes them; what one cannot
+    express (a sliding window, a non-default scale) keeps the eager path."""
+    assert varlen_arguments(TORCH_2_12, 64, 0.125, None) == {"window_size": (-1, 0), "scale": 0.125}
+    assert varlen_arguments(TORCH_2_12, 64, 0.3, 8) == {"window_size": (7, 0), "scale": 0.3}
+    assert varlen_arguments(TORCH_2_10, 64, 0.125, None) == {"is_causal": True}
+    assert varlen_arguments(TORCH_2_10, 64, 0.125, 8) is None, "no window_size"
+    assert varlen_arguments(TORCH_2_10, 64, 0.3, None) is None, "no scale"
+    assert varlen_arguments(frozenset(), 64, 0.125, None) is None, "no varlen_attn"
+    assert {"window_size", "scale", "enable_gqa"} <= varlen_parameters(), "this torch's varlen_attn"
 
 
 def test_offsets_are_cumulative_and_built_once() -> None:
@@ -34,7 +50,8 @@ def test_varlen_matches_eager_attention(dtype: torch.dtype, window: int | None) 
     shapes = ((tokens, 8, 64), (tokens, 2, 64), (tokens, 2, 64))
     inputs = [torch.randn(s, device="cuda", generator=generator, dtype=dtype).requires_grad_(True) for s in shapes]
     cu_seqlens = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int64)
-    assert varlen_applies(inputs[0])
+    if not varlen_applies(inputs[0], 64**-0.5, window):
+        pytest.skip(f"this torch's varlen_attn cannot make this call (takes {sorted(varlen_parameters())})")
     out = packed_causal_attention(*inputs, cu_seqlens, sliding_window=window)
     upstream = torch.randn(out.shape, device="cuda", generator=generator, dtype=dtype)
     grads = torch.autograd.grad(out, inputs, upstream)
