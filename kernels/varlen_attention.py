@@ -45,8 +45,6 @@ def varlen_arguments(
     """The masking and scaling keyword arguments of a causal `varlen_attn` call with these
     parameters, or None when that torch cannot make it: a sliding window without `window_size`,
     a scale other than D**-0.5 without `scale`."""
-    if not parameters:
-        return None
     arguments: dict[str, object] = {}
     if "window_size" in parameters:
         arguments["window_size"] = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
