@@ -162,8 +162,30 @@ def test_other_methods_over_several_ranks_equal_one_process(
     assert all(float((v - 1).abs().max()) > 1e-4 for v in expected["sentiment"].values()), "the scales moved"
 
 
+def parent_pid(pid: int) -> int | None:
+    """The parent of process ``pid`` (from /proc; None once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether process ``pid`` runs under ``ancestor`` (its child, grandchild, ...)."""
+    while pid > 1:
+        parent = parent_pid(pid)
+        if parent is None:
+            return False
+        if parent == ancestor:
+            return True
+        pid = parent
+    return False
+
+
 def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
-    """The pid of the worker process of ``rank`` started under ``launcher`` (from /proc)."""
+    """The pid of the worker process of ``rank`` started under ``launcher`` (from /proc; other
+    jobs' ranks on the machine are not this one's)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -172,7 +194,8 @@ def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"muxtune.runtime.launch" in command and f"RANK={rank}".encode() in environ:
+        launched = b"muxtune.runtime.launch" in command and f"RANK={rank}".encode() in environ
+        if launched and descends_from(int(entry.name), launcher.pid):
             return int(entry.name)
     return None
 
