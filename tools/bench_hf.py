@@ -157,7 +157,7 @@ def train_single(model: nn.Module, task: TaskSpec, batches: Sequence[list[Exampl
     device = next(model.parameters()).device
     tokens = padded = 0
     for step, batch in enumerate(batches):
-        ids, mask, labels = (t.to(device) for t in padded_batch(batch))
+        ids, mask, labels = padded_batch(batch, device)
         padded_batch_loss(model(input_ids=ids, attention_mask=mask).logits, labels).backward()
         optimizer.step(step)
         tokens += int(mask.sum())

@@ -70,7 +70,7 @@ class MixedBatchLora:
         (non-padding, padded) tokens."""
         names = [name for name in self.optimizers if name in batches]
         device = next(self.model.parameters()).device
-        ids, mask, labels = (t.to(device) for t in padded_batch([e for name in names for e in batches[name]]))
+        ids, mask, labels = padded_batch([e for name in names for e in batches[name]], device)
         self.rows = [(name, len(batches[name])) for name in names]
         counts = [count for _, count in self.rows]
         logits = self.model(input_ids=ids, attention_mask=mask).logits

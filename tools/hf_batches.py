@@ -13,8 +13,11 @@ from muxtune.runtime.data import Example
 from muxtune.runtime.packing import IGNORE_INDEX
 
 
-def padded_batch(batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, labels), each [B, longest]; labels IGNORE_INDEX off target."""
+def padded_batch(
+    batch: list[Example], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels) on ``device``, each [B, longest]; labels IGNORE_INDEX
+    off target."""
     length = max(len(e.input_ids) for e in batch)
     ids = torch.zeros(len(batch), length, dtype=torch.long)
     mask = torch.zeros(len(batch), length, dtype=torch.long)
@@ -23,7 +26,7 @@ def padded_batch(batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torc
         n = len(e.input_ids)
         ids[row, :n], mask[row, :n] = torch.tensor(e.input_ids), 1
         labels[row, :n] = torch.tensor([t if m else IGNORE_INDEX for t, m in zip(e.input_ids, e.is_target)])
-    return ids, mask, labels
+    return ids.to(device), mask.to(device), labels.to(device)
 
 
 def padded_batch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

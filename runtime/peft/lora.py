@@ -110,20 +110,21 @@ class LoraModule(OperatorPeftModule):
         product for every task, each at its own rank), where `segmented_path` says so; DoRA
         and adapters of mixed dtypes keep the per-segment path. The segment table is built on
         the host and copied once per distinct layout (`_segment_layout`)."""
-        present = [m for m in modules if m is not None]
-        if not segmented_path(x_TI) or any(type(m) is not LoraModule for m in present):
+        if not segmented_path(x_TI):
             return None
-        dtype = present[0].lora_A.weight.dtype
-        if any(m.lora_A.weight.dtype != dtype or m.lora_B.weight.dtype != dtype for m in present):
-            return None
-        slot_of: dict[int, int] = {}
+        slotted: list[LoraModule] = []  # a layout holds one segment per task: one slot per piece adapted
         segments: list[tuple[int, int, int]] = []
         start = 0
         for size, module in zip(sizes, modules):
             if module is not None:
-                segments.append((start, start + size, slot_of.setdefault(id(module), len(slot_of))))
+                segments.append((start, start + size, len(slotted)))
+                slotted.append(module)
             start += size
-        slotted = list({id(m): m for m in present}.values())
+        if any(type(m) is not LoraModule for m in slotted):
+            return None
+        dtype = slotted[0].lora_A.weight.dtype
+        if any(m.lora_A.weight.dtype != dtype or m.lora_B.weight.dtype != dtype for m in slotted):
+            return None
         if any(m.config.dropout != 0.0 and m.training for m in slotted):
             pieces = x_TI.split(sizes)
             x_TI = torch.cat([x.to(dtype) if m is None else m.dropout(x.to(dtype)) for m, x in zip(modules, pieces)])
