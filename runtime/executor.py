@@ -30,7 +30,7 @@ import torch
 
 from muxtune.common.allocator import active_allocator
 from muxtune.common.files import atomic_write_bytes
-from muxtune.kernels import configured_backend
+from muxtune.kernels import configured_backend, cpu_build
 from muxtune.plans import (
     AllReduce,
     BuildTasks,
@@ -145,7 +145,12 @@ class PlanExecutor:
                 "(or torchrun -m muxtune.runtime.launch)"
             )
         self.tensorboard.require_packages()
-        configured_backend()  # a bad MUXTUNE_LORA_BACKEND stops the run before anything is written
+        # Bad MUXTUNE_LORA_BACKEND or MUXTUNE_CPU_KERNELS values stop the run before anything is
+        # written; the CPU kernels are built here once, not by the lanes' first instructions.
+        configured_backend()
+        cpu_build.switch_value()
+        if torch.device(self.program.device).type == "cpu":
+            cpu_build.library()
         folder_context = RunFolder(self.plan, resume=self.resume) if self.lead else contextlib.nullcontext()
         with folder_context as folder, self.tensorboard:
             self.folder = folder

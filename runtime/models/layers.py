@@ -14,13 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from muxtune.kernels.cpu_fused import rms_norm, rotary, silu_and_mul
+
 from ..layout import MicroBatchLayout, host_to_device
 from ..peft.base import AttachmentKind, InputPrefixModule, OperatorHost, PeftHost
 from .config import BackboneConfig
 
+torch.fx.wrap("rms_norm")
+torch.fx.wrap("rotary")
+torch.fx.wrap("silu_and_mul")
+
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with Hugging Face numerics (statistics in fp32)."""
+    """Root-mean-square norm with Hugging Face numerics (statistics in fp32; one fused kernel on
+    the CPU, `muxtune.kernels.cpu_fused`)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -28,11 +35,7 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -167,6 +170,17 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+SILU_NAMES = frozenset({"silu", "swish"})
+
+
+def gated_activation(gate: Tensor, up: Tensor, name: str) -> Tensor:
+    """``act(gate) * up`` for transformers' activation `name` (one fused kernel for SiLU on the
+    CPU, `muxtune.kernels.cpu_fused`)."""
+    if name in SILU_NAMES:
+        return silu_and_mul(gate, up)
+    return activation(name)(gate) * up
+
+
 def activation(name: str) -> Callable[[Tensor], Tensor]:
     """The activation function transformers' ACT2FN[name] computes."""
     try:
@@ -250,17 +264,9 @@ def output_layout(layout: MicroBatchLayout) -> MicroBatchLayout:
 torch.fx.wrap("output_layout")
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    """Rotate the two halves of the last dim: (x1, x2) -> (-x2, x1)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rotary(q_THD: Tensor, k_THD: Tensor, cos_TD: Tensor, sin_TD: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate queries and keys by their positions' angles."""
-    cos = cos_TD.unsqueeze(1)
-    sin = sin_TD.unsqueeze(1)
-    return q_THD * cos + rotate_half(q_THD) * sin, k_THD * cos + rotate_half(k_THD) * sin
+    """Rotate queries and keys by their positions' angles: ``x * cos + rotate_half(x) * sin``."""
+    return rotary(q_THD, cos_TD, sin_TD), rotary(k_THD, cos_TD, sin_TD)
 
 
 class BackboneForCausalLM(nn.Module, abc.ABC):

@@ -18,8 +18,8 @@ from .layers import (
     HostLinear,
     RMSNorm,
     RotaryEmbedding,
-    activation,
     apply_rotary,
+    gated_activation,
     output_layout,
     output_rows,
 )
@@ -87,10 +87,11 @@ class LlamaMLP(nn.Module):
         self.gate_proj = split_linear(HostLinear(config.hidden_size, width, bias=config.mlp_bias), "column", split)
         self.up_proj = split_linear(HostLinear(config.hidden_size, width, bias=config.mlp_bias), "column", split)
         self.down_proj = split_linear(HostLinear(width, config.hidden_size, bias=config.mlp_bias), "row", split)
-        self.act_fn = activation(config.activation)
+        self.activation = config.activation
 
     def forward(self, x_TC: Tensor, layout: MicroBatchLayout) -> Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x_TC, layout)) * self.up_proj(x_TC, layout), layout)
+        gated = gated_activation(self.gate_proj(x_TC, layout), self.up_proj(x_TC, layout), self.activation)
+        return self.down_proj(gated, layout)
 
 
 class LlamaDecoderLayer(nn.Module):

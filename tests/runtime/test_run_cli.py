@@ -143,13 +143,16 @@ def test_edited_plan_is_refused_by_run(reference_run: Path, tmp_path: Path) -> N
     assert snapshot(reference_run / "out") == before
 
 
-def test_unknown_lora_backend_is_refused_before_anything_is_written(reference_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("variable", ["MUXTUNE_LORA_BACKEND", "MUXTUNE_CPU_KERNELS"])
+def test_unknown_kernel_setting_is_refused_before_anything_is_written(
+    variable: str, reference_run: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     (tmp_path / "plan.yaml").write_text(
         (reference_run / "plan.yaml").read_text().replace(str(reference_run / "out"), str(out))
     )
-    result = run_cli("run", str(tmp_path / "plan.yaml"), env={"MUXTUNE_LORA_BACKEND": "cuda"})
-    assert result.returncode == 2 and "MUXTUNE_LORA_BACKEND" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("run", str(tmp_path / "plan.yaml"), env={variable: "cuda"})
+    assert result.returncode == 2 and variable in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
 
 

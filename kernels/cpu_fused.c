@@ -1,0 +1,163 @@
+/* Fused CPU kernels for the backbone's element-wise chains, forward and backward.
+ *
+ * Each kernel does in one pass over memory what eager torch does in several operators, with
+ * the same rounding points: every value eager stores in the tensors' dtype is rounded to that
+ * dtype here too (bf16: round to nearest even, as c10::BFloat16), and everything in between is
+ * fp32. What may differ from eager is the last bit of an fp32 intermediate (the order of a
+ * row's sums, exp's polynomial), never a rounding step.
+ *
+ * Tensors are contiguous, row-major; every function handles rows [0, rows) of its arguments,
+ * so a caller may split the rows among threads (each row's result is independent of the split).
+ * Built by muxtune/kernels/cpu_build.py; called through ctypes.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_load(uint16_t value) {
+  uint32_t bits = (uint32_t)value << 16;
+  float out;
+  memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+static inline uint16_t bf16_store(float value) {
+  uint32_t bits;
+  memcpy(&bits, &value, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static inline float f32_load(float value) { return value; }
+static inline float f32_store(float value) { return value; }
+
+/* exp(x) within ~1 ulp (Cephes' range reduction and polynomial); exactly 0 below -87.3 (-inf
+ * included), +inf above 88.37 (+inf included), NaN for NaN. */
+static inline float exp_f32(float x) {
+  const float lo = -87.3365447504f, hi = 88.3762626647f;
+  float clamped = x < lo ? lo : (x > hi ? hi : x);
+  float n = floorf(fmaf(clamped, 1.44269504088896341f, 0.5f));
+  float r = fmaf(n, -0.693359375f, clamped);
+  r = fmaf(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = fmaf(p, r, 1.3981999507e-3f);
+  p = fmaf(p, r, 8.3334519073e-3f);
+  p = fmaf(p, r, 4.1665795894e-2f);
+  p = fmaf(p, r, 1.6666665459e-1f);
+  p = fmaf(p, r, 5.0000001201e-1f);
+  p = fmaf(p, r * r, r) + 1.0f;
+  int32_t exponent = ((int32_t)n + 127) << 23;
+  float scale;
+  memcpy(&scale, &exponent, sizeof scale);
+  float result = x < lo ? 0.0f : (x > hi ? INFINITY : p * scale);
+  return x != x ? x : result;
+}
+
+/* result = the sum of expr_i over i in [0, count), vectorized (-fopenmp-simd): the order of the
+ * sum depends on the build's vector width only, never on the caller's threads. */
+#define SUM(result, count, expr_i)                      \
+  do {                                                  \
+    float total_ = 0.0f;                                \
+    _Pragma("omp simd reduction(+ : total_)")           \
+    for (int64_t i = 0; i < (count); ++i) total_ += (expr_i); \
+    (result) = total_;                                  \
+  } while (0)
+
+#define DEFINE_KERNELS(SUFFIX, T, LOAD, STORE)                                                      \
+  static inline float round_##SUFFIX(float value) { return LOAD(STORE(value)); }                    \
+                                                                                                    \
+  static inline float rms_rstd_##SUFFIX(const T *x, int64_t cols, float eps) {                      \
+    float squares;                                                                                  \
+    SUM(squares, cols, LOAD(x[i]) * LOAD(x[i]));                                                    \
+    return 1.0f / sqrtf(squares / (float)cols + eps);                                               \
+  }                                                                                                 \
+                                                                                                    \
+  /* y = w * T(x * rsqrt(mean(x^2) + eps)), statistics in fp32 (Hugging Face's RMSNorm). */         \
+  void rms_norm_forward_##SUFFIX(const T *x, const T *w, T *y, int64_t rows, int64_t cols,          \
+                                 float eps) {                                                       \
+    for (int64_t r = 0; r < rows; ++r) {                                                            \
+      const T *xr = x + r * cols;                                                                   \
+      T *yr = y + r * cols;                                                                         \
+      float rstd = rms_rstd_##SUFFIX(xr, cols, eps);                                                \
+      for (int64_t c = 0; c < cols; ++c)                                                            \
+        yr[c] = STORE(LOAD(w[c]) * round_##SUFFIX(LOAD(xr[c]) * rstd));                             \
+    }                                                                                               \
+  }                                                                                                 \
+                                                                                                    \
+  /* The input's gradient of rms_norm_forward (w frozen), as autograd derives it. */                \
+  void rms_norm_backward_##SUFFIX(const T *x, const T *w, const T *gy, T *gx, int64_t rows,         \
+                                  int64_t cols, float eps) {                                        \
+    for (int64_t r = 0; r < rows; ++r) {                                                            \
+      const T *xr = x + r * cols, *gr = gy + r * cols;                                              \
+      T *out = gx + r * cols;                                                                       \
+      float rstd = rms_rstd_##SUFFIX(xr, cols, eps);                                                \
+      float dot;                                                                                    \
+      SUM(dot, cols, round_##SUFFIX(LOAD(gr[i]) * LOAD(w[i])) * LOAD(xr[i]));                       \
+      float grad_mean = (-0.5f * dot * (rstd * rstd * rstd)) / (float)cols;                         \
+      for (int64_t c = 0; c < cols; ++c) {                                                          \
+        float x_c = LOAD(xr[c]);                                                                    \
+        float grad_h = round_##SUFFIX(LOAD(gr[c]) * LOAD(w[c]));                                    \
+        out[c] = STORE(grad_h * rstd + grad_mean * (2.0f * x_c));                                   \
+      }                                                                                             \
+    }                                                                                               \
+  }                                                                                                 \
+                                                                                                    \
+  /* y = T(silu(gate)) * up, silu(x) = x / (1 + exp(-x)). */                                        \
+  void swiglu_forward_##SUFFIX(const T *gate, const T *up, T *y, int64_t rows, int64_t cols) {      \
+    for (int64_t i = 0; i < rows * cols; ++i) {                                                           \
+      float g = LOAD(gate[i]);                                                                      \
+      y[i] = STORE(round_##SUFFIX(g / (1.0f + exp_f32(-g))) * LOAD(up[i]));                         \
+    }                                                                                               \
+  }                                                                                                 \
+                                                                                                    \
+  void swiglu_backward_##SUFFIX(const T *gate, const T *up, const T *gy, T *grad_gate,             \
+                                T *grad_up, int64_t rows, int64_t cols) {                           \
+    for (int64_t i = 0; i < rows * cols; ++i) {                                                           \
+      float g = LOAD(gate[i]), dy = LOAD(gy[i]);                                                    \
+      float e = exp_f32(-g);                                                                        \
+      float sigmoid = 1.0f / (1.0f + e);                                                            \
+      grad_up[i] = STORE(dy * round_##SUFFIX(g / (1.0f + e)));                                      \
+      float grad_silu = round_##SUFFIX(dy * LOAD(up[i]));                                           \
+      grad_gate[i] = STORE(grad_silu * sigmoid * (1.0f + g * (1.0f - sigmoid)));                    \
+    }                                                                                               \
+  }                                                                                                 \
+                                                                                                    \
+  /* y = x * cos + rotate_half(x) * sin for x [tokens, heads, dim], cos/sin [tokens, dim]. */      \
+  void rotary_forward_##SUFFIX(const T *x, const T *cos_t, const T *sin_t, T *y, int64_t tokens,   \
+                               int64_t heads, int64_t dim) {                                        \
+    int64_t half = dim / 2;                                                                         \
+    for (int64_t t = 0; t < tokens; ++t) {                                                          \
+      const T *c = cos_t + t * dim, *s = sin_t + t * dim;                                           \
+      for (int64_t h = 0; h < heads; ++h) {                                                         \
+        const T *xr = x + (t * heads + h) * dim;                                                    \
+        T *yr = y + (t * heads + h) * dim;                                                          \
+        for (int64_t i = 0; i < half; ++i)                                                          \
+          yr[i] = STORE(round_##SUFFIX(LOAD(xr[i]) * LOAD(c[i])) +                                  \
+                        round_##SUFFIX(-LOAD(xr[i + half]) * LOAD(s[i])));                          \
+        for (int64_t i = half; i < dim; ++i)                                                        \
+          yr[i] = STORE(round_##SUFFIX(LOAD(xr[i]) * LOAD(c[i])) +                                  \
+                        round_##SUFFIX(LOAD(xr[i - half]) * LOAD(s[i])));                           \
+      }                                                                                             \
+    }                                                                                               \
+  }                                                                                                 \
+                                                                                                    \
+  void rotary_backward_##SUFFIX(const T *gy, const T *cos_t, const T *sin_t, T *gx,                 \
+                                int64_t tokens, int64_t heads, int64_t dim) {                       \
+    int64_t half = dim / 2;                                                                         \
+    for (int64_t t = 0; t < tokens; ++t) {                                                          \
+      const T *c = cos_t + t * dim, *s = sin_t + t * dim;                                           \
+      for (int64_t h = 0; h < heads; ++h) {                                                         \
+        const T *gr = gy + (t * heads + h) * dim;                                                   \
+        T *out = gx + (t * heads + h) * dim;                                                        \
+        for (int64_t i = 0; i < half; ++i)                                                          \
+          out[i] = STORE(round_##SUFFIX(LOAD(gr[i]) * LOAD(c[i])) +                                 \
+                         round_##SUFFIX(LOAD(gr[i + half]) * LOAD(s[i + half])));                   \
+        for (int64_t i = half; i < dim; ++i)                                                        \
+          out[i] = STORE(round_##SUFFIX(LOAD(gr[i]) * LOAD(c[i])) -                                 \
+                         round_##SUFFIX(LOAD(gr[i - half]) * LOAD(s[i - half])));                   \
+      }                                                                                             \
+    }                                                                                               \
+  }                                                                                                 \
+
+DEFINE_KERNELS(bf16, uint16_t, bf16_load, bf16_store)
+DEFINE_KERNELS(f32, float, f32_load, f32_store)
