@@ -22,3 +22,14 @@ def test_every_source_package_is_installed() -> None:
     }
     assert sorted(setuptools["packages"]) == sorted(directories)
     assert setuptools["package-dir"] == {name: directories[name] for name in setuptools["packages"]}
+
+
+def test_c_sources_are_installed_with_their_package() -> None:
+    """Kernel sources built at run time (`kernels/cpu_fused.c`) are package data."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    sources = [path for top in TOP_LEVEL for path in (REPO / top).rglob("*.c")]
+    assert sources
+    for source in sources:
+        package = "muxtune." + ".".join(source.parent.relative_to(REPO).parts)
+        patterns = setuptools["package-data"].get(package, [])
+        assert any(source.match(pattern) for pattern in patterns), f"{source} is not in {package}'s package-data"
