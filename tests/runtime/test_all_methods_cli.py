@@ -62,7 +62,7 @@ def mixed_tasks(steps: int = 4) -> list[dict]:
 def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("mixed")
     job = write_job(directory, mixed_tasks())
-    compiled = run_cli("compile", str(job), "-o", str(directory / "plan.yaml"))
+    compiled = run_cli("compile", str(job), "--fuse-all", "-o", str(directory / "plan.yaml"))
     assert compiled.returncode == 0, compiled.stderr
     result = run_cli("run", str(directory / "plan.yaml"))
     assert result.returncode == 0, result.stderr
@@ -88,7 +88,7 @@ def test_all_methods_train_in_one_htask(mixed_run: Path) -> None:
 
 def test_resume_after_sigkill_equals_uninterrupted(mixed_run: Path, tmp_path: Path) -> None:
     job = write_job(tmp_path, mixed_tasks())
-    assert run_cli("compile", str(job), "-o", str(tmp_path / "plan.yaml")).returncode == 0
+    assert run_cli("compile", str(job), "--fuse-all", "-o", str(tmp_path / "plan.yaml")).returncode == 0
     kill_run_when(tmp_path / "plan.yaml", tmp_path / "out" / JOB_RECORD)
     resumed = run_cli("run", str(tmp_path / "plan.yaml"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
