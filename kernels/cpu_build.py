@@ -51,6 +51,7 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
     "swiglu_backward": (_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64),
     "rotary_forward": (_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64),
     "rotary_backward": (_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64),
+    "cross_entropy": (_ptr, _ptr, _ptr, _ptr, _f32, _i64, _i64),
 }
 DTYPE_SUFFIXES = ("bf16", "f32")
 

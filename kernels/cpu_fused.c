@@ -158,6 +158,30 @@ static inline float exp_f32(float x) {
       }                                                                                             \
     }                                                                                               \
   }                                                                                                 \
+                                                                                                    \
+  /* Cross-entropy of rows of logits against their targets, as log_softmax in fp32 and its        \
+   * backward compute it: target_logp[r] = (x_t - max) - log(sum(exp(x - max))), and, where grad  \
+   * is not NULL, grad[r] = T(picked - exp(logp) * sum(picked)) for picked = -scale at the target  \
+   * and 0 elsewhere (the gradient of scale * the summed negative log-likelihood). */              \
+  void cross_entropy_##SUFFIX(const T *logits, const int64_t *targets, float *target_logp, T *grad, \
+                              float scale, int64_t rows, int64_t cols) {                            \
+    for (int64_t r = 0; r < rows; ++r) {                                                            \
+      const T *x = logits + r * cols;                                                               \
+      int64_t target = targets[r];                                                                  \
+      float top = -INFINITY;                                                                        \
+      _Pragma("omp simd reduction(max : top)")                                                      \
+      for (int64_t c = 0; c < cols; ++c) top = LOAD(x[c]) > top ? LOAD(x[c]) : top;                 \
+      float total;                                                                                  \
+      SUM(total, cols, exp_f32(LOAD(x[i]) - top));                                                  \
+      float log_total = logf(total);                                                                \
+      target_logp[r] = (LOAD(x[target]) - top) - log_total;                                         \
+      if (grad == NULL) continue;                                                                   \
+      T *out = grad + r * cols;                                                                     \
+      for (int64_t c = 0; c < cols; ++c)                                                            \
+        out[c] = STORE(exp_f32((LOAD(x[c]) - top) - log_total) * scale);                            \
+      out[target] = STORE(-scale + exp_f32(target_logp[r]) * scale);                                \
+    }                                                                                               \
+  }
 
 DEFINE_KERNELS(bf16, uint16_t, bf16_load, bf16_store)
 DEFINE_KERNELS(f32, float, f32_load, f32_store)

@@ -1,6 +1,6 @@
-"""The backbone's element-wise chains (RMSNorm, gated SiLU, rotary positions) as one fused CPU
-kernel each, forward and backward, with torch's eager operators everywhere the kernels do not
-apply.
+"""The backbone's element-wise chains (RMSNorm, gated SiLU, rotary positions) and the loss's
+log-softmax as one fused CPU kernel each, forward and backward, with torch's eager operators
+everywhere the kernels do not apply.
 
 Each function here computes what its eager chain computes (Hugging Face's numerics: RMSNorm's
 statistics in fp32, every intermediate the chain stores rounded to the tensors' dtype). On the
@@ -193,3 +193,26 @@ def rotary(x_THD: Tensor, cos_TD: Tensor, sin_TD: Tensor) -> Tensor:
             return _Rotary.apply(x_THD.contiguous(), cos_TD.contiguous(), sin_TD.contiguous())
     cos, sin = cos_TD.unsqueeze(1), sin_TD.unsqueeze(1)
     return x_THD * cos + _rotate_half(x_THD) * sin
+
+
+def cross_entropy_rows(
+    logits_NV: Tensor, targets_N: Tensor, scale: float, with_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """(each row's log-probability of its target [N] in fp32, the logits' gradient of ``scale`` x
+    the summed negative log-likelihood in the logits' dtype, or None without ``with_grad``), as
+    ``log_softmax(logits.float())`` and its backward compute them, in one pass for the first and
+    one more for the second: no fp32 copy of the logits, their log-probabilities or their gradient.
+    For CPU logits where `fused_applies` and CPU int64 targets in range (the caller checks)."""
+    rows, vocab = logits_NV.shape
+    logits = logits_NV.contiguous()
+    targets = targets_N.to(torch.int64).contiguous()
+    picked = torch.empty(rows, dtype=torch.float32)
+    grad = torch.empty_like(logits) if with_grad else None
+    kernel = _kernel("cross_entropy", logits.dtype)
+
+    def call(b: int, e: int) -> None:
+        grad_at = _at(grad, b, vocab) if grad is not None else None
+        kernel(_at(logits, b, vocab), _at(targets, b, 1), _at(picked, b, 1), grad_at, scale, e - b, vocab)
+
+    _split_rows(rows, vocab, call)
+    return picked, grad

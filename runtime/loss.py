@@ -6,7 +6,10 @@ their chunk. Backward then is one multiplication by the incoming gradient.
 The arithmetic is `F.cross_entropy(F.linear(h, W).float(), targets, reduction="sum") * scale`'s,
 backward included, operator for operator (log-softmax and its backward in fp32, the logits'
 gradient rounded to the backbone's dtype before its product with the head weight): only the
-order in which rows are worked changes, and rows do not interact. Both products with the head
+order in which rows are worked changes, and rows do not interact. On the CPU the log-softmax,
+the target's pick and the logits' gradient are one fused kernel
+(`muxtune.kernels.cpu_fused.cross_entropy_rows`: the same roundings, the last bit of fp32 sums
+and exponentials aside). Both products with the head
 weight go through `FrozenHead`, which on the CPU in bf16 runs them against copies of the weight
 packed once for oneDNN.
 """
@@ -17,6 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from muxtune.kernels.cpu_fused import cross_entropy_rows, fused_applies
 
 CHUNK_LOGIT_BYTES = 32 << 20
 """fp32 logits one chunk of rows may hold."""
@@ -82,9 +87,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with_grad = ctx.needs_input_grad[0]
         nll = torch.zeros((), dtype=torch.float32, device=hidden_NC.device)
         grads = []
+        vocab = head.weight_VC.shape[0]
+        fused = fused_applies(hidden_NC) and _targets_in_range(targets_N, vocab)
         for start in range(0, hidden_NC.shape[0], rows):
+            logits_nV = head.logits(hidden_NC[start : start + rows])
+            if fused:
+                picked_n, grad_nV = cross_entropy_rows(logits_nV, targets_N[start : start + rows], scale, with_grad)
+                nll -= picked_n.sum()
+                if grad_nV is not None:
+                    grads.append(head.hidden_grad(grad_nV))
+                continue
             targets_n = targets_N[start : start + rows, None]
-            log_probs_nV = torch.log_softmax(head.logits(hidden_NC[start : start + rows]).float(), dim=-1)
+            log_probs_nV = torch.log_softmax(logits_nV.float(), dim=-1)
             nll -= log_probs_nV.gather(1, targets_n).sum()
             if with_grad:
                 picked_nV = torch.zeros_like(log_probs_nV).scatter_(1, targets_n, -scale)
@@ -101,6 +115,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return None, None, None, None
         (grad_NC,) = ctx.saved_tensors
         return grad_NC * grad_term.to(grad_NC.dtype), None, None, None
+
+
+def _targets_in_range(targets_N: torch.Tensor, vocab: int) -> bool:
+    """Whether host targets index the vocabulary (the fused kernel reads the target's logit)."""
+    if targets_N.device.type != "cpu" or targets_N.numel() == 0:
+        return targets_N.device.type == "cpu"
+    return int(targets_N.min()) >= 0 and int(targets_N.max()) < vocab
 
 
 def linear_cross_entropy(

@@ -198,3 +198,32 @@ def test_switch_and_missing_compiler(fresh_build: Path, monkeypatch: pytest.Monk
     cpu_build.library.cache_clear()
     with pytest.raises(cpu_build.KernelBuildError, match="could not be built"):
         cpu_build.library()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 5), (9, 1031), (3, 49152)])
+def test_cross_entropy_rows_matches_log_softmax_and_its_backward(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    rows, vocab = shape
+    generator = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(shape, generator=generator) * 6).to(dtype)
+    targets = torch.randint(vocab, (rows,), generator=generator)
+    scale = 1 / 37
+    picked, grad = cpu_fused.cross_entropy_rows(logits, targets, scale, with_grad=True)
+
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    expected_picked = log_probs.gather(1, targets[:, None])[:, 0]
+    upstream = torch.zeros_like(log_probs).scatter_(1, targets[:, None], -scale)
+    expected_grad = torch.ops.aten._log_softmax_backward_data(upstream, log_probs, 1, torch.float32).to(dtype)
+    assert picked.dtype == torch.float32 and grad is not None and grad.dtype == dtype
+    torch.testing.assert_close(picked, expected_picked, rtol=1e-6, atol=1e-5)
+    assert_one_rounding(grad, expected_grad)
+    without, no_grad = cpu_fused.cross_entropy_rows(logits, targets, scale, with_grad=False)
+    assert no_grad is None and torch.equal(without, picked)
+
+
+def test_cross_entropy_rows_propagate_nan() -> None:
+    logits = torch.randn(2, 40)
+    logits[1, 3] = float("nan")
+    picked, grad = cpu_fused.cross_entropy_rows(logits, torch.tensor([0, 5]), 1.0, with_grad=True)
+    assert torch.isfinite(picked[0]) and torch.isnan(picked[1])
+    assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1]).all()
