@@ -50,7 +50,7 @@ from .passes.partition import partition as partition_pass
 from .passes.partition import policy_from_name
 from .passes.placement import placement as make_placement
 from .passes.simulate import PhaseSimulation
-from .passes.streams import deal_streams, htask_seconds, keep_faster
+from .passes.streams import best_tail, deal_streams, htask_seconds, keep_faster, stream_zero_microbatches
 from .passes.trace import trace_model
 from .planning import FUSION_MODES, placement_options, plan_job
 from .predict import predictions
@@ -198,7 +198,9 @@ def compile_job(
             "streams", side_by_side, draft, demands, simulations, cost, ineffective, num_streams, memory_limit
         )
         if sides is not None:
-            draft = dataclasses.replace(draft, programs=emit_programs(tasks, phases, partition, placement, sides))
+            streams_of, tails = sides
+            programs = emit_programs(tasks, phases, partition, placement, streams_of, tails)
+            draft = dataclasses.replace(draft, programs=programs)
             predicted, _ = passes.run("simulate", predictions, draft, demands, cost, ineffective)
     plan = dataclasses.replace(draft, predictions=predicted)
     return CompileResult(plan=plan, notes=notes)
@@ -212,19 +214,31 @@ def side_by_side(
     ineffective: dict[str, float],
     num_streams: int,
     memory_limit: int,
-) -> list[HTaskStreams] | None:
-    """Each phase's hTask streams (`passes.streams`), or None when no phase gains from them."""
+) -> tuple[list[HTaskStreams], list[int]] | None:
+    """Each phase's hTask streams and joined tail (`passes.streams`), or None when no phase gains
+    from streams."""
     dealt = [
         deal_streams(htask_seconds(sim), num_streams) if len(phase.htasks) > 1 else {}
         for phase, sim in zip(draft.phases, alone)
     ]
     if not any(any(d.values()) for d in dealt):
         return None
-    programs = emit_programs(draft.tasks, draft.phases, draft.partition, draft.placement, dealt)
-    _, trial = predictions(dataclasses.replace(draft, programs=programs), demands, cost, ineffective)
     limit = planning_bytes(memory_limit)
+
+    def simulate(streams: list[HTaskStreams], tails: list[int]) -> tuple[PhaseSimulation, ...]:
+        programs = emit_programs(draft.tasks, draft.phases, draft.partition, draft.placement, streams, tails)
+        return predictions(dataclasses.replace(draft, programs=programs), demands, cost, ineffective)[1]
+
+    trial = simulate(dealt, [0] * len(dealt))
     kept = [keep_faster(a, b, d, limit) for a, b, d in zip(alone, trial, dealt)]
-    return kept if any(kept) else None
+    if not any(kept):
+        return None
+    counts = [stream_zero_microbatches(phase, streams) if streams else 0 for phase, streams in zip(draft.phases, kept)]
+    candidates = {0: trial}
+    for tail in range(1, max(counts) + 1):
+        candidates[tail] = simulate(kept, [min(tail, c) for c in counts])
+    tails = [best_tail({t: sims[i] for t, sims in candidates.items() if t <= c}, limit) for i, c in enumerate(counts)]
+    return kept, tails
 
 
 def check_tasks(

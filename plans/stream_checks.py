@@ -51,6 +51,23 @@ def htask_streams(body: Sequence[Instruction]) -> dict[int, int]:
     return streams
 
 
+def closing_events(body: Sequence[Instruction]) -> dict[int, str | None]:
+    """Every stream of the body and the event it records as its last instruction (None when its
+    last instruction is not an event record): once a stream has waited for every other stream's
+    closing event, it runs alone."""
+    streams = htask_streams(body)
+    last: dict[int, Instruction] = {}
+    for instruction in body:
+        last[stream_of(instruction, streams)] = instruction
+    return {s: ins.event if isinstance(ins, RecordEvent) else None for s, ins in sorted(last.items())}
+
+
+def runs_alone(stream: int, waited: set[str], closing: dict[int, str | None]) -> bool:
+    """Whether ``stream``, having waited for the events ``waited``, follows the end of every
+    other stream of the body (`closing_events`)."""
+    return all(event is not None and event in waited for s, event in closing.items() if s != stream)
+
+
 class StreamOrder:
     """Checks one body instruction by instruction (`see`), reporting through ``error(index, message)``."""
 

@@ -20,7 +20,9 @@ Streams: every hTask's instructions run on the stream the planner gave it (strea
 receives run on stream 0). Every other stream first waits for an event stream 0 records at the
 start of the round (``round-start``: after the previous round's optimizer steps), and before the
 all-reduce and the optimizer steps stream 0 waits for an event each other stream records after
-its last hTask (``stream-<s>-done``).
+its last hTask (``stream-<s>-done``). Stream 0 may wait for them before its last micro-batches
+(``joined_tail`` of them): those then run alone on the device (`stream_checks.closing_events`),
+with all of a CPU's threads.
 
 On one rank this is, per micro-batch: every subgraph forward, the loss, every subgraph backward
 in reverse order, free.
@@ -166,25 +168,38 @@ def stream_done_event(stream: int) -> str:
 
 
 def rank_round_body(
-    phase: Phase, role: RankRole, tasks: Sequence[TaskPlan], htask_streams: HTaskStreams | None = None
+    phase: Phase,
+    role: RankRole,
+    tasks: Sequence[TaskPlan],
+    htask_streams: HTaskStreams | None = None,
+    joined_tail: int = 0,
 ) -> tuple[Instruction, ...]:
-    """One round of ``phase`` on a rank playing ``role`` (see the module docstring)."""
+    """One round of ``phase`` on a rank playing ``role`` (see the module docstring); with other
+    streams, stream 0's last ``joined_tail`` micro-batches come after it joins them."""
     streams = {h.id: (htask_streams or {}).get(h.id, COMPUTE_STREAM) for h in phase.htasks}
     if role.num_stages > 1 and any(streams.values()):
         raise ValueError("a pipeline stage runs every hTask on stream 0 (its sends and receives are on stream 0)")
     sequence = [(htask.id, m) for htask in phase.htasks for m in range(htask.num_microbatches)]
     others = sorted(set(streams.values()) - {COMPUTE_STREAM})
+    own = [i for i, (h, _) in enumerate(sequence) if streams[h] == COMPUTE_STREAM]
+    tail = set(own[len(own) - joined_tail :]) if others and joined_tail > 0 else set()
     body: list[Instruction] = [RecordEvent(ROUND_START_EVENT, COMPUTE_STREAM)] if others else []
     body += [WaitEvent(ROUND_START_EVENT, stream) for stream in others]
     loaded: set[int] = set()
-    for kind, i in one_f_one_b(len(sequence), role.num_stages, role.stage):
-        h, m = sequence[i]
-        if h not in loaded:
-            body.append(LoadBatches(h, streams[h]))
-            loaded.add(h)
-        body += _forward(role, h, m, streams[h]) if kind == "forward" else _backward(role, h, m, streams[h])
-    for stream in others:
-        body += [RecordEvent(stream_done_event(stream), stream), WaitEvent(stream_done_event(stream), COMPUTE_STREAM)]
+    steps = one_f_one_b(len(sequence), role.num_stages, role.stage)
+    for after_join in (False, True):
+        if after_join:
+            for stream in others:
+                body += [RecordEvent(stream_done_event(stream), stream)]
+                body += [WaitEvent(stream_done_event(stream), COMPUTE_STREAM)]
+        for kind, i in steps:
+            if (i in tail) != after_join:
+                continue
+            h, m = sequence[i]
+            if h not in loaded:
+                body.append(LoadBatches(h, streams[h]))
+                loaded.add(h)
+            body += _forward(role, h, m, streams[h]) if kind == "forward" else _backward(role, h, m, streams[h])
     if role.group:
         body.append(AllReduce(tasks=phase.tasks, group=role.group))
     body.append(OptimizerStep(tasks=phase.tasks))
@@ -199,10 +214,14 @@ def _single_role(partition: Partition) -> RankRole:
 
 
 def round_body(
-    phase: Phase, partition: Partition, tasks: Sequence[TaskPlan], htask_streams: HTaskStreams | None = None
+    phase: Phase,
+    partition: Partition,
+    tasks: Sequence[TaskPlan],
+    htask_streams: HTaskStreams | None = None,
+    joined_tail: int = 0,
 ) -> tuple[Instruction, ...]:
     """One round of ``phase`` on a single rank holding every subgraph."""
-    return rank_round_body(phase, _single_role(partition), tasks, htask_streams)
+    return rank_round_body(phase, _single_role(partition), tasks, htask_streams, joined_tail)
 
 
 def _program(
@@ -212,14 +231,18 @@ def _program(
     phases: Sequence[Phase],
     device: str,
     streams: Sequence[HTaskStreams] | None,
+    tails: Sequence[int] | None,
 ) -> RankProgram:
     per_phase = streams if streams is not None else [None] * len(phases)
+    phase_tails = tails if tails is not None else [0] * len(phases)
     return RankProgram(
         rank=rank,
         device=device,
         stage=role.stage,
         prologue=(LoadBackbone(stage=role.stage), BuildTasks(tasks=tuple(t.name for t in tasks))),
-        phases=tuple(rank_round_body(phase, role, tasks, s) for phase, s in zip(phases, per_phase)),
+        phases=tuple(
+            rank_round_body(phase, role, tasks, s, tail) for phase, s, tail in zip(phases, per_phase, phase_tails)
+        ),
         epilogue=(ExportAdapters(),),
     )
 
@@ -230,14 +253,16 @@ def emit_programs(
     partition: Partition,
     placement: Placement,
     streams: Sequence[HTaskStreams] | None = None,
+    tails: Sequence[int] | None = None,
 ) -> tuple[RankProgram, ...]:
     """One program per rank of ``placement``: load the rank's stage of the backbone and build
     every task, then the phases' rounds, then export the adapters. ``partition``'s subgraphs
     must name their stages (`plan_partition` with ``stage_of``), every stage holding some;
-    ``streams`` gives each phase's hTask streams (all on stream 0 without it)."""
+    ``streams`` gives each phase's hTask streams (all on stream 0 without it), ``tails`` each
+    phase's ``joined_tail`` (`rank_round_body`; 0 without it)."""
     stages = stage_subgraphs(partition, placement.pipeline_parallel)
     return tuple(
-        _program(rank, rank_role(placement, stages, rank), tasks, phases, placement.device, streams)
+        _program(rank, rank_role(placement, stages, rank), tasks, phases, placement.device, streams, tails)
         for rank in range(placement.num_ranks)
     )
 
@@ -248,7 +273,8 @@ def single_rank_program(
     partition: Partition,
     device: str,
     streams: Sequence[HTaskStreams] | None = None,
+    tails: Sequence[int] | None = None,
 ) -> RankProgram:
     """Rank 0's program on one device holding every subgraph (`emit_programs` of a one-rank
     placement)."""
-    return _program(0, _single_role(partition), tasks, phases, device, streams)
+    return _program(0, _single_role(partition), tasks, phases, device, streams, tails)

@@ -10,7 +10,9 @@ occupies the rank's one outgoing link, and arrives ``transfer_seconds`` later. E
 completion times across streams. Exposed communication is the time a rank is blocked while all
 its streams are idle (plus the all-reduces themselves); memory is the sum of live buffers.
 A body whose hTasks run on several streams shares the device between them: every compute
-instruction of it takes ``concurrent_slowdown(streams)`` times its cost alone.
+instruction of it takes ``concurrent_slowdown(streams)`` times its cost alone, except on a stream
+that has waited for every other stream's closing event (`closing_events`), which from then on
+has the device to itself.
 
 Times depend only on each rank's own program, the messages it receives and the all-reduces it
 joins, so the order in which ranks are advanced does not change the result: the replay is
@@ -43,6 +45,7 @@ from muxtune.plans import (
     Subgraph,
     WaitEvent,
 )
+from muxtune.plans.stream_checks import closing_events, runs_alone
 
 COMPUTE_STREAM = 0
 """The stream of instructions that name none (and the one a `Send` waits for)."""
@@ -116,6 +119,9 @@ class _Rank:
     exposed: float = 0.0
     streams: dict[int, float] = field(default_factory=dict)
     events: dict[str, float] = field(default_factory=dict)
+    waited: dict[int, set[str]] = field(default_factory=dict)
+    alone: set[int] = field(default_factory=set)
+    """Streams that have joined the end of every other stream (they run at full speed)."""
     reduces: dict[tuple[int, ...], int] = field(default_factory=dict)
     held: dict[tuple[int, int], list[tuple[float, int]]] = field(default_factory=dict)
     buffers: list[tuple[float, float, int, bool]] = field(default_factory=list)
@@ -148,6 +154,7 @@ class _Round:
         programs = sorted(plan.programs, key=lambda p: p.rank)
         self.ranks = [_Rank(p.rank, p.phases[phase]) for p in programs]
         self.slowdown = {r.rank: costs.concurrent_slowdown(len(_streams(r.body))) for r in self.ranks}
+        self.closing = {r.rank: closing_events(r.body) for r in self.ranks}
         self.messages: dict[_Message, deque[float]] = {}
         self.arrivals: dict[tuple[tuple[int, ...], int], dict[int, tuple[float, tuple[str, ...]]]] = {}
         self.timeline: list[TimelineEntry] = []
@@ -177,7 +184,7 @@ class _Round:
 
     def compute(self, rank: _Rank, stream: int, seconds: float, instruction: Instruction) -> tuple[float, float]:
         start = max(rank.issue, rank.streams.get(stream, 0.0))
-        seconds *= self.slowdown[rank.rank]
+        seconds *= 1.0 if stream in rank.alone else self.slowdown[rank.rank]
         end = start + seconds
         rank.streams[stream] = end
         rank.busy += seconds
@@ -220,6 +227,10 @@ class _Round:
             assert ins.event in rank.events, f"rank {rank.rank} waits for unrecorded event {ins.event!r}"
             at = max(rank.streams.get(ins.stream, 0.0), rank.events[ins.event])
             rank.streams[ins.stream] = at
+            waited = rank.waited.setdefault(ins.stream, set())
+            waited.add(ins.event)
+            if runs_alone(ins.stream, waited, self.closing[rank.rank]):
+                rank.alone.add(ins.stream)
             self.entry(rank, ins.stream, at, at, ins)
         elif isinstance(ins, Send):
             start = max(rank.issue, rank.streams.get(COMPUTE_STREAM, 0.0), rank.link)

@@ -6,14 +6,18 @@ first, each to the stream with the least work so far (the LPT rule), by the time
 single-stream simulation gives each hTask. A phase keeps its streams only where the simulation
 of the whole body with them (every instruction slowed by `concurrent_slowdown`) predicts a
 shorter round within the memory limit; otherwise its hTasks stay on stream 0, one after
-another.
+another. Where it keeps them, stream 0 joins the other streams before as many of its last
+micro-batches as give the shortest simulated round (`best_tail`): when the other streams finish
+first, those micro-batches run alone on the device instead of leaving it half idle.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .emit import HTaskStreams
+from muxtune.plans import Phase
+
+from .emit import COMPUTE_STREAM, HTaskStreams
 from .simulate import PhaseSimulation
 
 
@@ -45,3 +49,15 @@ def keep_faster(
     every rank, else no streams (every hTask on stream 0)."""
     fits = max(side_by_side.peak_memory_bytes, default=0) <= memory_limit
     return streams if fits and side_by_side.seconds_per_round < alone.seconds_per_round else {}
+
+
+def stream_zero_microbatches(phase: Phase, streams: HTaskStreams) -> int:
+    """How many of the phase's micro-batches run on stream 0 under ``streams``."""
+    return sum(h.num_microbatches for h in phase.htasks if streams.get(h.id, COMPUTE_STREAM) == COMPUTE_STREAM)
+
+
+def best_tail(simulations: Mapping[int, PhaseSimulation], memory_limit: int) -> int:
+    """The joined tail (stream 0's micro-batches after it joins the other streams) whose simulated
+    round is shortest within ``memory_limit`` (ties: the shorter tail; 0 when none fits)."""
+    fitting = [t for t, sim in simulations.items() if max(sim.peak_memory_bytes, default=0) <= memory_limit]
+    return min(fitting, key=lambda t: (simulations[t].seconds_per_round, t), default=0)

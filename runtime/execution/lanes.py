@@ -9,6 +9,12 @@ instructions sit on one stream, and what acts on every task (optimizer steps, ch
 on stream 0 after joining the others. Each lane replays its instructions in body order, so a
 stream's results do not depend on the other lanes' timing.
 
+A lane that has waited for every other lane's closing event (`closing_events`: each other lane has
+finished the round's work) runs the rest of its instructions with all the rank's threads. Where
+that happens is fixed by the body (the compiler puts stream 0's join before its last
+micro-batches when that shortens the round), so which instructions run on how many threads never
+depends on timing, and neither do the results.
+
 With one stream, or fewer than two intra-op threads (a multi-rank run on a small machine, or a
 GPU, whose streams are CUDA streams issued in order), the body runs in order on the calling
 thread (events are already satisfied in body order).
@@ -24,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from muxtune.plans import Instruction, RecordEvent, WaitEvent
-from muxtune.plans.stream_checks import HOST_STREAM, htask_streams, stream_of
+from muxtune.plans.stream_checks import HOST_STREAM, closing_events, htask_streams, runs_alone, stream_of
 
 WAIT_POLL_SECONDS = 0.05
 """How often a lane blocked on an event looks whether another lane failed."""
@@ -68,18 +74,23 @@ class LaneRunner:
             return 1
         per_lane = max(1, self.threads // len(lanes))
         events = {ins.event: threading.Event() for ins in body if isinstance(ins, RecordEvent)}
+        closing = closing_events(body)
         failed = threading.Event()
 
-        def replay(instructions: list[Instruction]) -> None:
+        def replay(stream: int) -> None:
             torch.set_num_threads(per_lane)
+            waited: set[str] = set()
             try:
-                for instruction in instructions:
+                for instruction in lanes[stream]:
                     if failed.is_set():
                         raise _Aborted
                     if isinstance(instruction, WaitEvent):
                         while not events[instruction.event].wait(WAIT_POLL_SECONDS):
                             if failed.is_set():
                                 raise _Aborted
+                        waited.add(instruction.event)
+                        if runs_alone(stream, waited, closing):
+                            torch.set_num_threads(self.threads)
                     execute(instruction)
                     if isinstance(instruction, RecordEvent):
                         events[instruction.event].set()
@@ -88,10 +99,10 @@ class LaneRunner:
                 raise
 
         pool = self._workers(len(lanes) - 1)
-        others = [pool.submit(replay, lanes[s]) for s in sorted(lanes) if s != HOST_STREAM]
+        others = [pool.submit(replay, s) for s in sorted(lanes) if s != HOST_STREAM]
         try:
             with contextlib.suppress(_Aborted):
-                replay(lanes[HOST_STREAM])
+                replay(HOST_STREAM)
         finally:
             torch.set_num_threads(self.threads)
             errors = [_outcome(f, failed) for f in others]

@@ -205,14 +205,16 @@ def test_events_order_work_across_streams() -> None:
         Forward(0, 0, 1, 0),
     ]
     sim = simulate(with_body(plan, 0, body), tokens=varied)
-    # two streams share the device: every compute instruction takes SLOWDOWN times its cost
+    # two streams share the device: every compute instruction takes SLOWDOWN times its cost, until
+    # stream 0 has waited for stream 1's closing event: its last forward has the device alone
     load, f0, f1 = 2 * LOAD * SLOWDOWN, varied(0, 0) / 1024 * SLOWDOWN, varied(0, 1) / 1024 * SLOWDOWN
+    alone = f0 / SLOWDOWN
     forwards = entries(sim, 0, "forward")
     assert [e.stream for e in forwards] == [1, 0, 0]
     assert [t for e in forwards for t in (e.start, e.end)] == pytest.approx(
-        [load, load + f0, load, load + f1, load + max(f0, f1), load + max(f0, f1) + f0]
+        [load, load + f0, load, load + f1, load + max(f0, f1), load + max(f0, f1) + alone]
     )
-    assert sim.seconds_per_round == pytest.approx(load + max(f0, f1) + f0)
+    assert sim.seconds_per_round == pytest.approx(load + max(f0, f1) + alone)
     assert sim.bubble_fraction == 0.0  # overlapping streams: busy exceeds the round, clamped
 
 

@@ -1,7 +1,8 @@
 """hTasks side by side: the emit pass puts each hTask on the stream it is given and joins the
-streams before the optimizer step; the streams pass deals hTasks largest first (checked against
-brute force on small instances); the compiler keeps streams only where the simulation predicts a
-shorter round, and ``streams=1`` keeps every hTask on stream 0."""
+streams before the optimizer step (or before stream 0's last micro-batches, its joined tail);
+the streams pass deals hTasks largest first (checked against brute force on small instances) and
+takes the joined tail of the shortest simulated round; the compiler keeps streams only where the
+simulation predicts a shorter round, and ``streams=1`` keeps every hTask on stream 0."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from muxtune.compiler.passes.emit import (
     stream_done_event,
 )
 from muxtune.compiler.passes.placement import placement
-from muxtune.compiler.passes.streams import deal_streams
-from muxtune.plans import LoadBatches, OptimizerStep, Plan, RecordEvent, WaitEvent, validate_plan
+from muxtune.compiler.passes.simulate import PhaseSimulation
+from muxtune.compiler.passes.streams import best_tail, deal_streams
+from muxtune.plans import Forward, LoadBatches, OptimizerStep, Plan, RecordEvent, WaitEvent, validate_plan
 from muxtune.runtime.execution import per_layers, per_stage, stage_of_layer
 from muxtune.runtime.execution.plan_partition import plan_partition
 from muxtune.specs import load_job_spec
@@ -114,3 +116,34 @@ def test_compiler_runs_htasks_side_by_side_only_where_predicted_faster(
     assert streams_used(compile_job(spec, fusion="no_fuse").plan) == {0}, "no gain predicted: one stream"
     on_gpu = compile_job(load_job_spec(write_job(tmp_path / "gpu", tasks, cluster={"device": "h100"}))).plan
     assert streams_used(on_gpu) == {0}
+
+
+@pytest.mark.parametrize("tail", [1, 2, 99])
+def test_joined_tail_moves_stream_zeros_last_microbatches_past_the_join(
+    traced: torch.fx.GraphModule, tail: int
+) -> None:
+    part = plan_partition(partition(traced, per_layers(1024)))
+    phases = make_phases(3)
+    streams = [{1: 1}, {1: 1}, {}]
+    mesh = placement("cpu", NUM_LAYERS, (NUM_LAYERS,), 1, 1)
+    plan = build_plan(mesh, part, phases)
+    plain = single_rank_program(TASKS, phases, part, "cpu", streams).phases[0]
+    program = single_rank_program(TASKS, phases, part, "cpu", streams, [tail] * 3)
+    body = validate_plan(dataclasses.replace(plan, programs=(program,))).programs[0].phases[0]
+    assert sorted(map(repr, body)) == sorted(map(repr, plain)), "the same instructions, in another order"
+    join = body.index(WaitEvent(stream_done_event(1), 0))
+    own = [(h.id, m) for h in phases[0].htasks if streams[0].get(h.id, 0) == 0 for m in range(h.num_microbatches)]
+    after = [(i.htask, i.microbatch) for i in body[join:] if isinstance(i, Forward) and i.subgraph == 0]
+    assert after == own[-tail:], "stream 0's last micro-batches, in order, after it joins stream 1"
+    assert all(getattr(i, "stream", 0) == 0 for i in body[join:])
+
+
+def simulated(seconds: float, peak: int) -> PhaseSimulation:
+    return PhaseSimulation(0, seconds, (seconds,), 0.0, 0.0, (peak,), ())
+
+
+def test_best_tail_is_the_shortest_round_that_fits() -> None:
+    sims = {0: simulated(2.0, 10), 1: simulated(1.5, 10), 2: simulated(1.5, 10), 3: simulated(1.0, 99)}
+    assert best_tail(sims, memory_limit=50) == 1, "the shortest fitting round; ties go to the shorter tail"
+    assert best_tail(sims, memory_limit=100) == 3
+    assert best_tail(sims, memory_limit=5) == 0, "nothing fits: no tail"

@@ -20,7 +20,18 @@ from user_path import default_tasks, write_job
 
 from muxtune.compiler.compile import compile_job
 from muxtune.compiler.cost.devices import DEVICE_TABLES
-from muxtune.plans import Forward, Instruction, LoadBatches, OptimizerStep, Plan, RecordEvent, WaitEvent
+from muxtune.compiler.passes.emit import single_rank_program, stream_done_event
+from muxtune.plans import (
+    Forward,
+    Instruction,
+    LoadBatches,
+    OptimizerStep,
+    Plan,
+    RecordEvent,
+    WaitEvent,
+    validate_plan,
+)
+from muxtune.plans.stream_checks import htask_streams
 from muxtune.runtime.adapters import WEIGHTS_NAME
 from muxtune.runtime.execution.lanes import LaneRunner, split_lanes
 from muxtune.runtime.executor import PlanExecutor
@@ -72,7 +83,12 @@ def test_lanes_run_apart_and_keep_event_order() -> None:
     assert order.index(Forward(0, 0, 0, 0)) < order.index(Forward(1, 0, 0, 1)) < order.index(OptimizerStep(("a", "b")))
     threads = {i: name for name, i, _ in done}
     assert threads[Forward(0, 0, 0, 0)] == threading.current_thread().name != threads[Forward(1, 0, 0, 1)]
-    assert {n for _, _, n in done} == {1}, "each of two lanes gets one of the two intra-op threads"
+    joined = order.index(WaitEvent("stream-1-done", 0))
+    assert {n for _, _, n in done[:joined]} == {1}, "each of two lanes gets one of the two intra-op threads"
+    after = [(i, n) for _, i, n in done if order.index(i) >= joined]
+    assert after == [(WaitEvent("stream-1-done", 0), 2), (OptimizerStep(("a", "b")), 2)], (
+        "past its wait for stream 1's closing event, stream 0 runs alone with both threads"
+    )
 
 
 def test_one_thread_runs_the_body_in_order() -> None:
@@ -140,3 +156,30 @@ def test_side_by_side_trains_the_same_adapters(tmp_path: Path, monkeypatch: pyte
     profiled = json.loads((tmp_path / "apart" / "profile" / "rank-0.json").read_text())["traceEvents"]
     threads = {e["tid"] for e in profiled if e.get("cat") == "cpu_op" and e["name"] == "aten::mm"}
     assert len(threads) == 2, "the profiler records the operators of both lanes"
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="lanes need two intra-op threads")
+def test_a_joined_tail_runs_alone_and_trains_the_same_adapters_every_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stream 0's last micro-batch after its join runs with both threads: on every run the same
+    instructions, so two runs train bitwise the same adapters (and the same as one stream's, up
+    to the threads' rounding)."""
+    tasks = [{**task, "steps": 2, "save_every": 0} for task in default_tasks()]
+    spec = load_job_spec(write_job(tmp_path, tasks))
+    monkeypatch.setitem(DEVICE_TABLES, "cpu", dataclasses.replace(DEVICE_TABLES["cpu"], stream_slowdown=1.2))
+    plan = compile_job(spec, fusion="no_fuse").plan
+    streams = [htask_streams(body) for body in plan.programs[0].phases]
+    assert any(any(s.values()) for s in streams)
+    program = single_rank_program(plan.tasks, plan.phases, plan.partition, "cpu", streams, [1] * len(streams))
+    tailed = validate_plan(dataclasses.replace(plan, programs=(program,)))
+    body = tailed.programs[0].phases[0]
+    join = body.index(WaitEvent(stream_done_event(1), 0))
+    assert any(isinstance(i, Forward) and i.stream == 0 for i in body[join:]), "a micro-batch runs after the join"
+    first = run_plan(tailed, tmp_path / "first")
+    second = run_plan(tailed, tmp_path / "second")
+    serial = run_plan(compile_job(spec, fusion="no_fuse", streams=1).plan, tmp_path / "serial")
+    for name, tensors in serial.items():
+        for key, value in tensors.items():
+            assert torch.equal(first[name][key], second[name][key]), f"{name}:{key} differs between runs"
+            torch.testing.assert_close(first[name][key], value, rtol=1e-5, atol=1e-7, msg=f"{name}:{key}")
