@@ -15,6 +15,7 @@ independent of the rest of the batch, so fused and alone training stay equal.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -47,7 +48,7 @@ def _kernel(name: str, dtype: torch.dtype) -> Callable[..., None]:
 
 @functools.lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads() - 1), thread_name_prefix="muxtune-fused")
+    return ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="muxtune-fused")
 
 
 def _split_rows(rows: int, row_elements: int, call: Callable[[int, int], None]) -> None:
@@ -69,15 +70,15 @@ def _at(tensor: Tensor, row: int, row_elements: int) -> int:
     return tensor.data_ptr() + row * row_elements * tensor.element_size()
 
 
-def _rowwise(name: str, outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], *extra: Any) -> None:
+def _rowwise(name: str, outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...]) -> None:
     """Run kernel `name` over rows of same-shaped [rows, cols] `inputs` into `outputs`; the
-    kernel's arguments are (inputs..., outputs..., rows, cols, *extra)."""
+    kernel's arguments are (inputs..., outputs..., rows, cols)."""
     rows, cols = inputs[0].shape
     kernel = _kernel(name, inputs[0].dtype)
 
     def call(begin: int, end: int) -> None:
         pointers = [_at(t, begin, cols) for t in (*inputs, *outputs)]
-        kernel(*pointers, end - begin, cols, *extra)
+        kernel(*pointers, end - begin, cols)
 
     _split_rows(rows, cols, call)
 
