@@ -1,4 +1,6 @@
-"""muxtune.kernels: segmented multi-task LoRA (Triton kernels, torch references, dispatch).
+"""muxtune.kernels: segmented multi-task LoRA (Triton kernels, torch references, dispatch), and
+fused CPU kernels for the backbone's element-wise chains and the loss (`cpu_fused`, C built at
+first use by `cpu_build`).
 
 Importing this package never imports Triton; `segmented_lora` loads it on first use.
 """
