@@ -11,6 +11,7 @@ callers keep torch's eager operators.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -77,12 +78,11 @@ def switch_value() -> str:
 
 
 def _cpu_features() -> str:
-    try:
+    """The CPU's feature flags (what ``-march=native`` compiles for), else its name."""
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
                 return line
-    except OSError:
-        pass
     return platform.processor()
 
 

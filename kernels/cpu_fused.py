@@ -70,15 +70,16 @@ def _at(tensor: Tensor, row: int, row_elements: int) -> int:
     return tensor.data_ptr() + row * row_elements * tensor.element_size()
 
 
-def _rowwise(name: str, outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...]) -> None:
-    """Run kernel `name` over rows of same-shaped [rows, cols] `inputs` into `outputs`; the
-    kernel's arguments are (inputs..., outputs..., rows, cols)."""
-    rows, cols = inputs[0].shape
-    kernel = _kernel(name, inputs[0].dtype)
+def _rowwise(name: str, operands: tuple[Tensor, ...], *extra: float) -> None:
+    """Run kernel `name` over the rows of its [rows, cols] operands (the first sets the shape);
+    1-D operands are passed whole to every row range. The kernel's arguments are (operands...,
+    rows, cols, *extra)."""
+    rows, cols = operands[0].shape
+    kernel = _kernel(name, operands[0].dtype)
 
     def call(begin: int, end: int) -> None:
-        pointers = [_at(t, begin, cols) for t in (*inputs, *outputs)]
-        kernel(*pointers, end - begin, cols)
+        pointers = [_at(t, begin, cols) if t.dim() == 2 else t.data_ptr() for t in operands]
+        kernel(*pointers, end - begin, cols, *extra)
 
     _split_rows(rows, cols, call)
 
@@ -88,13 +89,7 @@ class _RmsNorm(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
         out = torch.empty_like(rows)
-        kernel = _kernel("rms_norm_forward", x.dtype)
-        cols = rows.shape[1]
-        _split_rows(
-            rows.shape[0],
-            cols,
-            lambda b, e: kernel(_at(rows, b, cols), weight.data_ptr(), _at(out, b, cols), e - b, cols, eps),
-        )
+        _rowwise("rms_norm_forward", (rows, weight, out), eps)
         ctx.save_for_backward(rows, weight)
         ctx.eps = eps
         return out.view(x.shape)
@@ -102,17 +97,8 @@ class _RmsNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:
         rows, weight = ctx.saved_tensors
-        grad = grad_out.reshape(rows.shape).contiguous()
         grad_x = torch.empty_like(rows)
-        kernel = _kernel("rms_norm_backward", rows.dtype)
-        cols = rows.shape[1]
-
-        def call(b: int, e: int) -> None:
-            kernel(
-                _at(rows, b, cols), weight.data_ptr(), _at(grad, b, cols), _at(grad_x, b, cols), e - b, cols, ctx.eps
-            )
-
-        _split_rows(rows.shape[0], cols, call)
+        _rowwise("rms_norm_backward", (rows, weight, grad_out.reshape(rows.shape).contiguous(), grad_x), ctx.eps)
         return grad_x.view(grad_out.shape), None, None
 
 
@@ -132,7 +118,7 @@ class _SiluAndMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gate: Tensor, up: Tensor) -> Tensor:
         out = torch.empty_like(gate)
-        _rowwise("swiglu_forward", (out,), (gate, up))
+        _rowwise("swiglu_forward", (gate, up, out))
         ctx.save_for_backward(gate, up)
         return out
 
@@ -140,7 +126,7 @@ class _SiluAndMul(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor]:
         gate, up = ctx.saved_tensors
         grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
-        _rowwise("swiglu_backward", (grad_gate, grad_up), (gate, up, grad_out.contiguous()))
+        _rowwise("swiglu_backward", (gate, up, grad_out.contiguous(), grad_gate, grad_up))
         return grad_gate, grad_up
 
 
@@ -189,9 +175,9 @@ def _rotary_call(name: str, x: Tensor, cos: Tensor, sin: Tensor, out: Tensor) ->
 def rotary(x_THD: Tensor, cos_TD: Tensor, sin_TD: Tensor) -> Tensor:
     """``x * cos + rotate_half(x) * sin`` for x [T, H, D] and tables [T, D] broadcast over heads;
     fused where `fused_applies`."""
-    if x_THD.dim() == 3 and x_THD.shape[-1] % 2 == 0 and fused_applies(x_THD, cos_TD, sin_TD):
-        if cos_TD.shape == (x_THD.shape[0], x_THD.shape[2]) == sin_TD.shape:
-            return _Rotary.apply(x_THD.contiguous(), cos_TD.contiguous(), sin_TD.contiguous())
+    tables_fit = x_THD.dim() == 3 and cos_TD.shape == (x_THD.shape[0], x_THD.shape[2]) == sin_TD.shape
+    if tables_fit and x_THD.shape[-1] % 2 == 0 and fused_applies(x_THD, cos_TD, sin_TD):
+        return _Rotary.apply(x_THD.contiguous(), cos_TD.contiguous(), sin_TD.contiguous())
     cos, sin = cos_TD.unsqueeze(1), sin_TD.unsqueeze(1)
     return x_THD * cos + _rotate_half(x_THD) * sin
 

@@ -148,9 +148,10 @@ class PlanExecutor:
         # Bad MUXTUNE_LORA_BACKEND or MUXTUNE_CPU_KERNELS values stop the run before anything is
         # written; the CPU kernels are built here once, not by the lanes' first instructions.
         configured_backend()
-        cpu_build.switch_value()
         if torch.device(self.program.device).type == "cpu":
             cpu_build.library()
+        else:
+            cpu_build.switch_value()
         folder_context = RunFolder(self.plan, resume=self.resume) if self.lead else contextlib.nullcontext()
         with folder_context as folder, self.tensorboard:
             self.folder = folder
