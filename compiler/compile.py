@@ -50,9 +50,10 @@ from .passes.partition import partition as partition_pass
 from .passes.partition import policy_from_name
 from .passes.placement import placement as make_placement
 from .passes.simulate import PhaseSimulation
+from .passes.solve import MEMORY_SLACK
 from .passes.streams import best_tail, deal_streams, htask_seconds, keep_faster, stream_zero_microbatches
 from .passes.trace import trace_model
-from .planning import FUSION_MODES, placement_options, plan_job
+from .planning import FUSION_MODES, JobPlan, placement_options, plan_job
 from .predict import predictions
 from .tensor_parallel import may_split, tensor_parallel_problems
 
@@ -130,7 +131,7 @@ def compile_job(
     )
     device = resolve_device(spec.cluster.device)
     try:
-        partition_policy = policy_from_name(policy)
+        policy_from_name(policy)
     except ValueError as exc:
         raise CompileError([f"partition: {exc}"]) from None
     passes = PassDriver()
@@ -142,24 +143,80 @@ def compile_job(
         raise CompileError([f"cluster.tensor_parallel: {spec.cluster.tensor_parallel}: {p}" for p in split_problems])
     options = placement_options(spec.cluster, cost, splittable=not split_problems)
     laid_out = {t.name: laid_out_dataset(t, datasets[t.name]) for t in tasks}
-    job_plan = passes.run(
-        "solve",
-        plan_job,
-        tasks,
-        laid_out,
-        cost,
-        options,
-        memory_limit,
-        mode=fusion,
-        task_tokens=task_tokens,
+    num_streams = min(cost.device.parallel_streams, streams or cost.device.parallel_streams)
+    context = _PlanContext(
+        spec=spec,
+        spec_path=spec_path,
+        config=config,
+        tasks=tasks,
+        datasets=datasets,
+        laid_out=laid_out,
+        cost=cost,
+        traced=traced,
+        device=device,
+        policy=policy,
+        memory_limit=memory_limit,
         align=align,
+        num_streams=num_streams,
     )
+
+    def solved(mode: str) -> JobPlan:
+        return passes.run(
+            "solve",
+            plan_job,
+            tasks,
+            laid_out,
+            cost,
+            options,
+            memory_limit,
+            mode=mode,
+            task_tokens=task_tokens,
+            align=align,
+        )
+
+    plan = _lowered(passes, context, solved(fusion))
+    if fusion == "solve" and num_streams > 1 and plan.placement.num_ranks == 1 and len(tasks) > 1:
+        separate = _lowered(passes, context, solved("no_fuse"))
+        if _preferred(separate, plan) is separate:
+            notes += (
+                f"planner: one hTask per task, {_seconds(separate)} s a round side by side on {num_streams} "
+                f"streams, against {_seconds(plan)} s for the solver's hTasks (its proxy runs them one after another)",
+            )
+            plan = separate
+    return CompileResult(plan=plan, notes=notes)
+
+
+@dataclass(frozen=True)
+class _PlanContext:
+    """What lowering a solved job into a plan needs from `compile_job`."""
+
+    spec: JobSpec
+    spec_path: str | None
+    config: BackboneConfig
+    tasks: tuple[TaskPlan, ...]
+    datasets: dict[str, TokenizedDataset]
+    laid_out: dict[str, TokenizedDataset]
+    cost: CostModel
+    traced: torch.fx.GraphModule
+    device: str
+    policy: str
+    memory_limit: int
+    align: bool
+    num_streams: int
+
+
+def _lowered(passes: PassDriver, ctx: _PlanContext, job_plan: JobPlan) -> Plan:
+    """The plan of a solved job: placement, partition, programs (with hTask streams where they
+    pay), predictions."""
+    tasks, cost, traced, memory_limit = ctx.tasks, ctx.cost, ctx.traced, ctx.memory_limit
+    spec, config, datasets, laid_out = ctx.spec, ctx.config, ctx.datasets, ctx.laid_out
+    partition_policy = policy_from_name(ctx.policy)
     option = job_plan.option
     placement = make_placement(
-        device, config.num_layers, option.stage_layers, option.tensor_parallel, option.data_parallel
+        ctx.device, config.num_layers, option.stage_layers, option.tensor_parallel, option.data_parallel
     )
     if len(option.stage_layers) > 1:
-        partition_policy = policy_from_name(stage_policy_name(placement, policy))
+        partition_policy = policy_from_name(stage_policy_name(placement, ctx.policy))
     if option.tensor_parallel > 1:
         split = TensorSplit(option.tensor_parallel, 0)
         traced = passes.run("trace", trace_model, config, {t.name: t.peft for t in tasks}, head=False, split=split)
@@ -175,7 +232,7 @@ def compile_job(
             model=spec.model,
             dtype=spec.dtype,
             output_dir=spec.output_dir,
-            spec_path=spec_path,
+            spec_path=ctx.spec_path,
             report_to=spec.report_to,
         ),
         fingerprint=compute_fingerprint(backbone, tasks, phases, partition),
@@ -183,7 +240,7 @@ def compile_job(
         placement=placement,
         partition=partition,
         tasks=tasks,
-        alignment=Alignment(chunk_size=cost.device.chunk_tokens if align else 1),
+        alignment=Alignment(chunk_size=cost.device.chunk_tokens if ctx.align else 1),
         phases=phases,
         programs=programs,
         predictions=Predictions(num_rounds=phases[-1].last_round, tokens_per_round=0),
@@ -192,18 +249,30 @@ def compile_job(
     ineffective = {t.name: placeholder_share(datasets[t.name], laid_out[t.name]) for t in tasks}
     demands = [p.demands for p in job_plan.phases]
     predicted, simulations = passes.run("simulate", predictions, draft, demands, cost, ineffective)
-    num_streams = min(cost.device.parallel_streams, streams or cost.device.parallel_streams)
-    if num_streams > 1 and placement.num_ranks == 1:
+    if ctx.num_streams > 1 and placement.num_ranks == 1:
         sides = passes.run(
-            "streams", side_by_side, draft, demands, simulations, cost, ineffective, num_streams, memory_limit
+            "streams", side_by_side, draft, demands, simulations, cost, ineffective, ctx.num_streams, memory_limit
         )
         if sides is not None:
             streams_of, tails = sides
             programs = emit_programs(tasks, phases, partition, placement, streams_of, tails)
             draft = dataclasses.replace(draft, programs=programs)
             predicted, _ = passes.run("simulate", predictions, draft, demands, cost, ineffective)
-    plan = dataclasses.replace(draft, predictions=predicted)
-    return CompileResult(plan=plan, notes=notes)
+    return dataclasses.replace(draft, predictions=predicted)
+
+
+def _seconds(plan: Plan) -> str:
+    return f"{plan.predictions.est_seconds_per_round:.3f}"
+
+
+def _preferred(challenger: Plan, incumbent: Plan) -> Plan:
+    """The faster plan by predicted job time; the incumbent while it is within the solver's
+    `MEMORY_SLACK` of the challenger and needs no more memory (the solver's own rule)."""
+    fast, slow = challenger.predictions.est_total_seconds, incumbent.predictions.est_total_seconds
+    if fast is None or slow is None or fast >= slow:
+        return incumbent
+    lighter = (incumbent.predictions.est_peak_memory_bytes or 0) <= (challenger.predictions.est_peak_memory_bytes or 0)
+    return incumbent if lighter and slow <= fast * (1 + MEMORY_SLACK) else challenger
 
 
 def side_by_side(

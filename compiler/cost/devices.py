@@ -22,7 +22,11 @@ class DeviceSpec:
     tensors (torch, the CUDA context); ``chunk_tokens`` is the alignment unit of micro-batch
     token budgets (tensor-core tiles on GPUs). ``parallel_streams`` hTasks can run at once on
     separate streams (CPU: one lane of intra-op threads each), each then taking
-    ``stream_slowdown`` times as long as it would alone with the whole device."""
+    ``stream_slowdown`` times as long as it would alone with the whole device. Where
+    ``weight_read_bandwidth`` is set, every GEMM call also reads its weights from memory at that
+    rate before its FLOPs (a CPU core does not overlap the two, and a micro-batch's weights are
+    out of cache by the next one); otherwise a GEMM takes the larger of its FLOP and weight-byte
+    times (a GPU streams weights while it computes)."""
 
     name: str
     kind: str
@@ -36,6 +40,7 @@ class DeviceSpec:
     chunk_tokens: int
     parallel_streams: int = 1
     stream_slowdown: float = 1.0
+    weight_read_bandwidth: float | None = None
 
     def flops(self, dtype: str) -> float:
         """Achievable GEMM FLOP/s in ``dtype``."""
@@ -72,6 +77,13 @@ benchmark job (torch 2.13, 2-core AMD EPYC): one intra-op thread alone is 1.41x 
 the planner's plan ran 1.09x faster side by side than one hTask after another, which this
 value reproduces from the cost model's per-hTask times."""
 
+CPU_WEIGHT_READ_BANDWIDTH = 1.5e10
+"""Bytes/s at which the CPU's GEMMs re-read their weights on every call, on top of their FLOPs.
+Measured on the 8-layer SmolLM2 benchmark job's layers (56 MB of bf16 weights, one intra-op
+thread, torch 2.13, 2-core AMD EPYC): a forward over them takes ~7.5 ms + 0.263 ms per row, so
+one thread reads at ~7.5 GB/s and both at ~15; in the two-lane job, entailment's four
+micro-batches took 1.12 s a round against 0.98 s for one."""
+
 DEVICE_TABLES: dict[str, DeviceSpec] = {
     "cpu": DeviceSpec(
         name="cpu",
@@ -86,6 +98,7 @@ DEVICE_TABLES: dict[str, DeviceSpec] = {
         chunk_tokens=1,
         parallel_streams=2,
         stream_slowdown=CPU_STREAM_SLOWDOWN,
+        weight_read_bandwidth=CPU_WEIGHT_READ_BANDWIDTH,
     ),
     "a40": _gpu("a40", 149.7, 74.8, 48, 0.696, 25.0),
     "a100": _gpu("a100", 312.0, 156.0, 80, 2.039, 300.0),

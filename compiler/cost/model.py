@@ -128,8 +128,9 @@ class CostModel:
             comm_per_token = per_token_bytes / self.device.link_bandwidth
             comm_fixed = 2 * self.device.link_latency_seconds
         passes = _ELEMENTWISE_PASSES[backward]
+        weight_read = self.weight_read_seconds(m.layer_matmul_params / tp)
         return LayerTerms(
-            fixed=scale * m.layer_ops * (1.5 if backward else 1.0) * self.overhead + comm_fixed,
+            fixed=scale * (m.layer_ops * (1.5 if backward else 1.0) * self.overhead + weight_read) + comm_fixed,
             gemm_seconds_per_token=scale * 2 * m.layer_matmul_params / tp / self.flops,
             weight_seconds=scale * m.layer_matmul_params * b / tp / self.bandwidth,
             seconds_per_token=scale * passes * m.hidden * b / self.bandwidth + comm_per_token,
@@ -175,6 +176,18 @@ class CostModel:
             total += shared(n - unscored * m.output_matmul_params / m.layer_matmul_params) - shared(n)
         return total
 
+    def weight_read_seconds(self, params: float) -> float:
+        """What a GEMM call spends reading ``params`` backbone weights before its FLOPs, on a
+        device that does not overlap the two (`DeviceSpec.weight_read_bandwidth`; else 0)."""
+        if self.device.weight_read_bandwidth is None:
+            return 0.0
+        return params * self.model.dtype_bytes / self.device.weight_read_bandwidth
+
+    def head_read_seconds(self) -> float:
+        """The output head's weight reads of one micro-batch's loss, forward and backward (once
+        for all of its tasks: the head runs on their scored rows together)."""
+        return self.calibration.loss * 2 * self.weight_read_seconds(self.model.head_params)
+
     def task_loss_seconds(self, task: str, segment: SegmentLoad) -> float:
         """The head and cross-entropy on the task's target tokens, forward and backward."""
         if segment.target_tokens <= 0:
@@ -187,7 +200,8 @@ class CostModel:
 
     def loss_seconds(self, load: MicroBatchLoad) -> float:
         """`LossBackward` on the micro-batch: every task's head and loss."""
-        return sum(self.task_loss_seconds(t, s) for t, s in sorted(load.items()))
+        seconds = sum(self.task_loss_seconds(t, s) for t, s in sorted(load.items()))
+        return seconds + self.head_read_seconds() if seconds else 0.0
 
     def optimizer_seconds(self, tasks: Sequence[str]) -> float:
         """Clip and step these tasks' optimizers."""

@@ -15,8 +15,8 @@ ranks of the same stage and tensor-parallel index; then every active task's opti
 a checkpoint in the rounds the align pass marked. The tensor-parallel shards of a stage run
 identical bodies (their collectives live inside the subgraphs).
 
-Streams: every hTask's instructions run on the stream the planner gave it (stream 0 unless
-``htask_streams`` says otherwise; only one-stage programs use other streams, since sends and
+Streams: every hTask's instructions run on the stream the planner gave it, in the order it gives
+them (stream 0 and the phase's hTask order unless ``htask_streams`` says otherwise; only one-stage programs use other streams, since sends and
 receives run on stream 0). Every other stream first waits for an event stream 0 records at the
 start of the round (``round-start``: after the previous round's optimizer steps), and before the
 all-reduce and the optimizer steps stream 0 waits for an event each other stream records after
@@ -70,7 +70,8 @@ ROUND_START_EVENT = "round-start"
 """What stream 0 records first in a round whose hTasks run on several streams."""
 
 HTaskStreams = Mapping[int, int]
-"""The stream of each hTask of a phase (by hTask id); hTasks not named run on stream 0."""
+"""The stream of each hTask of a phase (by hTask id), in the order the hTasks run (the named
+ones first, then the others in hTask order); hTasks not named run on stream 0."""
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,9 @@ def rank_round_body(
     streams = {h.id: (htask_streams or {}).get(h.id, COMPUTE_STREAM) for h in phase.htasks}
     if role.num_stages > 1 and any(streams.values()):
         raise ValueError("a pipeline stage runs every hTask on stream 0 (its sends and receives are on stream 0)")
-    sequence = [(htask.id, m) for htask in phase.htasks for m in range(htask.num_microbatches)]
+    named = list(htask_streams or {})
+    ordered = sorted(phase.htasks, key=lambda h: named.index(h.id) if h.id in named else len(named) + h.id)
+    sequence = [(htask.id, m) for htask in ordered for m in range(htask.num_microbatches)]
     others = sorted(set(streams.values()) - {COMPUTE_STREAM})
     own = [i for i, (h, _) in enumerate(sequence) if streams[h] == COMPUTE_STREAM]
     tail = set(own[len(own) - joined_tail :]) if others and joined_tail > 0 else set()

@@ -123,6 +123,8 @@ def placement_costs(
         edges = (shard.model.edge_ops[0] if first else 0) + (shard.model.edge_ops[1] if last else 0)
         terms = [shard.layer_terms(backward) for backward in (False, True)]
         edge = [shard.layers_seconds(0, {}, backward, edges) for backward in (False, True)]
+        if last:
+            edge[1] += shard.head_read_seconds()
         stages.append(
             StageTerms(
                 fixed=tuple(_ps(layers * t.fixed + e) for t, e in zip(terms, edge)),

@@ -8,7 +8,8 @@ of the whole body with them (every instruction slowed by `concurrent_slowdown`) 
 shorter round within the memory limit; otherwise its hTasks stay on stream 0, one after
 another. Where it keeps them, stream 0 joins the other streams before as many of its last
 micro-batches as give the shortest simulated round (`best_tail`): when the other streams finish
-first, those micro-batches run alone on the device instead of leaving it half idle.
+first, those micro-batches run alone on the device instead of leaving it half idle. Each stream
+runs its hTasks largest first, so the tail is cut from stream 0's smallest.
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ def htask_seconds(simulation: PhaseSimulation) -> dict[int, float]:
 
 def deal_streams(seconds: Mapping[int, float], num_streams: int) -> dict[int, int]:
     """Each hTask's stream: largest first onto the least-loaded stream (ties: lower hTask id,
-    lower stream), the largest hTask on stream 0."""
+    lower stream), the largest hTask on stream 0; in that order, so that each stream runs its
+    largest hTask first and stream 0's joined tail holds its smallest."""
     load = [0.0] * max(1, num_streams)
     streams: dict[int, int] = {}
     for htask in sorted(seconds, key=lambda h: (-seconds[h], h)):
         target = min(range(len(load)), key=lambda s: (load[s], s))
         streams[htask] = target
         load[target] += seconds[htask]
-    return dict(sorted(streams.items()))
+    return streams
 
 
 def keep_faster(

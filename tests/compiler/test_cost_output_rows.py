@@ -24,12 +24,12 @@ CONFIG = {
 }
 
 
-def cost_model() -> CostModel:
+def cost_model(device: str = "cpu") -> CostModel:
     config = BackboneConfig.from_hf_dict(CONFIG)
     model = build_model(config, device="meta")
     shape = model_shape(config, trace_backbone(model, head=False), model, "fp32")
     tasks = task_shapes(model, {"t": LoraSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj"))}, 3)
-    return CostModel(shape, tasks, device_spec("cpu"), "fp32")
+    return CostModel(shape, tasks, device_spec(device), "fp32")
 
 
 def test_the_weights_past_attention_are_o_proj_and_the_mlp() -> None:

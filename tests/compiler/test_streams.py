@@ -28,6 +28,7 @@ from muxtune.compiler.passes.emit import (
 )
 from muxtune.compiler.passes.placement import placement
 from muxtune.compiler.passes.simulate import PhaseSimulation
+from muxtune.compiler.passes.solve import MEMORY_SLACK
 from muxtune.compiler.passes.streams import best_tail, deal_streams
 from muxtune.plans import Forward, LoadBatches, OptimizerStep, Plan, RecordEvent, WaitEvent, validate_plan
 from muxtune.runtime.execution import per_layers, per_stage, stage_of_layer
@@ -59,7 +60,8 @@ def test_htasks_on_their_streams_joined_before_the_step(traced: torch.fx.GraphMo
         assert list(joins) == (
             [RecordEvent(stream_done_event(1), 1), WaitEvent(stream_done_event(1), 0)] if any(chosen.values()) else []
         )
-        assert [i.htask for i in body if isinstance(i, LoadBatches)] == [h.id for h in phase.htasks]
+        named_first = list(chosen) + [h.id for h in phase.htasks if h.id not in chosen]
+        assert [i.htask for i in body if isinstance(i, LoadBatches)] == named_first, "the streams' order"
 
 
 def test_pipeline_stages_keep_stream_0(traced: torch.fx.GraphModule) -> None:
@@ -83,6 +85,7 @@ def test_dealing_is_within_the_lpt_bound_of_the_best(count: int, seed: int) -> N
     dealt = deal_streams(seconds, count)
     assert sorted(dealt) == sorted(seconds) and set(dealt.values()) <= set(range(count))
     assert dealt[max(seconds, key=seconds.__getitem__)] == 0, "the largest hTask stays on stream 0"
+    assert list(dealt) == sorted(seconds, key=lambda h: (-seconds[h], h)), "largest first: the tail is the smallest"
     best = min(
         makespan(seconds, dict(enumerate(choice)), count) for choice in itertools.product(range(count), repeat=size)
     )
@@ -116,6 +119,22 @@ def test_compiler_runs_htasks_side_by_side_only_where_predicted_faster(
     assert streams_used(compile_job(spec, fusion="no_fuse").plan) == {0}, "no gain predicted: one stream"
     on_gpu = compile_job(load_job_spec(write_job(tmp_path / "gpu", tasks, cluster={"device": "h100"}))).plan
     assert streams_used(on_gpu) == {0}
+
+
+@pytest.mark.parametrize("slowdown", [1.2, 1.6])
+def test_the_planner_is_never_predicted_slower_than_one_htask_per_task_side_by_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slowdown: float
+) -> None:
+    tasks = [{**task, "steps": 2, "save_every": 0} for task in default_tasks()]
+    spec = load_job_spec(write_job(tmp_path, tasks))
+    cpu_lanes_slowed(monkeypatch, slowdown)
+    result = compile_job(spec)
+    separate = compile_job(spec, fusion="no_fuse").plan
+    assert result.plan.predictions.est_total_seconds <= separate.predictions.est_total_seconds * (1 + MEMORY_SLACK)
+    took_separate = [h.tasks for h in result.plan.phases[0].htasks] == [h.tasks for h in separate.phases[0].htasks]
+    noted = any(note.startswith("planner: one hTask per task") for note in result.notes)
+    solver_only = all(r.status != "FIXED" for r in result.plan.solver)
+    assert noted == (not solver_only) and (not noted or took_separate)
 
 
 @pytest.mark.parametrize("tail", [1, 2, 99])
