@@ -16,13 +16,14 @@ a checkpoint in the rounds the align pass marked. The tensor-parallel shards of 
 identical bodies (their collectives live inside the subgraphs).
 
 Streams: every hTask's instructions run on the stream the planner gave it, in the order it gives
-them (stream 0 and the phase's hTask order unless ``htask_streams`` says otherwise; only one-stage programs use other streams, since sends and
-receives run on stream 0). Every other stream first waits for an event stream 0 records at the
-start of the round (``round-start``: after the previous round's optimizer steps), and before the
-all-reduce and the optimizer steps stream 0 waits for an event each other stream records after
-its last hTask (``stream-<s>-done``). Stream 0 may wait for them before its last micro-batches
-(``joined_tail`` of them): those then run alone on the device (`stream_checks.closing_events`),
-with all of a CPU's threads.
+them (stream 0 and the phase's hTask order unless ``htask_streams`` says otherwise; only
+one-stage programs use other streams, since sends and receives run on stream 0). Every other
+stream first waits for an event stream 0 records at the start of the round (``round-start``:
+after the previous round's optimizer steps), and before the all-reduce and the optimizer steps
+stream 0 waits for an event each other stream records after its last hTask
+(``stream-<s>-done``). Stream 0 may wait for them before its last micro-batches (``joined_tail``
+of them): those then run alone on the device (`stream_checks.closing_events`), with all of a
+CPU's threads.
 
 On one rank this is, per micro-batch: every subgraph forward, the loss, every subgraph backward
 in reverse order, free.
