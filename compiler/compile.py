@@ -83,7 +83,10 @@ def compile_job(
     """Compile a validated job spec into a plan; raises CompileError listing every problem.
 
     ``fusion`` is ``solve`` (the planner decides), ``fuse`` (one hTask of every task) or
-    ``no_fuse`` (one hTask per task); `task_tokens` caps the tokens one task brings to one
+    ``no_fuse`` (one hTask per task); with ``solve`` on one device that runs hTask streams side
+    by side, the solver's hTasks are kept unless one hTask per task, lowered with streams too, is
+    simulated faster by more than `MEMORY_SLACK` (the solver's proxy runs hTasks one after
+    another); `task_tokens` caps the tokens one task brings to one
     micro-batch; `policy` names how the traced graph is cut into subgraphs (`per_layers(N)` or
     `fine`; cut at stage boundaries too when the plan has several stages); `profile` is a
     measured profile the cost model calibrates itself with; ``align=False`` turns chunk
