@@ -179,8 +179,11 @@ def compile_job(
 
     plan = _lowered(passes, context, solved(fusion))
     if fusion == "solve" and num_streams > 1 and plan.placement.num_ranks == 1 and len(tasks) > 1:
-        separate = _lowered(passes, context, solved("no_fuse"))
-        if _preferred(separate, plan) is separate:
+        try:
+            separate: Plan | None = _lowered(passes, context, solved("no_fuse"))
+        except CompileError:  # one hTask per task does not fit where the solver's hTasks do
+            separate = None
+        if separate is not None and _preferred(separate, plan) is separate:
             notes += (
                 f"planner: one hTask per task, {_seconds(separate)} s a round side by side on {num_streams} "
                 f"streams, against {_seconds(plan)} s for the solver's hTasks (its proxy runs them one after another)",

@@ -15,8 +15,10 @@ import torch.fx
 from test_emit import CONFIG, NUM_LAYERS, TASKS, build_plan, make_phases
 from user_path import default_tasks, write_job
 
+import muxtune.compiler.compile as compile_module
 from muxtune.compiler.compile import compile_job
 from muxtune.compiler.cost.devices import DEVICE_TABLES, device_spec
+from muxtune.compiler.errors import CompileError
 from muxtune.compiler.passes import partition, trace_model
 from muxtune.compiler.passes.emit import (
     ROUND_START_EVENT,
@@ -135,6 +137,26 @@ def test_the_planner_is_never_predicted_slower_than_one_htask_per_task_side_by_s
     noted = any(note.startswith("planner: one hTask per task") for note in result.notes)
     solver_only = all(r.status != "FIXED" for r in result.plan.solver)
     assert noted == (not solver_only) and (not noted or took_separate)
+
+
+def test_the_solvers_plan_stands_where_one_htask_per_task_does_not_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tasks = [{**task, "steps": 2, "save_every": 0} for task in default_tasks()]
+    spec = load_job_spec(write_job(tmp_path, tasks))
+    cpu_lanes_slowed(monkeypatch, 1.2)
+    assert any(n.startswith("planner: one hTask per task") for n in compile_job(spec).notes)
+    solve = compile_module.plan_job
+
+    def per_task_does_not_fit(*args: object, mode: str = "solve", **kwargs: object) -> object:
+        if mode == "no_fuse":
+            raise CompileError(["does not fit"])
+        return solve(*args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(compile_module, "plan_job", per_task_does_not_fit)
+    result = compile_job(spec)
+    assert not any(n.startswith("planner:") for n in result.notes)
+    assert all(r.status != "FIXED" for r in result.plan.solver)
 
 
 @pytest.mark.parametrize("tail", [1, 2, 99])
