@@ -181,8 +181,8 @@ def rank_round_body(
     streams = {h.id: (htask_streams or {}).get(h.id, COMPUTE_STREAM) for h in phase.htasks}
     if role.num_stages > 1 and any(streams.values()):
         raise ValueError("a pipeline stage runs every hTask on stream 0 (its sends and receives are on stream 0)")
-    named = list(htask_streams or {})
-    ordered = sorted(phase.htasks, key=lambda h: named.index(h.id) if h.id in named else len(named) + h.id)
+    position = {h: k for k, h in enumerate(htask_streams or {})}
+    ordered = sorted(phase.htasks, key=lambda h: position.get(h.id, len(position) + h.id))
     sequence = [(htask.id, m) for htask in ordered for m in range(htask.num_microbatches)]
     others = sorted(set(streams.values()) - {COMPUTE_STREAM})
     own = [i for i, (h, _) in enumerate(sequence) if streams[h] == COMPUTE_STREAM]
