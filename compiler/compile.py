@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from muxtune.plans import (
     Alignment,
     JobSummary,
+    Phase,
     Placement,
     Plan,
     Predictions,
@@ -44,6 +46,7 @@ from .cost.model import CostModel
 from .cost.profile import Profile
 from .driver import PassDriver
 from .errors import CompileError
+from .passes.align import checkpoint_rounds
 from .passes.demand import TaskDemand
 from .passes.emit import HTaskStreams, emit_programs
 from .passes.partition import partition as partition_pass
@@ -51,7 +54,16 @@ from .passes.partition import policy_from_name
 from .passes.placement import placement as make_placement
 from .passes.simulate import PhaseSimulation
 from .passes.solve import MEMORY_SLACK
-from .passes.streams import best_tail, deal_streams, htask_seconds, keep_faster, stream_zero_microbatches
+from .passes.streams import (
+    MAX_ROUNDS_PER_BODY,
+    best_tail,
+    body_rounds_allowed,
+    deal_streams,
+    htask_seconds,
+    keep_faster,
+    schedule_rounds,
+    stream_zero_microbatches,
+)
 from .passes.trace import trace_model
 from .planning import FUSION_MODES, JobPlan, placement_options, plan_job
 from .predict import predictions
@@ -260,9 +272,9 @@ def _lowered(passes: PassDriver, ctx: _PlanContext, job_plan: JobPlan) -> Plan:
             "streams", side_by_side, draft, demands, simulations, cost, ineffective, ctx.num_streams, memory_limit
         )
         if sides is not None:
-            streams_of, tails = sides
+            phases, streams_of, tails = sides
             programs = emit_programs(tasks, phases, partition, placement, streams_of, tails)
-            draft = dataclasses.replace(draft, programs=programs)
+            draft = dataclasses.replace(draft, phases=phases, programs=programs)
             predicted, _ = passes.run("simulate", predictions, draft, demands, cost, ineffective)
     return dataclasses.replace(draft, predictions=predicted)
 
@@ -289,9 +301,9 @@ def side_by_side(
     ineffective: dict[str, float],
     num_streams: int,
     memory_limit: int,
-) -> tuple[list[HTaskStreams], list[int]] | None:
-    """Each phase's hTask streams and joined tail (`passes.streams`), or None when no phase gains
-    from streams."""
+) -> tuple[tuple[Phase, ...], list[HTaskStreams], list[int]] | None:
+    """Each phase (with its rounds per body), its hTask streams and joined tail
+    (`passes.streams`), or None when no phase gains from streams."""
     dealt = [
         deal_streams(htask_seconds(sim), num_streams) if len(phase.htasks) > 1 else {}
         for phase, sim in zip(draft.phases, alone)
@@ -300,20 +312,44 @@ def side_by_side(
         return None
     limit = planning_bytes(memory_limit)
 
-    def simulate(streams: list[HTaskStreams], tails: list[int]) -> tuple[PhaseSimulation, ...]:
-        programs = emit_programs(draft.tasks, draft.phases, draft.partition, draft.placement, streams, tails)
-        return predictions(dataclasses.replace(draft, programs=programs), demands, cost, ineffective)[1]
+    def simulate(
+        phases: Sequence[Phase], streams: Sequence[HTaskStreams], tails: list[int]
+    ) -> tuple[PhaseSimulation, ...]:
+        programs = emit_programs(draft.tasks, phases, draft.partition, draft.placement, streams, tails)
+        plan = dataclasses.replace(draft, phases=tuple(phases), programs=programs)
+        return predictions(plan, demands, cost, ineffective)[1]
 
-    trial = simulate(dealt, [0] * len(dealt))
+    trial = simulate(draft.phases, dealt, [0] * len(dealt))
     kept = [keep_faster(a, b, d, limit) for a, b, d in zip(alone, trial, dealt)]
     if not any(kept):
         return None
     counts = [stream_zero_microbatches(phase, streams) if streams else 0 for phase, streams in zip(draft.phases, kept)]
     candidates = {0: trial}
     for tail in range(1, max(counts) + 1):
-        candidates[tail] = simulate(kept, [min(tail, c) for c in counts])
+        candidates[tail] = simulate(draft.phases, kept, [min(tail, c) for c in counts])
     tails = [best_tail({t: sims[i] for t, sims in candidates.items() if t <= c}, limit) for i, c in enumerate(counts)]
-    return kept, tails
+    phases, streams = list(draft.phases), list(kept)
+    best = [candidates[tail][i].seconds_per_round for i, tail in enumerate(tails)]
+    for rounds in range(2, MAX_ROUNDS_PER_BODY + 1):
+        trial_phases = [
+            dataclasses.replace(phase, rounds_per_body=rounds)
+            if kept[i] and body_rounds_allowed(phase, checkpoint_rounds(draft.tasks, phase), rounds)
+            else phase
+            for i, phase in enumerate(draft.phases)
+        ]
+        eligible = [i for i, phase in enumerate(trial_phases) if phase.rounds_per_body == rounds]
+        if not eligible:
+            continue
+        schedules = [
+            schedule_rounds(htask_seconds(alone[i]), num_streams, rounds) if i in eligible else kept[i]
+            for i in range(len(phases))
+        ]
+        sims = simulate(trial_phases, schedules, [0 if i in eligible else t for i, t in enumerate(tails)])
+        for i in eligible:
+            fits = max(sims[i].peak_memory_bytes, default=0) <= limit
+            if fits and sims[i].seconds_per_round < best[i]:
+                phases[i], streams[i], tails[i], best[i] = trial_phases[i], schedules[i], 0, sims[i].seconds_per_round
+    return tuple(phases), streams, tails
 
 
 def check_tasks(

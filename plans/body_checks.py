@@ -28,7 +28,7 @@ from .instructions import (
     Send,
     WaitEvent,
 )
-from .schema import HTask, Plan, RankProgram
+from .schema import Plan, RankProgram
 from .stream_checks import StreamOrder
 
 MAX_BODY_ERRORS = 20
@@ -62,12 +62,13 @@ class _Body:
         self.errors = errors
         self.count = 0
         self.loaded: dict[int, int] = {}
-        self.micro: dict[int, dict[int, _MicroBatch]] = {h.id: {} for h in self.phase.htasks}
+        self.micro: dict[int, dict[int, _MicroBatch]] = {i: {} for i in range(self.phase.num_instances)}
         self.num_freed = dict.fromkeys(self.micro, 0)
         self.num_backwarded = dict.fromkeys(self.micro, 0)
         self.recorded: set[str] = set()
-        self.stepped: dict[str, int] = {}
+        self.stepped: dict[str, list[int]] = {}
         self.checkpoint_at: int | None = None
+        self.streams = StreamOrder(self.error, steps_on_own_streams=self.phase.rounds_per_body > 1)
 
     def error(self, index: int | None, message: str) -> None:
         self.count += 1
@@ -89,10 +90,9 @@ class _Body:
             OptimizerStep: self.optimizer_step,
             Checkpoint: self.checkpoint,
         }
-        streams = StreamOrder(self.error)
         for index, instruction in enumerate(body):
             handlers[type(instruction)](index, instruction)
-            streams.see(index, instruction)
+            self.streams.see(index, instruction)
         self.finish()
         if self.count > MAX_BODY_ERRORS:
             add_error(self.errors, self.path, f"{self.count - MAX_BODY_ERRORS} more problems in this round body")
@@ -149,8 +149,22 @@ class _Body:
         h = instruction.htask
         if self.loaded.get(h, -1) >= 0:
             self.error(index, f"loads the batches of hTask {h} again (already at [{self.loaded[h]}])")
-        else:
-            self.loaded[h] = index
+            return
+        self.loaded[h] = index
+        body_round = self.phase.round_of_instance(h)
+        if body_round == 0:
+            return
+        for name in self.phase.htask_of_instance(h).tasks:
+            steps = self.stepped.get(name, [])
+            if len(steps) < body_round:
+                self.error(index, f"loads hTask {h} before task {quote(name)}'s optimizer_step of the round before")
+            elif not self.streams.follows(instruction.stream, steps[body_round - 1]):
+                self.error(
+                    index,
+                    f"loads hTask {h} on stream {instruction.stream} without waiting for task {quote(name)}'s "
+                    f"optimizer_step of the round before (at [{steps[body_round - 1]}]; record an event after it and "
+                    "wait for it here)",
+                )
 
     def forward(self, index: int, instruction: Forward) -> None:
         micro = self.open(index, instruction)
@@ -283,52 +297,65 @@ class _Body:
         if instruction.event not in self.recorded:
             self.error(index, f"waits for event {quote(instruction.event)}, which is not recorded earlier in this body")
 
-    def not_backwarded(self, htask: HTask) -> str | None:
-        """The micro-batches of ``htask`` that have not run backward through every subgraph of
-        this stage (listed), or None."""
-        done, micro = self.num_backwarded[htask.id], self.micro[htask.id]
-        if not self.local or done == htask.num_microbatches:
+    def instance_of(self, name: str) -> int:
+        """The hTask instance of task ``name``'s next optimizer step."""
+        return self.phase.htask_of(name).id + len(self.stepped.get(name, ())) * len(self.phase.htasks)
+
+    def not_backwarded(self, instance: int) -> str | None:
+        """The micro-batches of hTask ``instance`` that have not run backward through every
+        subgraph of this stage (listed), or None."""
+        done, micro = self.num_backwarded[instance], self.micro[instance]
+        count = self.phase.htask_of_instance(instance).num_microbatches
+        if not self.local or done == count:
             return None
         complete = len(self.local)
-        return missing_numbers(
-            htask.num_microbatches, lambda m: m in micro and len(micro[m].backwarded) == complete, done
-        )
+        return missing_numbers(count, lambda m: m in micro and len(micro[m].backwarded) == complete, done)
 
-    def not_freed(self, htask: HTask) -> str | None:
-        """The micro-batches of ``htask`` not freed yet (listed), or None."""
-        done, micro = self.num_freed[htask.id], self.micro[htask.id]
-        if done == htask.num_microbatches:
+    def not_freed(self, instance: int) -> str | None:
+        """The micro-batches of hTask ``instance`` not freed yet (listed), or None."""
+        done, micro = self.num_freed[instance], self.micro[instance]
+        count = self.phase.htask_of_instance(instance).num_microbatches
+        if done == count:
             return None
-        return missing_numbers(htask.num_microbatches, lambda m: m in micro and micro[m].freed_at is not None, done)
+        return missing_numbers(count, lambda m: m in micro and micro[m].freed_at is not None, done)
 
     def all_reduce(self, index: int, instruction: AllReduce) -> None:
         for name in instruction.tasks:
-            if name in self.stepped:
-                self.error(
-                    index, f"all-reduces task {quote(name)} after its optimizer_step (at [{self.stepped[name]}])"
-                )
+            steps = self.stepped.get(name, [])
+            if len(steps) == self.phase.rounds_per_body:
+                self.error(index, f"all-reduces task {quote(name)} after its optimizer_step (at [{steps[-1]}])")
                 continue
-            htask = self.phase.htask_of(name)
-            pending = self.not_backwarded(htask)
+            instance = self.instance_of(name)
+            pending = self.not_backwarded(instance)
             if pending:
                 self.error(
                     index,
-                    f"all-reduces task {quote(name)} before micro-batch(es) {pending} of hTask {htask.id} "
+                    f"all-reduces task {quote(name)} before micro-batch(es) {pending} of hTask {instance} "
                     "have run backward",
                 )
 
     def optimizer_step(self, index: int, instruction: OptimizerStep) -> None:
+        per_body = self.phase.rounds_per_body
         for name in instruction.tasks:
-            if name in self.stepped:
-                self.error(index, f"steps task {quote(name)} twice in one round")
+            steps = self.stepped.setdefault(name, [])
+            if len(steps) == per_body:
+                often = "twice in one round" if per_body == 1 else f"{per_body + 1} times in {per_body} rounds"
+                self.error(index, f"steps task {quote(name)} {often}")
                 continue
-            self.stepped[name] = index
-            htask = self.phase.htask_of(name)
-            pending = self.not_freed(htask)
+            instance = self.instance_of(name)
+            steps.append(index)
+            pending = self.not_freed(instance)
             if pending:
                 self.error(
                     index,
-                    f"steps task {quote(name)} before micro-batch(es) {pending} of hTask {htask.id} are freed",
+                    f"steps task {quote(name)} before micro-batch(es) {pending} of hTask {instance} are freed",
+                )
+            own = self.streams.htask_streams.get(instance, 0)
+            if instruction.stream not in (0, own):
+                self.error(
+                    index,
+                    f"steps task {quote(name)} on stream {instruction.stream}; its hTask {instance} runs on "
+                    f"stream {own} (a step runs there, or on stream 0 after every stream is joined)",
                 )
 
     def checkpoint(self, index: int, instruction: Checkpoint) -> None:
@@ -336,20 +363,22 @@ class _Body:
             self.error(index, f"checkpoints a second time in one round body (first at [{self.checkpoint_at}])")
             return
         self.checkpoint_at = index
-        pending = [name for name in self.phase.tasks if name not in self.stepped]
+        per_body = self.phase.rounds_per_body
+        pending = [name for name in self.phase.tasks if len(self.stepped.get(name, ())) < per_body]
         if pending:
             self.error(
                 index,
                 f"checkpoints before the optimizer_step of task(s) {listing(pending)} "
-                "(a checkpoint holds the state after the round)",
+                f"(a checkpoint holds the state after the {'round' if per_body == 1 else 'body'})",
             )
 
     def finish(self) -> None:
         """Every hTask loaded, every micro-batch run through and freed, every task stepped."""
-        for htask in self.phase.htasks:
-            if htask.id not in self.loaded:
-                self.error(None, f"has no load_batches for hTask {htask.id}")
-            touched = self.micro[htask.id]
+        for instance in range(self.phase.num_instances):
+            htask = self.phase.htask_of_instance(instance)
+            if instance not in self.loaded:
+                self.error(None, f"has no load_batches for hTask {instance}")
+            touched = self.micro[instance]
             for m in sorted(touched):
                 micro = touched[m]
                 parts = []
@@ -362,13 +391,17 @@ class _Body:
                 if micro.freed_at is None:
                     parts.append("no free")
                 if parts:
-                    self.error(None, f"hTask {htask.id} micro-batch {m} has {'; '.join(parts)}")
+                    self.error(None, f"hTask {instance} micro-batch {m} has {'; '.join(parts)}")
             if len(touched) < htask.num_microbatches:
                 untouched = missing_numbers(htask.num_microbatches, touched.__contains__, len(touched))
-                self.error(None, f"hTask {htask.id} micro-batch(es) {untouched} never run (no instruction names them)")
+                self.error(None, f"hTask {instance} micro-batch(es) {untouched} never run (no instruction names them)")
+        per_body = self.phase.rounds_per_body
         never = [name for name in self.phase.tasks if name not in self.stepped]
         if never:
             self.error(None, f"has no optimizer_step for task(s) {listing(never)}; they would never finish")
+        short = [name for name in self.phase.tasks if 0 < len(self.stepped.get(name, ())) < per_body]
+        if short:
+            self.error(None, f"steps task(s) {listing(short)} fewer than {per_body} times (once per round of the body)")
 
 
 def check_body(plan: Plan, flow: Dataflow, program: RankProgram, phase: int, path: str, errors: list[str]) -> None:

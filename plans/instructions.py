@@ -172,10 +172,12 @@ class AllReduce:
 @dataclass(frozen=True)
 class OptimizerStep:
     """For each listed task: clip its gradients, step its optimizer and LR schedule, zero its
-    gradients and count the step."""
+    gradients and count the step. On stream 0 after every stream is joined, or (in a body of
+    several rounds) on the stream of the tasks' hTask, right after its micro-batches."""
 
     op: ClassVar[Opcode] = Opcode.OPTIMIZER_STEP
     tasks: tuple[str, ...]
+    stream: int = 0
 
 
 @dataclass(frozen=True)
@@ -226,9 +228,12 @@ def payload_fields(cls: type) -> dict[str, Any]:
 
 
 def instruction_to_dict(instruction: Instruction) -> dict[str, Any]:
-    """The YAML form: ``op`` first, then the payload fields in declaration order."""
+    """The YAML form: ``op`` first, then the payload fields in declaration order (a field left
+    at its default, such as an optimizer step's stream 0, is not written)."""
     out: dict[str, Any] = {"op": instruction.op.value}
     for field in dataclasses.fields(instruction):
         value = getattr(instruction, field.name)
+        if field.default is not dataclasses.MISSING and value == field.default:
+            continue
         out[field.name] = list(value) if isinstance(value, tuple) else value
     return out

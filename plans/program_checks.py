@@ -57,10 +57,16 @@ def _check_payload(
     body names exist (in this phase)."""
     if isinstance(instruction, (LoadBatches, *MICROBATCH_OPS)):
         h = instruction.htask
-        if h >= len(phase.htasks):
-            add_error(errors, join(where, "htask"), f"no hTask {h} (phase {phase.id} has {len(phase.htasks)})")
-        elif not isinstance(instruction, LoadBatches) and instruction.microbatch >= phase.htasks[h].num_microbatches:
-            count = phase.htasks[h].num_microbatches
+        if h >= phase.num_instances:
+            rounds = f" over {phase.rounds_per_body} rounds" if phase.rounds_per_body > 1 else ""
+            add_error(
+                errors, join(where, "htask"), f"no hTask {h} (phase {phase.id} has {phase.num_instances}{rounds})"
+            )
+        elif (
+            not isinstance(instruction, LoadBatches)
+            and instruction.microbatch >= phase.htask_of_instance(h).num_microbatches
+        ):
+            count = phase.htask_of_instance(h).num_microbatches
             add_error(
                 errors,
                 join(where, "microbatch"),
@@ -104,6 +110,15 @@ def _check_payload(
             )
         elif list(rounds) != sorted(rounds):
             add_error(errors, join(where, "rounds"), f"must be strictly increasing, got {quote(list(rounds))}")
+        else:
+            inside = [r for r in rounds if (r - phase.first_round + 1) % phase.rounds_per_body]
+            if inside:
+                add_error(
+                    errors,
+                    join(where, "rounds"),
+                    f"round(s) {listing(inside)} end no round body (phase {phase.id} runs "
+                    f"{phase.rounds_per_body} rounds per body from round {phase.first_round})",
+                )
 
 
 def _check_program(plan: Plan, program: RankProgram, index: int, tasks: dict[str, TaskPlan], errors: list[str]) -> None:

@@ -313,6 +313,21 @@ def _check_activity(phase: Phase, path: str, tasks: dict[str, TaskPlan], errors:
             )
 
 
+def _check_rounds_per_body(plan: Plan, phase: Phase, path: str, errors: list[str]) -> None:
+    """A body of several rounds divides the phase and runs on one rank (its lanes step their
+    own hTasks' tasks; ranks would have to meet at every round's all-reduces and transfers)."""
+    per_body = phase.rounds_per_body
+    if not _valid(per_body) or per_body == 1:
+        return
+    where = join(path, "rounds_per_body")
+    if phase.num_rounds % per_body:
+        add_error(errors, where, f"must divide the phase's {phase.num_rounds} rounds, got {per_body}")
+    elif plan.placement is not INVALID and _valid(plan.placement.num_ranks) and plan.placement.num_ranks > 1:
+        add_error(
+            errors, where, f"must be 1 in a plan of {plan.placement.num_ranks} ranks (several rounds per body need one)"
+        )
+
+
 def check_phases(plan: Plan, tasks: dict[str, TaskPlan], errors: list[str]) -> None:
     """Phase ids are positions, phases follow each other from round 1 to the last task's last
     step, each holds exactly the tasks active in its rounds, and its hTasks partition them."""
@@ -335,6 +350,7 @@ def check_phases(plan: Plan, tasks: dict[str, TaskPlan], errors: list[str]) -> N
             add_error(errors, join(path, "first_round"), f"must be {next_round} ({rule}), got {phase.first_round}")
         if _valid(phase.tasks):
             _check_activity(phase, path, tasks, errors)
+        _check_rounds_per_body(plan, phase, path, errors)
         next_round = phase.last_round + 1
     steps = [t.steps for t in tasks.values() if _valid(t.steps)]
     if next_round is not None and steps and next_round - 1 < max(steps):

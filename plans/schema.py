@@ -144,17 +144,38 @@ class HTask:
 @dataclass(frozen=True)
 class Phase:
     """Rounds ``first_round..first_round + num_rounds - 1`` (1-based, global), in which exactly
-    ``tasks`` are active: each takes one optimizer step per round."""
+    ``tasks`` are active: each takes one optimizer step per round.
+
+    A rank's round body covers ``rounds_per_body`` consecutive rounds (``num_rounds`` is a
+    multiple): the body is replayed once per that many rounds, and every task steps once per
+    round inside it. Its instructions name hTask instances: instance ``h + j * len(htasks)`` is
+    hTask ``h`` in the body's round ``j`` (with one round per body, instances are hTask ids).
+    Several rounds per body let CPU lanes run one hTask's next round while another lane still
+    runs this one, instead of meeting at every round's end."""
 
     id: int
     first_round: int
     num_rounds: int
     tasks: tuple[str, ...]
     htasks: tuple[HTask, ...]
+    rounds_per_body: int = 1
 
     @property
     def last_round(self) -> int:
         return self.first_round + self.num_rounds - 1
+
+    @property
+    def num_instances(self) -> int:
+        """hTask instances a round body names (`rounds_per_body` rounds of every hTask)."""
+        return len(self.htasks) * self.rounds_per_body
+
+    def htask_of_instance(self, instance: int) -> HTask:
+        """The hTask an instance of a round body runs."""
+        return self.htasks[instance % len(self.htasks)]
+
+    def round_of_instance(self, instance: int) -> int:
+        """The round of the body (0-based) an instance runs in."""
+        return instance // len(self.htasks)
 
     def htask_of(self, name: str) -> HTask:
         """The hTask of this phase that holds task ``name`` (KeyError if none does)."""

@@ -18,6 +18,7 @@ from muxtune.specs import DTYPES
 from muxtune.specs.checks import (
     INVALID,
     MAX_INT,
+    MISSING,
     Checker,
     Invalid,
     MappingReader,
@@ -192,7 +193,10 @@ def _read_instruction(raw: Any, path: str, errors: list[str]) -> Instruction | A
     fields = payload_fields(cls)
     before = len(errors)
     reader = MappingReader(raw, path, errors, ("op", *fields))
-    values = {name: reader.get(name, _PAYLOAD_CHECKERS[hint]) for name, hint in fields.items()}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    values = {
+        name: reader.get(name, _PAYLOAD_CHECKERS[hint], defaults.get(name, MISSING)) for name, hint in fields.items()
+    }
     if len(errors) > before:
         errors[before:] = [f"{e} (op {op})" for e in errors[before:]]
         return INVALID
@@ -340,6 +344,7 @@ def _read_phase(raw: Any, path: str, errors: list[str]) -> Phase:
         num_rounds=r.get("num_rounds", positive_int),
         tasks=r.get("tasks", _name_list),
         htasks=htasks,
+        rounds_per_body=r.get("rounds_per_body", positive_int, 1),
     )
 
 

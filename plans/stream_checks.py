@@ -2,7 +2,8 @@
 stream 0, every other stream starts its work only after waiting for an event of stream 0 (so
 after the previous round's optimizer steps), and the instructions that act on every task
 (all-reduce, optimizer step, checkpoint) run on stream 0 after every other stream's earlier work
-has been joined to it through events.
+has been joined to it through events; in a body of several rounds (``steps_on_own_streams``) a
+task's optimizer step runs on its hTask's own stream instead (`body_checks` checks which).
 
 This is what lets a runtime run each stream on its own (a CUDA stream, or a worker thread on the
 CPU) and still replay the body correctly: no two streams touch the same hTask's buffers, and the
@@ -71,13 +72,20 @@ def runs_alone(stream: int, waited: set[str], closing: dict[int, str | None]) ->
 class StreamOrder:
     """Checks one body instruction by instruction (`see`), reporting through ``error(index, message)``."""
 
-    def __init__(self, error: Callable[[int, str], None]) -> None:
+    def __init__(self, error: Callable[[int, str], None], steps_on_own_streams: bool = False) -> None:
         self.error = error
+        self.joined_first = (AllReduce, Checkpoint) if steps_on_own_streams else HOST_INSTRUCTIONS
         self.htask_streams: dict[int, int] = {}
         self.first_seen: dict[int, int] = {}
         self.clocks: dict[int, dict[int, int]] = {}
         self.events: dict[str, dict[int, int]] = {}
         self.last: dict[int, int] = {}
+        self.stream_at: dict[int, int] = {}
+
+    def follows(self, stream: int, earlier: int) -> bool:
+        """Whether ``stream``'s next instruction is ordered after body index ``earlier`` (same
+        stream, or joined through events)."""
+        return self.clocks.get(stream, {}).get(self.stream_at[earlier], -1) >= earlier
 
     def see(self, index: int, instruction: Instruction) -> None:
         """Check ``instruction`` at body position ``index`` and account for it."""
@@ -91,7 +99,7 @@ class StreamOrder:
                 f"{instruction.op.value} of hTask {htask}: sends and receives run on stream 0, "
                 f"and hTask {htask} runs on stream {stream}",
             )
-        if isinstance(instruction, HOST_INSTRUCTIONS):
+        if isinstance(instruction, self.joined_first):
             self._joined(index, instruction)
         clock = self.clocks.setdefault(stream, {})
         work = not isinstance(instruction, (RecordEvent, WaitEvent))
@@ -102,6 +110,7 @@ class StreamOrder:
                 f"previous round's optimizer steps)",
             )
         clock[stream] = index
+        self.stream_at[index] = stream
         if work:
             self.last[stream] = index
         if isinstance(instruction, RecordEvent):

@@ -120,7 +120,8 @@ class PlanExecutor:
         self.tensorboard = TensorBoardLogs(plan.job.report_to if self.lead else ())
         self.folder: RunFolder | None = None
         self.last_job_record: dict | None = None  # what the next checkpoint keeps as the previous record
-        self.round_index = 0
+        self.round_index = 0  # the last round of the body being replayed (the resumed one before any)
+        self.body_first_round = 0
         self.interpreter: SubgraphInterpreter | None = None
         self.exchange: StageExchange | None = None
         self.owned: set[str] = set()
@@ -129,6 +130,7 @@ class PlanExecutor:
         self.handlers = self._handler_table()
         self.executed = 0
         self._count_lock = threading.Lock()
+        self._step_lock = threading.Lock()  # lanes step their own hTasks' tasks in bodies of several rounds
         on_cpu = torch.device(self.program.device).type == "cpu"
         self.lanes = LaneRunner(torch.get_num_threads() if on_cpu else 1)
         self.round_seconds: list[list[float]] = [[] for _ in plan.phases]
@@ -181,14 +183,22 @@ class PlanExecutor:
         resumed_after = self.round_index
         with profiler if profiler is not None else contextlib.nullcontext():
             for phase, body in zip(self.plan.phases, self.program.phases):
-                for round_index in range(max(phase.first_round, resumed_after + 1), phase.last_round + 1):
-                    self.round_index = round_index
+                first = max(phase.first_round, resumed_after + 1)
+                if first <= phase.last_round and (first - phase.first_round) % phase.rounds_per_body:
+                    raise RunError(
+                        f"the checkpoint to resume from ends round {resumed_after}, inside a round body of phase "
+                        f"{phase.id} ({phase.rounds_per_body} rounds from round {phase.first_round}): compile again"
+                    )
+                for body_first in range(first, phase.last_round + 1, phase.rounds_per_body):
+                    self.body_first_round = body_first
+                    self.round_index = body_first + phase.rounds_per_body - 1
                     started = time.perf_counter()
                     lanes = self.lanes.run(body, lambda instruction: self.execute(instruction, traced=True))
                     self.phase_lanes[phase.id] = max(self.phase_lanes[phase.id], lanes)
                     if self.exchange is not None:
                         self.exchange.drain()
-                    self.round_seconds[phase.id].append(time.perf_counter() - started)
+                    per_round = (time.perf_counter() - started) / phase.rounds_per_body
+                    self.round_seconds[phase.id] += [per_round] * phase.rounds_per_body
                     if profiler is not None:
                         profiler.step()
         if profiler is not None and self.lead:
@@ -213,11 +223,18 @@ class PlanExecutor:
         if traced and self.trace is not None:
             start = time.perf_counter()
             self.handlers[type(instruction)](instruction)
-            self.trace.record(instruction, self.round_index, start, time.perf_counter())
+            self.trace.record(instruction, self._round_of(instruction), start, time.perf_counter())
         else:
             self.handlers[type(instruction)](instruction)
         with self._count_lock:
             self.executed += 1
+
+    def _round_of(self, instruction: Instruction) -> int:
+        """The round an instruction of the current body belongs to (its hTask instance's)."""
+        instance = getattr(instruction, "htask", None)
+        if instance is None:
+            return self.round_index
+        return self.body_first_round + self._phase().round_of_instance(instance)
 
     def _active(self, names: tuple[str, ...] | None = None) -> list[str]:
         assert self.engine is not None
@@ -357,7 +374,7 @@ class PlanExecutor:
         """Each active task's next global batch, split by its budget into the phase's exact
         number of micro-batches (piece i of every task in micro-batch i)."""
         assert self.engine is not None and self.interpreter is not None
-        htask = self._phase().htasks[instruction.htask]
+        htask = self._phase().htask_of_instance(instruction.htask)
         pieces: dict[str, list[list[Example]]] = {}
         for name in self._active(htask.tasks):
             run = self.runs[name]
@@ -367,8 +384,9 @@ class PlanExecutor:
             pieces[name] = split_task_batch(batch, htask.budget_of(name))[self._replica :: self._num_replicas]
             if len(pieces[name]) > htask.num_microbatches:
                 raise RunError(
-                    f"task {name}: round {self.round_index} needs {len(pieces[name])} micro-batches, the plan has "
-                    f"{htask.num_microbatches}; the data changed since the plan was compiled: compile again"
+                    f"task {name}: round {self._round_of(instruction)} needs {len(pieces[name])} micro-batches, "
+                    f"the plan has {htask.num_microbatches}; the data changed since the plan was compiled: "
+                    "compile again"
                 )
         self.interpreter.load(instruction.htask, pack_pieces(pieces, htask.num_microbatches), instruction.stream)
 
@@ -403,8 +421,9 @@ class PlanExecutor:
             results = [self.engine.optimizer_step(name) for name in names]
         else:
             results = optimizer_steps(self.engine, names, self.world)
-        for result in results:
-            self._record_step(self.runs[result.task], result)
+        with self._step_lock:
+            for result in results:
+                self._record_step(self.runs[result.task], result)
 
     def _record_step(self, run: TaskRun, result: StepResult) -> None:
         now = time.perf_counter()

@@ -25,6 +25,13 @@ stream 0 waits for an event each other stream records after its last hTask
 of them): those then run alone on the device (`stream_checks.closing_events`), with all of a
 CPU's threads.
 
+A phase of several rounds per body (`Phase.rounds_per_body`, one rank only) names hTask instances
+(`Phase.htask_of_instance`) and runs them in the order ``htask_streams`` gives, each on its
+stream: load, its micro-batches, then its tasks' optimizer step on the same stream. An
+instance whose hTask ran the round before on another stream first waits for the event that
+stream records after that step (``htask-<i>-stepped``). Stream 0 joins the others at the end,
+before the checkpoint.
+
 On one rank this is, per micro-batch: every subgraph forward, the loss, every subgraph backward
 in reverse order, free.
 """
@@ -164,6 +171,42 @@ def _backward(role: RankRole, h: int, m: int, stream: int) -> list[Instruction]:
     return out
 
 
+def stepped_event(instance: int) -> str:
+    """The event an hTask instance's stream records after its tasks' optimizer step."""
+    return f"htask-{instance}-stepped"
+
+
+def multi_round_body(
+    phase: Phase, role: RankRole, tasks: Sequence[TaskPlan], instance_streams: HTaskStreams
+) -> tuple[Instruction, ...]:
+    """The body of a phase of several rounds per body on one rank: every hTask instance on its
+    stream of ``instance_streams``, in that mapping's order (see the module docstring)."""
+    if role.num_stages > 1 or role.group:
+        raise ValueError("a body of several rounds runs on one rank")
+    size = len(phase.htasks)
+    others = sorted(set(instance_streams.values()) - {COMPUTE_STREAM})
+    body: list[Instruction] = [RecordEvent(ROUND_START_EVENT, COMPUTE_STREAM)] if others else []
+    body += [WaitEvent(ROUND_START_EVENT, stream) for stream in others]
+    for instance, stream in instance_streams.items():
+        htask = phase.htask_of_instance(instance)
+        before, after = instance - size, instance + size
+        if before >= 0 and instance_streams[before] != stream:
+            body.append(WaitEvent(stepped_event(before), stream))
+        body.append(LoadBatches(instance, stream))
+        for kind, m in one_f_one_b(htask.num_microbatches, 1, 0):
+            step = _forward if kind == "forward" else _backward
+            body += step(role, instance, m, stream)
+        body.append(OptimizerStep(tasks=htask.tasks, stream=stream))
+        if after < phase.num_instances and instance_streams[after] != stream:
+            body.append(RecordEvent(stepped_event(instance), stream))
+    for stream in others:
+        body += [RecordEvent(stream_done_event(stream), stream), WaitEvent(stream_done_event(stream), COMPUTE_STREAM)]
+    rounds = checkpoint_rounds(tasks, phase)
+    if rounds:
+        body.append(Checkpoint(rounds=rounds))
+    return tuple(body)
+
+
 def stream_done_event(stream: int) -> str:
     """The event a stream records after its last hTask of the round."""
     return f"stream-{stream}-done"
@@ -178,6 +221,9 @@ def rank_round_body(
 ) -> tuple[Instruction, ...]:
     """One round of ``phase`` on a rank playing ``role`` (see the module docstring); with other
     streams, stream 0's last ``joined_tail`` micro-batches come after it joins them."""
+    if phase.rounds_per_body > 1:
+        schedule = htask_streams or {i: COMPUTE_STREAM for i in range(phase.num_instances)}
+        return multi_round_body(phase, role, tasks, schedule)
     streams = {h.id: (htask_streams or {}).get(h.id, COMPUTE_STREAM) for h in phase.htasks}
     if role.num_stages > 1 and any(streams.values()):
         raise ValueError("a pipeline stage runs every hTask on stream 0 (its sends and receives are on stream 0)")

@@ -12,7 +12,8 @@ its streams are idle (plus the all-reduces themselves); memory is the sum of liv
 A body whose hTasks run on several streams shares the device between them: every compute
 instruction of it takes ``concurrent_slowdown(streams)`` times its cost alone, except on a stream
 that has waited for every other stream's closing event (`closing_events`), which from then on
-has the device to itself.
+has the device to itself. A body of several rounds (`Phase.rounds_per_body`) is replayed whole
+and its times divided by its rounds; the timeline keeps the body's own times.
 
 Times depend only on each rank's own program, the messages it receives and the all-reduces it
 joins, so the order in which ranks are advanced does not change the result: the replay is
@@ -146,8 +147,8 @@ class _Round:
         self.costs = costs
         self.loads = loads
         self.subgraphs = {s.id: s for s in plan.partition.subgraphs}
-        self.htasks = {h.id: h for h in plan.phases[phase].htasks}
-        for h in self.htasks.values():
+        self.phase = plan.phases[phase]
+        for h in self.phase.htasks:
             missing = [m for m in range(h.num_microbatches) if (h.id, m) not in loads]
             if missing:
                 raise ValueError(f"phase {phase}: no load for hTask {h.id} micro-batches {missing}")
@@ -177,7 +178,7 @@ class _Round:
         if isinstance(instruction, (AllReduce, OptimizerStep)):
             tasks = instruction.tasks
         else:
-            tasks = self.htasks[htask].tasks if htask is not None else ()
+            tasks = self.phase.htask_of_instance(htask).tasks if htask is not None else ()
         microbatch = getattr(instruction, "microbatch", None)
         op = instruction.op.value
         self.timeline.append(TimelineEntry(rank.rank, stream, start, end, rank.pc, op, htask, microbatch, tasks))
@@ -191,12 +192,16 @@ class _Round:
         self.entry(rank, stream, start, end, instruction)
         return start, end
 
+    def load(self, instance: int, microbatch: int) -> MicroBatchLoad:
+        """The load of a micro-batch of an hTask instance (every round of a body alike)."""
+        return self.loads[(self.phase.htask_of_instance(instance).id, microbatch)]
+
     def step(self, rank: _Rank) -> bool:
         """Run the rank's next instruction; False when it must wait for another rank."""
         ins = rank.body[rank.pc]
         costs = self.costs
         if isinstance(ins, (Forward, Backward, LossBackward)):
-            load = self.loads[(ins.htask, ins.microbatch)]
+            load = self.load(ins.htask, ins.microbatch)
             if isinstance(ins, LossBackward):
                 start, end = self.compute(rank, ins.stream, costs.loss_seconds(load), ins)
                 rank.buffers.append((start, end, costs.loss_activation_bytes(load), True))
@@ -208,11 +213,11 @@ class _Round:
             else:
                 self.compute(rank, ins.stream, costs.backward_seconds(self.subgraphs[ins.subgraph], load), ins)
         elif isinstance(ins, LoadBatches):
-            htask = self.htasks[ins.htask]
-            loads = [self.loads[(ins.htask, m)] for m in range(htask.num_microbatches)]
+            htask = self.phase.htask_of_instance(ins.htask)
+            loads = [self.load(ins.htask, m) for m in range(htask.num_microbatches)]
             self.compute(rank, ins.stream, costs.load_batches_seconds(loads), ins)
         elif isinstance(ins, OptimizerStep):
-            self.compute(rank, COMPUTE_STREAM, costs.optimizer_seconds(ins.tasks), ins)
+            self.compute(rank, ins.stream, costs.optimizer_seconds(ins.tasks), ins)
         elif isinstance(ins, Checkpoint):
             self.compute(rank, COMPUTE_STREAM, 0.0, ins)
         elif isinstance(ins, Free):
@@ -234,7 +239,7 @@ class _Round:
             self.entry(rank, ins.stream, at, at, ins)
         elif isinstance(ins, Send):
             start = max(rank.issue, rank.streams.get(COMPUTE_STREAM, 0.0), rank.link)
-            rank.link = start + costs.transfer_seconds(self.loads[(ins.htask, ins.microbatch)])
+            rank.link = start + costs.transfer_seconds(self.load(ins.htask, ins.microbatch))
             key = (rank.rank, ins.peer, ins.htask, ins.microbatch, ins.subgraph, ins.grad)
             self.messages.setdefault(key, deque()).append(rank.link)
             self.entry(rank, COMMUNICATION_STREAM, start, rank.link, ins)
@@ -245,7 +250,7 @@ class _Round:
             ready = max(rank.issue, queue.popleft())
             self.block(rank, min(rank.idle(), ready), ready, ins)
             held = rank.held.setdefault((ins.htask, ins.microbatch), [])
-            held.append((ready, costs.boundary_bytes(self.loads[(ins.htask, ins.microbatch)])))
+            held.append((ready, costs.boundary_bytes(self.load(ins.htask, ins.microbatch))))
         elif isinstance(ins, AllReduce):
             return self.all_reduce(rank, ins)
         else:
@@ -299,8 +304,9 @@ def simulate_phase(plan: Plan, phase: int, loads: Loads, costs: InstructionCosts
     replay = _Round(plan, phase, loads, costs)
     replay.run()
     ranks = replay.ranks
-    seconds = max((r.finish() for r in ranks), default=0.0)
-    busy = tuple(r.busy for r in ranks)
+    per_body = plan.phases[phase].rounds_per_body
+    seconds = max((r.finish() for r in ranks), default=0.0) / per_body
+    busy = tuple(r.busy / per_body for r in ranks)
     bubble = 0.0
     if seconds > 0 and ranks:
         bubble = min(1.0, max(0.0, 1.0 - math.fsum(busy) / (len(ranks) * seconds)))
@@ -309,7 +315,7 @@ def simulate_phase(plan: Plan, phase: int, loads: Loads, costs: InstructionCosts
         seconds_per_round=seconds,
         busy_seconds=busy,
         bubble_fraction=bubble,
-        exposed_communication_seconds=max((r.exposed for r in ranks), default=0.0),
+        exposed_communication_seconds=max((r.exposed for r in ranks), default=0.0) / per_body,
         peak_memory_bytes=tuple(replay.peak_bytes(r) for r in ranks),
         timeline=tuple(sorted(replay.timeline, key=lambda e: (e.rank, e.index))),
     )

@@ -10,6 +10,12 @@ another. Where it keeps them, stream 0 joins the other streams before as many of
 micro-batches as give the shortest simulated round (`best_tail`): when the other streams finish
 first, those micro-batches run alone on the device instead of leaving it half idle. Each stream
 runs its hTasks largest first, so the tail is cut from stream 0's smallest.
+
+Lanes that meet after every round idle while the longest finishes, and one hTask too large to
+share evenly leaves a gap no deal closes. A body of several rounds (`schedule_rounds`) lets a
+lane start its hTasks' next round while another still runs this one: an hTask may run its
+rounds on different streams, so the lanes' loads even out over the body. The compiler keeps
+whichever of the two the simulation predicts faster.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ from muxtune.plans import Phase
 
 from .emit import COMPUTE_STREAM, HTaskStreams
 from .simulate import PhaseSimulation
+
+MAX_ROUNDS_PER_BODY = 4
+"""The most rounds a body of one phase may cover (`schedule_rounds`): two already even out most
+lanes; more make longer bodies for little."""
 
 
 def htask_seconds(simulation: PhaseSimulation) -> dict[int, float]:
@@ -42,6 +52,33 @@ def deal_streams(seconds: Mapping[int, float], num_streams: int) -> dict[int, in
         streams[htask] = target
         load[target] += seconds[htask]
     return streams
+
+
+def schedule_rounds(seconds: Mapping[int, float], num_streams: int, rounds: int) -> dict[int, int]:
+    """Each hTask instance's stream over a body of ``rounds`` rounds (`Phase.rounds_per_body`;
+    instance ``h + j * len(seconds)`` is hTask ``h`` in round ``j``), in the order the instances
+    start: round by round, largest hTask first, each instance on the stream where it can start
+    first, no earlier than its hTask's previous round ends (ties: the lower stream). The lanes
+    then meet only at the body's end, not after every round."""
+    size = len(seconds)
+    free = [0.0] * max(1, num_streams)
+    ends: dict[int, float] = {}
+    starts: list[tuple[float, int, int]] = []
+    for j in range(rounds):
+        for htask in sorted(seconds, key=lambda h: (-seconds[h], h)):
+            instance = htask + j * size
+            ready = ends.get(instance - size, 0.0)
+            stream = min(range(len(free)), key=lambda s: (max(free[s], ready), s))
+            start = max(free[stream], ready)
+            free[stream] = ends[instance] = start + seconds[htask]
+            starts.append((start, stream, instance))
+    return {instance: stream for _, stream, instance in sorted(starts)}
+
+
+def body_rounds_allowed(phase: Phase, checkpoints: tuple[int, ...], rounds: int) -> bool:
+    """Whether ``phase`` can run ``rounds`` rounds per body: they divide its rounds and every
+    checkpoint round ends a body."""
+    return phase.num_rounds % rounds == 0 and all((r - phase.first_round + 1) % rounds == 0 for r in checkpoints)
 
 
 def keep_faster(
