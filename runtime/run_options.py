@@ -38,7 +38,7 @@ def run_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="profile three rounds after the first with torch.profiler into output_dir/profile/",
+        help="profile three round bodies after the first with torch.profiler into output_dir/profile/",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser

@@ -31,7 +31,7 @@ from muxtune.compiler.passes.emit import (
 from muxtune.compiler.passes.placement import placement
 from muxtune.compiler.passes.simulate import PhaseSimulation
 from muxtune.compiler.passes.solve import MEMORY_SLACK
-from muxtune.compiler.passes.streams import best_tail, deal_streams
+from muxtune.compiler.passes.streams import best_tail, body_rounds_allowed, deal_streams
 from muxtune.plans import Forward, LoadBatches, OptimizerStep, Plan, RecordEvent, WaitEvent, validate_plan
 from muxtune.runtime.execution import per_layers, per_stage, stage_of_layer
 from muxtune.runtime.execution.plan_partition import plan_partition
@@ -188,3 +188,36 @@ def test_best_tail_is_the_shortest_round_that_fits() -> None:
     assert best_tail(sims, memory_limit=50) == 1, "the shortest fitting round; ties go to the shorter tail"
     assert best_tail(sims, memory_limit=100) == 3
     assert best_tail(sims, memory_limit=5) == 0, "nothing fits: no tail"
+
+
+def test_several_rounds_per_body_where_the_simulation_predicts_a_shorter_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three one-task hTasks on two lanes: meeting after every round leaves one lane idle; over
+    a body of several rounds the lanes take turns. Checkpoints inside a body forbid it."""
+    tasks = [{**task, "steps": 4, "save_every": 0} for task in default_tasks()]
+    spec = load_job_spec(write_job(tmp_path, tasks))
+    cpu_lanes_slowed(monkeypatch, 1.2)
+    plan = compile_job(spec, fusion="no_fuse").plan
+    monkeypatch.setattr(compile_module, "MAX_ROUNDS_PER_BODY", 1)
+    every_round = compile_job(spec, fusion="no_fuse").plan
+    assert every_round.phases[0].rounds_per_body == 1
+    per_body = plan.phases[0].rounds_per_body
+    assert per_body > 1
+    assert plan.predictions.est_seconds_per_round < every_round.predictions.est_seconds_per_round
+    body = plan.programs[0].phases[0]
+    assert {i.htask for i in body if isinstance(i, LoadBatches)} == set(range(per_body * len(plan.phases[0].htasks)))
+    monkeypatch.setattr(compile_module, "MAX_ROUNDS_PER_BODY", 4)
+    saved = [{**task, "save_every": 1} for task in tasks]
+    checkpointed = compile_job(load_job_spec(write_job(tmp_path / "saved", saved)), fusion="no_fuse").plan
+    assert checkpointed.phases[0].rounds_per_body == 1, "a checkpoint after every round: one round per body"
+
+
+def test_rounds_per_body_must_divide_the_phase_and_end_at_its_checkpoints() -> None:
+    phase = make_phases(3)[0]
+    rounds = phase.num_rounds
+    assert body_rounds_allowed(phase, (), 1)
+    assert body_rounds_allowed(phase, (phase.last_round,), rounds)
+    assert not body_rounds_allowed(phase, (), rounds + 1)
+    if rounds % 2 == 0:
+        assert not body_rounds_allowed(phase, (phase.first_round,), 2)

@@ -117,6 +117,18 @@ def test_a_failing_lane_stops_the_others_and_raises() -> None:
     assert time.perf_counter() - started < 5
 
 
+def one_round_bodies(plan: Plan, tails: int = 0) -> Plan:
+    """``plan`` with one round per body, each hTask on the stream of its first round in the
+    plan's body, and stream 0's last ``tails`` micro-batches joined."""
+    phases = tuple(dataclasses.replace(p, rounds_per_body=1) for p in plan.phases)
+    streams = [
+        {h: s for h, s in htask_streams(body).items() if h < len(phase.htasks)}
+        for phase, body in zip(phases, plan.programs[0].phases)
+    ]
+    program = single_rank_program(plan.tasks, phases, plan.partition, "cpu", streams, [tails] * len(phases))
+    return validate_plan(dataclasses.replace(plan, phases=phases, programs=(program,)))
+
+
 def run_plan(plan: Plan, out: Path, watched: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """Run ``plan`` into ``out`` (``watched``: with the executor's trace and the profiler)."""
     plan = dataclasses.replace(plan, job=dataclasses.replace(plan.job, output_dir=str(out)))
@@ -124,7 +136,9 @@ def run_plan(plan: Plan, out: Path, watched: bool = False) -> dict[str, dict[str
     summary = PlanExecutor(plan, progress=progress, trace=watched, profile=watched).run()
     program = plan.programs[0]
     planned = len(program.prologue) + len(program.epilogue)
-    planned += sum(phase.num_rounds * len(body) for phase, body in zip(plan.phases, program.phases))
+    planned += sum(
+        phase.num_rounds // phase.rounds_per_body * len(body) for phase, body in zip(plan.phases, program.phases)
+    )
     assert summary["instructions_executed"] == planned, "every instruction, events included, runs once"
     for timing, body in zip(summary["phases"], program.phases):
         streams = {getattr(i, "stream", 0) for i in body}
@@ -138,7 +152,7 @@ def test_side_by_side_trains_the_same_adapters(tmp_path: Path, monkeypatch: pyte
     spec = load_job_spec(write_job(tmp_path, tasks))
     cpu = dataclasses.replace(DEVICE_TABLES["cpu"], stream_slowdown=1.2)  # lanes pay for this small job
     monkeypatch.setitem(DEVICE_TABLES, "cpu", cpu)
-    side_by_side = compile_job(spec, fusion="no_fuse").plan
+    side_by_side = one_round_bodies(compile_job(spec, fusion="no_fuse").plan)  # the profile skips the first body
     one_after_another = compile_job(spec, fusion="no_fuse", streams=1).plan
     assert any(getattr(i, "stream", 0) == 1 for i in side_by_side.programs[0].phases[0])
     apart = run_plan(side_by_side, tmp_path / "apart", watched=True)
@@ -168,7 +182,7 @@ def test_a_joined_tail_runs_alone_and_trains_the_same_adapters_every_time(
     tasks = [{**task, "steps": 2, "save_every": 0} for task in default_tasks()]
     spec = load_job_spec(write_job(tmp_path, tasks))
     monkeypatch.setitem(DEVICE_TABLES, "cpu", dataclasses.replace(DEVICE_TABLES["cpu"], stream_slowdown=1.2))
-    plan = compile_job(spec, fusion="no_fuse").plan
+    plan = one_round_bodies(compile_job(spec, fusion="no_fuse").plan)
     streams = [htask_streams(body) for body in plan.programs[0].phases]
     assert any(any(s.values()) for s in streams)
     program = single_rank_program(plan.tasks, plan.phases, plan.partition, "cpu", streams, [1] * len(streams))
@@ -183,3 +197,38 @@ def test_a_joined_tail_runs_alone_and_trains_the_same_adapters_every_time(
         for key, value in tensors.items():
             assert torch.equal(first[name][key], second[name][key]), f"{name}:{key} differs between runs"
             torch.testing.assert_close(first[name][key], value, rtol=1e-5, atol=1e-7, msg=f"{name}:{key}")
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="lanes need two intra-op threads")
+def test_a_body_of_two_rounds_trains_the_same_adapters_as_lanes_that_meet_every_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each hTask's next round starts on whichever lane the plan gives it, right after its own
+    optimizer step, and its steps run on that lane: every hTask still runs on one thread, so
+    the adapters are bitwise those of the same streams meeting after every round."""
+    tasks = [{**task, "steps": 4, "save_every": 2} for task in default_tasks()]
+    spec = load_job_spec(write_job(tmp_path, tasks))
+    monkeypatch.setitem(DEVICE_TABLES, "cpu", dataclasses.replace(DEVICE_TABLES["cpu"], stream_slowdown=1.2))
+    plan = compile_job(spec, fusion="no_fuse").plan
+    assert len(plan.phases[0].htasks) > 1
+    phases = tuple(dataclasses.replace(p, rounds_per_body=2) for p in plan.phases)
+    size = len(phases[0].htasks)
+    every_htask_changes_lanes = {h + j * size: (h + j) % 2 for j in range(2) for h in range(size)}
+    schedules = [every_htask_changes_lanes] + [{} for _ in phases[1:]]
+    program = single_rank_program(plan.tasks, phases, plan.partition, "cpu", schedules)
+    two_rounds = validate_plan(dataclasses.replace(plan, phases=phases, programs=(program,)))
+    body = two_rounds.programs[0].phases[0]
+    assert any(isinstance(i, OptimizerStep) and i.stream == 1 for i in body), "lane 1 steps its own tasks"
+    assert any(isinstance(i, WaitEvent) and i.event.startswith("htask-") for i in body), "an hTask changes lanes"
+    apart = run_plan(two_rounds, tmp_path / "two-rounds", watched=True)
+    meeting = run_plan(one_round_bodies(two_rounds), tmp_path / "every-round")
+    for name, tensors in meeting.items():
+        for key, value in tensors.items():
+            assert torch.equal(apart[name][key], value), f"{name}:{key}"
+    summary = json.loads((tmp_path / "two-rounds" / "summary.json").read_text())
+    assert [t["steps"] for t in summary["tasks"].values()] == [4] * len(tasks)
+    events = json.loads((tmp_path / "two-rounds" / TRACE_DIR / "rank-0.json").read_text())["traceEvents"]
+    rounds = {
+        e["args"]["round"] for e in events if e.get("ph") == "X" and e.get("args", {}).get("op") == "load_batches"
+    }
+    assert rounds == {1, 2, 3, 4}, "the trace names each instance's own round"

@@ -193,7 +193,7 @@ def test_profile_writes_operator_table_and_trace_and_changes_nothing(reference_r
     result = run_cli("run", str(tmp_path / "plan.yaml"), "--profile")
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "out" / "profile" / "rank-0.txt").read_text()
-    assert "round(s) after the first 1" in table and "aten::mm" in table
+    assert "round body(ies) after the first 1" in table and "aten::mm" in table
     trace = json.loads((tmp_path / "out" / "profile" / "rank-0.json").read_text())
     assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
     names = [t["name"] for t in default_tasks()]
