@@ -330,10 +330,11 @@ def side_by_side(
     tails = [best_tail({t: sims[i] for t, sims in candidates.items() if t <= c}, limit) for i, c in enumerate(counts)]
     phases, streams = list(draft.phases), list(kept)
     best = [candidates[tail][i].seconds_per_round for i, tail in enumerate(tails)]
+    on_cpu = draft.placement.device == "cpu"
     for rounds in range(2, MAX_ROUNDS_PER_BODY + 1):
         trial_phases = [
             dataclasses.replace(phase, rounds_per_body=rounds)
-            if kept[i] and body_rounds_allowed(phase, checkpoint_rounds(draft.tasks, phase), rounds)
+            if kept[i] and on_cpu and body_rounds_allowed(phase, checkpoint_rounds(draft.tasks, phase), rounds)
             else phase
             for i, phase in enumerate(draft.phases)
         ]

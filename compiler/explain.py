@@ -56,6 +56,11 @@ def explain(plan: Plan, alternatives: Mapping[str, Plan]) -> str:
                 f"  hTask {htask.id}: {htask.num_microbatches} micro-batch(es) of <= {htask.micro_batch_tokens} tokens "
                 f"({budgets})"
             )
+        if phase.rounds_per_body > 1:
+            lines.append(
+                f"  {phase.rounds_per_body} rounds per body: each hTask steps on its own stream and may run its next "
+                "round on another"
+            )
         peak = max(predicted.peak_memory_bytes) / _GIB
         lines.append(
             f"  predicted: {predicted.seconds_per_round:.3f} s per round, {predicted.tokens_per_second:.0f} tokens/s, "

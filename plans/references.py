@@ -314,18 +314,20 @@ def _check_activity(phase: Phase, path: str, tasks: dict[str, TaskPlan], errors:
 
 
 def _check_rounds_per_body(plan: Plan, phase: Phase, path: str, errors: list[str]) -> None:
-    """A body of several rounds divides the phase and runs on one rank (its lanes step their
-    own hTasks' tasks; ranks would have to meet at every round's all-reduces and transfers)."""
+    """A body of several rounds divides the phase and runs on one CPU rank (its lanes, threads,
+    step their own hTasks' tasks; ranks would have to meet at every round's all-reduces and
+    transfers, and CUDA streams order optimizer steps on the host's)."""
     per_body = phase.rounds_per_body
     if not _valid(per_body) or per_body == 1:
         return
     where = join(path, "rounds_per_body")
+    placement = plan.placement
     if phase.num_rounds % per_body:
         add_error(errors, where, f"must divide the phase's {phase.num_rounds} rounds, got {per_body}")
-    elif plan.placement is not INVALID and _valid(plan.placement.num_ranks) and plan.placement.num_ranks > 1:
-        add_error(
-            errors, where, f"must be 1 in a plan of {plan.placement.num_ranks} ranks (several rounds per body need one)"
-        )
+    elif placement is not INVALID and _valid(placement.num_ranks) and placement.num_ranks > 1:
+        add_error(errors, where, f"must be 1 in a plan of {placement.num_ranks} ranks (several rounds per body: one)")
+    elif placement is not INVALID and _valid(placement.device) and placement.device != "cpu":
+        add_error(errors, where, f"must be 1 on device {quote(placement.device)} (several rounds per body: CPU lanes)")
 
 
 def check_phases(plan: Plan, tasks: dict[str, TaskPlan], errors: list[str]) -> None:

@@ -101,6 +101,7 @@ def summarize(plan: Plan) -> dict[str, Any]:
                 "first_round": phase.first_round,
                 "last_round": phase.last_round,
                 "num_rounds": phase.num_rounds,
+                "rounds_per_body": phase.rounds_per_body,
                 "tasks": list(phase.tasks),
                 "htasks": [
                     {
@@ -209,7 +210,8 @@ def _phase_lines(summary: dict[str, Any]) -> list[str]:
             rows.append(
                 [
                     str(phase["id"]),
-                    f"{phase['first_round']}..{phase['last_round']}",
+                    f"{phase['first_round']}..{phase['last_round']}"
+                    + (f" ({phase['rounds_per_body']} per body)" if phase["rounds_per_body"] > 1 else ""),
                     str(htask["id"]),
                     ", ".join(htask["tasks"]),
                     format_count(htask["num_microbatches"]),

@@ -41,8 +41,9 @@ def two_round_plan(edit: Callable[[Body], None] | None = None, rounds_per_body: 
     phases[0] = dataclasses.replace(first, rounds_per_body=rounds_per_body)
     bodies = (tuple(body), *(one_rank_body(p, (3, 4) if p.first_round == 3 else ()) for p in phases[1:]))
     base = build_plan(phases=tuple(phases))
-    program = dataclasses.replace(base.programs[0], phases=bodies)
-    return dataclasses.replace(base, programs=(program,))
+    program = dataclasses.replace(base.programs[0], device="cpu", phases=bodies)
+    placement = dataclasses.replace(base.placement, device="cpu")
+    return dataclasses.replace(base, placement=placement, programs=(program,))
 
 
 def test_schedule_rounds_evens_out_two_lanes() -> None:
@@ -104,8 +105,13 @@ def test_a_multi_round_body_that_cannot_run_is_refused(
         assert any("without waiting for task" in e and "optimizer_step of the round before" in e for e in errors)
 
 
-def test_several_rounds_per_body_need_one_rank() -> None:
+def test_several_rounds_per_body_need_one_cpu_rank() -> None:
     plan = build_data_parallel_plan()
     phases = (dataclasses.replace(plan.phases[0], rounds_per_body=2), *plan.phases[1:])
     errors = errors_of(plan_to_dict(dataclasses.replace(plan, phases=phases)))
     assert any("rounds_per_body: must be 1 in a plan of 2 ranks" in e for e in errors), errors
+    on_cpu = two_round_plan()
+    errors = errors_of(
+        plan_to_dict(dataclasses.replace(on_cpu, placement=dataclasses.replace(on_cpu.placement, device="h100")))
+    )
+    assert any("rounds_per_body: must be 1 on device 'h100'" in e for e in errors), errors
