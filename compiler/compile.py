@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,6 @@ import torch
 from muxtune.plans import (
     Alignment,
     JobSummary,
-    Phase,
     Placement,
     Plan,
     Predictions,
@@ -41,32 +39,20 @@ from muxtune.runtime.tokenizer import TextTokenizer, load_tokenizer
 from muxtune.specs import JobSpec, LoraSpec, PeftSpec, TaskSpec
 
 from .cost.build import build_cost_model
-from .cost.devices import device_spec, planning_bytes
+from .cost.devices import device_spec
 from .cost.model import CostModel
 from .cost.profile import Profile
 from .driver import PassDriver
 from .errors import CompileError
-from .passes.align import checkpoint_rounds
-from .passes.demand import TaskDemand
-from .passes.emit import HTaskStreams, emit_programs
+from .passes.emit import emit_programs
 from .passes.partition import partition as partition_pass
 from .passes.partition import policy_from_name
 from .passes.placement import placement as make_placement
-from .passes.simulate import PhaseSimulation
 from .passes.solve import MEMORY_SLACK
-from .passes.streams import (
-    MAX_ROUNDS_PER_BODY,
-    best_tail,
-    body_rounds_allowed,
-    deal_streams,
-    htask_seconds,
-    keep_faster,
-    schedule_rounds,
-    stream_zero_microbatches,
-)
 from .passes.trace import trace_model
 from .planning import FUSION_MODES, JobPlan, placement_options, plan_job
 from .predict import predictions
+from .side_by_side import side_by_side
 from .tensor_parallel import may_split, tensor_parallel_problems
 
 DEFAULT_POLICY = "per_layers(1024)"
@@ -291,66 +277,6 @@ def _preferred(challenger: Plan, incumbent: Plan) -> Plan:
         return incumbent
     lighter = (incumbent.predictions.est_peak_memory_bytes or 0) <= (challenger.predictions.est_peak_memory_bytes or 0)
     return incumbent if lighter and slow <= fast * (1 + MEMORY_SLACK) else challenger
-
-
-def side_by_side(
-    draft: Plan,
-    demands: list[dict[str, TaskDemand]],
-    alone: tuple[PhaseSimulation, ...],
-    cost: CostModel,
-    ineffective: dict[str, float],
-    num_streams: int,
-    memory_limit: int,
-) -> tuple[tuple[Phase, ...], list[HTaskStreams], list[int]] | None:
-    """Each phase (with its rounds per body), its hTask streams and joined tail
-    (`passes.streams`), or None when no phase gains from streams."""
-    dealt = [
-        deal_streams(htask_seconds(sim), num_streams) if len(phase.htasks) > 1 else {}
-        for phase, sim in zip(draft.phases, alone)
-    ]
-    if not any(any(d.values()) for d in dealt):
-        return None
-    limit = planning_bytes(memory_limit)
-
-    def simulate(
-        phases: Sequence[Phase], streams: Sequence[HTaskStreams], tails: list[int]
-    ) -> tuple[PhaseSimulation, ...]:
-        programs = emit_programs(draft.tasks, phases, draft.partition, draft.placement, streams, tails)
-        plan = dataclasses.replace(draft, phases=tuple(phases), programs=programs)
-        return predictions(plan, demands, cost, ineffective)[1]
-
-    trial = simulate(draft.phases, dealt, [0] * len(dealt))
-    kept = [keep_faster(a, b, d, limit) for a, b, d in zip(alone, trial, dealt)]
-    if not any(kept):
-        return None
-    counts = [stream_zero_microbatches(phase, streams) if streams else 0 for phase, streams in zip(draft.phases, kept)]
-    candidates = {0: trial}
-    for tail in range(1, max(counts) + 1):
-        candidates[tail] = simulate(draft.phases, kept, [min(tail, c) for c in counts])
-    tails = [best_tail({t: sims[i] for t, sims in candidates.items() if t <= c}, limit) for i, c in enumerate(counts)]
-    phases, streams = list(draft.phases), list(kept)
-    best = [candidates[tail][i].seconds_per_round for i, tail in enumerate(tails)]
-    on_cpu = draft.placement.device == "cpu"
-    for rounds in range(2, MAX_ROUNDS_PER_BODY + 1):
-        trial_phases = [
-            dataclasses.replace(phase, rounds_per_body=rounds)
-            if kept[i] and on_cpu and body_rounds_allowed(phase, checkpoint_rounds(draft.tasks, phase), rounds)
-            else phase
-            for i, phase in enumerate(draft.phases)
-        ]
-        eligible = [i for i, phase in enumerate(trial_phases) if phase.rounds_per_body == rounds]
-        if not eligible:
-            continue
-        schedules = [
-            schedule_rounds(htask_seconds(alone[i]), num_streams, rounds) if i in eligible else kept[i]
-            for i in range(len(phases))
-        ]
-        sims = simulate(trial_phases, schedules, [0 if i in eligible else t for i, t in enumerate(tails)])
-        for i in eligible:
-            fits = max(sims[i].peak_memory_bytes, default=0) <= limit
-            if fits and sims[i].seconds_per_round < best[i]:
-                phases[i], streams[i], tails[i], best[i] = trial_phases[i], schedules[i], 0, sims[i].seconds_per_round
-    return tuple(phases), streams, tails
 
 
 def check_tasks(

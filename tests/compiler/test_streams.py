@@ -16,6 +16,7 @@ from test_emit import CONFIG, NUM_LAYERS, TASKS, build_plan, make_phases
 from user_path import default_tasks, write_job
 
 import muxtune.compiler.compile as compile_module
+import muxtune.compiler.side_by_side as side_by_side_module
 from muxtune.compiler.compile import compile_job
 from muxtune.compiler.cost.devices import DEVICE_TABLES, device_spec
 from muxtune.compiler.errors import CompileError
@@ -199,7 +200,7 @@ def test_several_rounds_per_body_where_the_simulation_predicts_a_shorter_round(
     spec = load_job_spec(write_job(tmp_path, tasks))
     cpu_lanes_slowed(monkeypatch, 1.2)
     plan = compile_job(spec, fusion="no_fuse").plan
-    monkeypatch.setattr(compile_module, "MAX_ROUNDS_PER_BODY", 1)
+    monkeypatch.setattr(side_by_side_module, "MAX_ROUNDS_PER_BODY", 1)
     every_round = compile_job(spec, fusion="no_fuse").plan
     assert every_round.phases[0].rounds_per_body == 1
     per_body = plan.phases[0].rounds_per_body
@@ -207,7 +208,7 @@ def test_several_rounds_per_body_where_the_simulation_predicts_a_shorter_round(
     assert plan.predictions.est_seconds_per_round < every_round.predictions.est_seconds_per_round
     body = plan.programs[0].phases[0]
     assert {i.htask for i in body if isinstance(i, LoadBatches)} == set(range(per_body * len(plan.phases[0].htasks)))
-    monkeypatch.setattr(compile_module, "MAX_ROUNDS_PER_BODY", 4)
+    monkeypatch.setattr(side_by_side_module, "MAX_ROUNDS_PER_BODY", 4)
     saved = [{**task, "save_every": 1} for task in tasks]
     checkpointed = compile_job(load_job_spec(write_job(tmp_path / "saved", saved)), fusion="no_fuse").plan
     assert checkpointed.phases[0].rounds_per_body == 1, "a checkpoint after every round: one round per body"
