@@ -22,6 +22,7 @@ from muxtune.compiler.compile import compile_job
 from muxtune.compiler.cost.devices import DEVICE_TABLES
 from muxtune.compiler.passes.emit import single_rank_program, stream_done_event
 from muxtune.plans import (
+    Checkpoint,
     Forward,
     Instruction,
     LoadBatches,
@@ -219,6 +220,7 @@ def test_a_body_of_two_rounds_trains_the_same_adapters_as_lanes_that_meet_every_
     two_rounds = validate_plan(dataclasses.replace(plan, phases=phases, programs=(program,)))
     body = two_rounds.programs[0].phases[0]
     assert any(isinstance(i, OptimizerStep) and i.stream == 1 for i in body), "lane 1 steps its own tasks"
+    assert Checkpoint((2, 4)) in body, "the checkpoints of save_every=2 end the bodies"
     assert any(isinstance(i, WaitEvent) and i.event.startswith("htask-") for i in body), "an hTask changes lanes"
     apart = run_plan(two_rounds, tmp_path / "two-rounds", watched=True)
     meeting = run_plan(one_round_bodies(two_rounds), tmp_path / "every-round")
@@ -232,3 +234,30 @@ def test_a_body_of_two_rounds_trains_the_same_adapters_as_lanes_that_meet_every_
         e["args"]["round"] for e in events if e.get("ph") == "X" and e.get("args", {}).get("op") == "load_batches"
     }
     assert rounds == {1, 2, 3, 4}, "the trace names each instance's own round"
+    resumed = resume_after_first_checkpoint(two_rounds, tmp_path / "resumed", monkeypatch)
+    for name, tensors in meeting.items():
+        for key, value in tensors.items():
+            assert torch.equal(resumed[name][key], value), f"{name}:{key} after resuming"
+
+
+def resume_after_first_checkpoint(
+    plan: Plan, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Run ``plan`` into ``out``, stop it right after its first checkpoint, resume it; the
+    adapters it ends with."""
+    plan = dataclasses.replace(plan, job=dataclasses.replace(plan.job, output_dir=str(out)))
+    checkpoint = PlanExecutor._checkpoint
+
+    def stop_after(executor: PlanExecutor, instruction: Checkpoint) -> None:
+        checkpoint(executor, instruction)
+        if executor.round_index in instruction.rounds:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(PlanExecutor, "_checkpoint", stop_after)
+        with pytest.raises(KeyboardInterrupt):
+            PlanExecutor(plan, progress=ProgressDisplay([(t.name, t.steps) for t in plan.tasks], io.StringIO())).run()
+    progress = ProgressDisplay([(t.name, t.steps) for t in plan.tasks], io.StringIO())
+    summary = PlanExecutor(plan, resume=True, progress=progress).run()
+    assert [p["rounds_run"] for p in summary["phases"]][0] == 2, "the second body only"
+    return {t.name: load_file(str(out / t.name / WEIGHTS_NAME)) for t in plan.tasks}
