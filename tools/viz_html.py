@@ -59,7 +59,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _bar(entry: TimelineEntry, y: int, scale: float) -> str:
+def _bar(entry: TimelineEntry, y: int, scale: float, size: int) -> str:
+    """One instruction's bar; ``size`` hTasks in the phase (an instance of a body of several
+    rounds takes its hTask's colour)."""
     x = LABEL_WIDTH + entry.start * scale
     width = max(1.0, (entry.end - entry.start) * scale)
     where = f" hTask {entry.htask}, micro-batch {entry.microbatch}" if entry.htask is not None else ""
@@ -68,7 +70,7 @@ def _bar(entry: TimelineEntry, y: int, scale: float) -> str:
         f"rank {entry.rank} stream {entry.stream} #{entry.index}: {entry.op}{where}{tasks}, "
         f"{entry.start * 1e3:.2f}-{entry.end * 1e3:.2f} ms"
     )
-    colour = htask_colour(entry.htask, entry.op)
+    colour = htask_colour(entry.htask % size if entry.htask is not None else None, entry.op)
     return (
         f'<rect class="bar" x="{x:.1f}" y="{y + 3}" width="{width:.1f}" height="{ROW_HEIGHT - 6}" '
         f'fill="{colour}" stroke="#fff" stroke-width="0.5"><title>{escape(tip)}</title></rect>'
@@ -76,7 +78,8 @@ def _bar(entry: TimelineEntry, y: int, scale: float) -> str:
 
 
 def timeline_svg(plan: Plan, simulation: PhaseSimulation) -> str:
-    """One phase's simulated round: a row per (rank, stream) holding instructions."""
+    """One phase's simulated round body: a row per (rank, stream) holding instructions."""
+    size = len(plan.phases[simulation.phase].htasks)
     rows = sorted({(e.rank, e.stream) for e in simulation.timeline})
     seconds = max((e.end for e in simulation.timeline), default=0.0) or 1e-9
     scale = CHART_WIDTH / seconds
@@ -88,7 +91,7 @@ def timeline_svg(plan: Plan, simulation: PhaseSimulation) -> str:
         parts.append(f'<text x="4" y="{y + 15}" font-size="12">rank {rank} {lane}</text>')
         for entry in simulation.timeline:
             if (entry.rank, entry.stream) == (rank, stream):
-                parts.append(_bar(entry, y, scale))
+                parts.append(_bar(entry, y, scale, size))
     for tick in range(6):
         x = LABEL_WIDTH + tick * CHART_WIDTH / 5
         label = f"{seconds * tick / 5 * 1e3:.1f} ms"
