@@ -1,8 +1,10 @@
 """One rank's round body of one phase, simulated in order: every buffer is produced before it is
 used, every micro-batch runs forward, backward and free exactly once on the rank, and every task
 of the phase steps once after its micro-batches (the guarantee behind "a plan that loads always
-runs"). Program order is the order checked; `stream_checks` adds what running the streams
-apart needs (one stream per hTask, stream 0's global instructions after joins)."""
+runs"). In a body of several rounds the same holds per hTask instance, each task steps once per
+round, and an instance loads only after its tasks' step of the round before (across streams:
+through events). Program order is the order checked; `stream_checks` adds what running the
+streams apart needs (one stream per hTask instance, stream 0's global instructions after joins)."""
 
 from __future__ import annotations
 
