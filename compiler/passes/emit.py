@@ -79,7 +79,9 @@ ROUND_START_EVENT = "round-start"
 
 HTaskStreams = Mapping[int, int]
 """The stream of each hTask of a phase (by hTask id), in the order the hTasks run (the named
-ones first, then the others in hTask order); hTasks not named run on stream 0."""
+ones first, then the others in hTask order); hTasks not named run on stream 0. For a phase of
+several rounds per body: the stream of every hTask instance (`Phase.htask_of_instance`), in
+the order they run."""
 
 
 @dataclass(frozen=True)
