@@ -40,9 +40,9 @@ def side_by_side(
 ) -> tuple[tuple[Phase, ...], list[HTaskStreams], list[int]] | None:
     """Each phase (with its rounds per body), its hTask streams and joined tail
     (`passes.streams`), or None when no phase gains from streams."""
+    seconds = [htask_seconds(sim) for sim in alone]
     dealt = [
-        deal_streams(htask_seconds(sim), num_streams) if len(phase.htasks) > 1 else {}
-        for phase, sim in zip(draft.phases, alone)
+        deal_streams(each, num_streams) if len(phase.htasks) > 1 else {} for phase, each in zip(draft.phases, seconds)
     ]
     if not any(any(d.values()) for d in dealt):
         return None
@@ -68,18 +68,16 @@ def side_by_side(
     best = [candidates[tail][i].seconds_per_round for i, tail in enumerate(tails)]
     on_cpu = draft.placement.device == "cpu"
     for rounds in range(2, MAX_ROUNDS_PER_BODY + 1):
+        longer = [dataclasses.replace(phase, rounds_per_body=rounds) for phase in draft.phases]
         trial_phases = [
-            dataclasses.replace(phase, rounds_per_body=rounds)
-            if kept[i] and on_cpu and body_rounds_allowed(phase, checkpoint_rounds(draft.tasks, phase), rounds)
-            else phase
-            for i, phase in enumerate(draft.phases)
+            trial if kept[i] and on_cpu and body_rounds_allowed(trial, checkpoint_rounds(draft.tasks, phase)) else phase
+            for i, (phase, trial) in enumerate(zip(draft.phases, longer))
         ]
         eligible = [i for i, phase in enumerate(trial_phases) if phase.rounds_per_body == rounds]
         if not eligible:
             continue
         schedules = [
-            schedule_rounds(htask_seconds(alone[i]), num_streams, rounds) if i in eligible else kept[i]
-            for i in range(len(phases))
+            schedule_rounds(seconds[i], num_streams, rounds) if i in eligible else kept[i] for i in range(len(phases))
         ]
         sims = simulate(trial_phases, schedules, [0 if i in eligible else t for i, t in enumerate(tails)])
         for i in eligible:

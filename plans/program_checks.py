@@ -111,7 +111,7 @@ def _check_payload(
         elif list(rounds) != sorted(rounds):
             add_error(errors, join(where, "rounds"), f"must be strictly increasing, got {quote(list(rounds))}")
         else:
-            inside = [r for r in rounds if (r - phase.first_round + 1) % phase.rounds_per_body]
+            inside = [r for r in rounds if not phase.ends_body(r)]
             if inside:
                 add_error(
                     errors,

@@ -173,6 +173,11 @@ class Phase:
         """The hTask an instance of a round body runs."""
         return self.htasks[instance % len(self.htasks)]
 
+    def ends_body(self, round_index: int) -> bool:
+        """Whether round ``round_index`` of this phase is the last of a round body (the rounds a
+        checkpoint, or the round a run resumes after, may be)."""
+        return (round_index - self.first_round + 1) % self.rounds_per_body == 0
+
     def round_of_instance(self, instance: int) -> int:
         """The round of the body (0-based) an instance runs in."""
         return instance // len(self.htasks)

@@ -184,7 +184,7 @@ class PlanExecutor:
         with profiler if profiler is not None else contextlib.nullcontext():
             for phase, body in zip(self.plan.phases, self.program.phases):
                 first = max(phase.first_round, resumed_after + 1)
-                if first <= phase.last_round and (first - phase.first_round) % phase.rounds_per_body:
+                if first <= phase.last_round and not phase.ends_body(first - 1):
                     raise RunError(
                         f"the checkpoint to resume from ends round {resumed_after}, inside a round body of phase "
                         f"{phase.id} ({phase.rounds_per_body} rounds from round {phase.first_round}): compile again"

@@ -75,10 +75,10 @@ def schedule_rounds(seconds: Mapping[int, float], num_streams: int, rounds: int)
     return {instance: stream for _, stream, instance in sorted(starts)}
 
 
-def body_rounds_allowed(phase: Phase, checkpoints: tuple[int, ...], rounds: int) -> bool:
-    """Whether ``phase`` can run ``rounds`` rounds per body: they divide its rounds and every
+def body_rounds_allowed(phase: Phase, checkpoints: tuple[int, ...]) -> bool:
+    """Whether ``phase`` can run its `Phase.rounds_per_body`: they divide its rounds and every
     checkpoint round ends a body."""
-    return phase.num_rounds % rounds == 0 and all((r - phase.first_round + 1) % rounds == 0 for r in checkpoints)
+    return phase.num_rounds % phase.rounds_per_body == 0 and all(phase.ends_body(r) for r in checkpoints)
 
 
 def keep_faster(

@@ -33,7 +33,7 @@ from muxtune.compiler.passes.placement import placement
 from muxtune.compiler.passes.simulate import PhaseSimulation
 from muxtune.compiler.passes.solve import MEMORY_SLACK
 from muxtune.compiler.passes.streams import best_tail, body_rounds_allowed, deal_streams
-from muxtune.plans import Forward, LoadBatches, OptimizerStep, Plan, RecordEvent, WaitEvent, validate_plan
+from muxtune.plans import Forward, LoadBatches, OptimizerStep, Phase, Plan, RecordEvent, WaitEvent, validate_plan
 from muxtune.runtime.execution import per_layers, per_stage, stage_of_layer
 from muxtune.runtime.execution.plan_partition import plan_partition
 from muxtune.specs import load_job_spec
@@ -217,8 +217,12 @@ def test_several_rounds_per_body_where_the_simulation_predicts_a_shorter_round(
 def test_rounds_per_body_must_divide_the_phase_and_end_at_its_checkpoints() -> None:
     phase = make_phases(3)[0]
     rounds = phase.num_rounds
-    assert body_rounds_allowed(phase, (), 1)
-    assert body_rounds_allowed(phase, (phase.last_round,), rounds)
-    assert not body_rounds_allowed(phase, (), rounds + 1)
+
+    def per_body(k: int) -> Phase:
+        return dataclasses.replace(phase, rounds_per_body=k)
+
+    assert body_rounds_allowed(per_body(1), ())
+    assert body_rounds_allowed(per_body(rounds), (phase.last_round,))
+    assert not body_rounds_allowed(per_body(rounds + 1), ())
     if rounds % 2 == 0:
-        assert not body_rounds_allowed(phase, (phase.first_round,), 2)
+        assert not body_rounds_allowed(per_body(2), (phase.first_round,))
