@@ -1,4 +1,5 @@
-"""Build and load `cpu_fused.c`, the fused CPU kernels, as a shared library called through ctypes.
+"""Build and load `cpu_fused.c` and `cpu_lora.c`, the CPU kernels, as one shared library called
+through ctypes.
 
 The library is compiled once per machine with the system's C compiler (``$CC``, else ``cc``)
 and kept in a cache folder (``$MUXTUNE_CACHE_DIR``, else ``$XDG_CACHE_HOME/muxtune``, else
@@ -26,7 +27,6 @@ from pathlib import Path
 
 from muxtune.common.errors import UserError
 
-SOURCE = Path(__file__).with_name("cpu_fused.c")
 FLAGS = (
     "-O3",
     "-march=native",
@@ -34,10 +34,14 @@ FLAGS = (
     "--param=vect-partial-vector-usage=1",
     "-fno-math-errno",
     "-fno-trapping-math",
-    "-ffp-contract=off",
-    "-shared",
     "-fPIC",
 )
+SOURCES: dict[Path, tuple[str, ...]] = {
+    Path(__file__).with_name("cpu_fused.c"): ("-ffp-contract=off",),
+    Path(__file__).with_name("cpu_lora.c"): ("-ffp-contract=fast",),
+}
+"""Each source with its own flags: the element-wise kernels round where eager torch rounds (no
+fused multiply-adds), LoRA's products accumulate with them as BLAS does."""
 SWITCH = "MUXTUNE_CPU_KERNELS"
 """Environment switch: ``auto`` (default: build and use the kernels where a compiler exists), ``0``
 (never), ``1`` (always: a failed build is an error)."""
@@ -55,6 +59,11 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
     "cross_entropy": (_ptr, _ptr, _ptr, _ptr, _f32, _i64, _i64),
 }
 DTYPE_SUFFIXES = ("bf16", "f32")
+LORA_SIGNATURES: dict[str, tuple[type, ...]] = {
+    "lora_rows_dot_bf16": (_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32),
+    "lora_expand_bf16": (_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f32),
+    "lora_outer_bf16": (_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _i64, _i64),
+}
 
 
 class KernelBuildError(UserError):
@@ -89,7 +98,10 @@ def _cpu_features() -> str:
 def _library_path(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_features().encode()):
+    parts = [" ".join(FLAGS).encode(), version.encode(), _cpu_features().encode()]
+    for source, flags in SOURCES.items():
+        parts += [source.read_bytes(), " ".join(flags).encode()]
+    for part in parts:
         digest.update(part)
         digest.update(b"\0")
     return cache_dir() / "kernels" / f"cpu_fused-{digest.hexdigest()[:16]}.so"
@@ -97,18 +109,20 @@ def _library_path(compiler: str) -> Path:
 
 def _compile(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, scratch = tempfile.mkstemp(prefix=target.stem, suffix=".so.tmp", dir=target.parent)
-    os.close(handle)
-    try:
-        result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", scratch, "-lm"], capture_output=True, text=True, timeout=300
-        )
-        if result.returncode != 0:
-            raise OSError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+    with tempfile.TemporaryDirectory(prefix=target.stem, dir=target.parent) as scratch_dir:
+        objects = []
+        for index, (source, flags) in enumerate(SOURCES.items()):
+            objects.append(str(Path(scratch_dir) / f"{index}-{source.stem}.o"))
+            _run_compiler([compiler, *FLAGS, *flags, "-c", str(source), "-o", objects[-1]])
+        scratch = str(Path(scratch_dir) / "library.so")
+        _run_compiler([compiler, "-shared", *objects, "-o", scratch, "-lm"])
         os.replace(scratch, target)
-    finally:
-        if os.path.exists(scratch):
-            os.unlink(scratch)
+
+
+def _run_compiler(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise OSError(f"{command[0]} failed: {result.stderr.strip()[-2000:]}")
 
 
 def _load(path: Path) -> ctypes.CDLL:
@@ -118,6 +132,10 @@ def _load(path: Path) -> ctypes.CDLL:
             function = getattr(library, f"{name}_{suffix}")
             function.argtypes = argtypes
             function.restype = None
+    for name, argtypes in LORA_SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes = argtypes
+        function.restype = None
     return library
 
 

@@ -47,11 +47,12 @@ def _kernel(name: str, dtype: torch.dtype) -> Callable[..., None]:
 
 
 @functools.lru_cache(maxsize=1)
-def _pool() -> ThreadPoolExecutor:
+def worker_pool() -> ThreadPoolExecutor:
+    """The threads that run a kernel call's other row ranges (the kernels release the GIL)."""
     return ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="muxtune-fused")
 
 
-def _split_rows(rows: int, row_elements: int, call: Callable[[int, int], None]) -> None:
+def split_rows(rows: int, row_elements: int, call: Callable[[int, int], None]) -> None:
     """`call(begin, end)` over row ranges covering [0, rows): on this thread alone, or split among
     this thread's intra-op thread count when the work is large (the kernels release the GIL)."""
     threads = min(torch.get_num_threads(), rows, max(1, rows * row_elements // GRAIN))
@@ -59,7 +60,7 @@ def _split_rows(rows: int, row_elements: int, call: Callable[[int, int], None]) 
         call(0, rows)
         return
     bounds = [rows * i // threads for i in range(threads + 1)]
-    pool = _pool()
+    pool = worker_pool()
     futures = [pool.submit(call, begin, end) for begin, end in zip(bounds[1:-1], bounds[2:])]
     call(bounds[0], bounds[1])
     for future in futures:
@@ -81,7 +82,7 @@ def _rowwise(name: str, operands: tuple[Tensor, ...], *extra: float) -> None:
         pointers = [_at(t, begin, cols) if t.dim() == 2 else t.data_ptr() for t in operands]
         kernel(*pointers, end - begin, cols, *extra)
 
-    _split_rows(rows, cols, call)
+    split_rows(rows, cols, call)
 
 
 class _RmsNorm(torch.autograd.Function):
@@ -169,7 +170,7 @@ def _rotary_call(name: str, x: Tensor, cos: Tensor, sin: Tensor, out: Tensor) ->
     def call(b: int, e: int) -> None:
         kernel(_at(x, b, row), _at(cos, b, dim), _at(sin, b, dim), _at(out, b, row), e - b, heads, dim)
 
-    _split_rows(tokens, row, call)
+    split_rows(tokens, row, call)
 
 
 def rotary(x_THD: Tensor, cos_TD: Tensor, sin_TD: Tensor) -> Tensor:
@@ -201,5 +202,5 @@ def cross_entropy_rows(
         grad_at = _at(grad, b, vocab) if grad is not None else None
         kernel(_at(logits, b, vocab), _at(targets, b, 1), _at(picked, b, 1), grad_at, scale, e - b, vocab)
 
-    _split_rows(rows, vocab, call)
+    split_rows(rows, vocab, call)
     return picked, grad

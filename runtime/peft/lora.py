@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from muxtune.kernels import LoraSlots, SegmentLayout, current_stream_id, segmented_lora, segmented_path
+from muxtune.kernels import LoraSlots, SegmentLayout, cpu_lora, current_stream_id, segmented_lora, segmented_path
 from muxtune.specs import LoraSpec
 
 from ..sharding import full_features
@@ -163,20 +163,32 @@ class ParallelLora(torch.autograd.Function):
     instead of keeping its copy in w (the input itself is usually kept anyway, and shared by
     every anchor reading it: ~13 KB less per token and layer for a 7-target task on a bf16
     backbone), and passes the output's gradient to `y` as it is (the round trip through w is
-    exact) instead of casting it twice."""
+    exact) instead of casting it twice.
+
+    For bf16 activations and fp32 adapters on the CPU the six products run on
+    `muxtune.kernels.cpu_lora` instead: the same fp32 arithmetic on the bf16 values, read and
+    written without fp32 copies, the sums in their own order."""
 
     @staticmethod
     def forward(
         ctx: Any, x: torch.Tensor, y: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, scaling: float
     ) -> torch.Tensor:
+        ctx.scaling = scaling
+        ctx.on_kernels = cpu_lora.lora_kernels_apply(x, y, weight_A, weight_B)
+        if ctx.on_kernels:
+            h = cpu_lora.rows_dot(x, weight_A)
+            weight_B_t = weight_B.t().contiguous()
+            ctx.save_for_backward(x, h, weight_A, weight_B_t)
+            return cpu_lora.expand(h, weight_B_t, y, scaling)
         h = narrow_mm(x.to(weight_A.dtype), weight_A.t())
         out = torch.addmm(y.to(h.dtype), h, weight_B.t(), alpha=scaling).to(y.dtype)
         ctx.save_for_backward(x, h, weight_A, weight_B)
-        ctx.scaling = scaling
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.on_kernels:
+            return _kernel_backward(ctx, grad_out)
         x, h, weight_A, weight_B = ctx.saved_tensors
         need_x, need_y, need_A, need_B = ctx.needs_input_grad[:4]
         scaling = ctx.scaling
@@ -193,6 +205,24 @@ class ParallelLora(torch.autograd.Function):
             if need_A:
                 grad_A = grad_h.t().mm(x.to(weight_A.dtype))
         return grad_x, grad_y, grad_A, grad_B, None
+
+
+def _kernel_backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """`ParallelLora`'s backward on `cpu_lora`'s kernels (B saved transposed, [r, out])."""
+    x, h, weight_A, weight_B_t = ctx.saved_tensors
+    need_x, need_y, need_A, need_B = ctx.needs_input_grad[:4]
+    scaling = ctx.scaling
+    grad = grad_out.contiguous()
+    grad_x = grad_A = grad_B = None
+    if need_B:
+        grad_B = cpu_lora.outer(grad, h, scaling).t().contiguous()
+    if need_x or need_A:
+        grad_h = cpu_lora.rows_dot(grad, weight_B_t, scaling)
+        if need_x:
+            grad_x = cpu_lora.expand(grad_h, weight_A, None)
+        if need_A:
+            grad_A = cpu_lora.outer(x, grad_h)
+    return grad_x, grad_out if need_y else None, grad_A, grad_B, None
 
 
 VECTOR_FLOATS = 16

@@ -1,13 +1,14 @@
 """`ParallelLora` against autograd of the expression it stands for: outputs and every gradient
-bitwise equal where its rank-wide products run as autograd's (ranks 1 and multiples of 16), and
-equal up to the order of the sums where they run transposed (`narrow_mm`), in bf16 and fp32,
-with and without dropout, at scaling 1 and not."""
+bitwise equal where its rank-wide products run as autograd's (fp32 activations, ranks 1 and
+multiples of 16), and equal up to the order of the sums where they run transposed (`narrow_mm`)
+or on the CPU LoRA kernels (bf16 activations), with and without dropout, at scaling 1 and not."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from muxtune.kernels.cpu_build import library
 from muxtune.runtime.peft.lora import VECTOR_FLOATS, LoraConfig, LoraModule, narrow_mm
 
 
@@ -45,7 +46,8 @@ def test_equal_to_autograd_of_the_expression(
     module.train()
     ours = _run(lambda m, x, y: m.adapt(x, y, None), module, dtype, rows, dropout_seed=3)
     theirs = _run(_expression, module, dtype, rows, dropout_seed=3)
-    bitwise = rank == 1 or rank % VECTOR_FLOATS == 0
+    on_kernels = dtype == torch.bfloat16 and dropout == 0.0 and library() is not None
+    bitwise = not on_kernels and (rank == 1 or rank % VECTOR_FLOATS == 0)
     for name, a, b in zip(("output", "x grad", "y grad", "A grad", "B grad"), ours, theirs):
         assert a.dtype == b.dtype, name
         if bitwise:
