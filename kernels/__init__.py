@@ -1,6 +1,6 @@
 """muxtune.kernels: segmented multi-task LoRA (Triton kernels, torch references, dispatch), and
-fused CPU kernels for the backbone's element-wise chains and the loss (`cpu_fused`, C built at
-first use by `cpu_build`).
+fused CPU kernels for the backbone's element-wise chains and the loss (`cpu_fused`) and for LoRA's
+products on bf16 activations (`cpu_lora`), C built at first use by `cpu_build`.
 
 Importing this package never imports Triton; `segmented_lora` loads it on first use.
 """
