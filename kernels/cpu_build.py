@@ -42,6 +42,7 @@ SOURCES: dict[Path, tuple[str, ...]] = {
 }
 """Each source with its own flags: the element-wise kernels round where eager torch rounds (no
 fused multiply-adds), LoRA's products accumulate with them as BLAS does."""
+HEADERS = (Path(__file__).with_name("cpu_bf16.h"),)
 SWITCH = "MUXTUNE_CPU_KERNELS"
 """Environment switch: ``auto`` (default: build and use the kernels where a compiler exists), ``0``
 (never), ``1`` (always: a failed build is an error)."""
@@ -101,6 +102,7 @@ def _library_path(compiler: str) -> Path:
     parts = [" ".join(FLAGS).encode(), version.encode(), _cpu_features().encode()]
     for source, flags in SOURCES.items():
         parts += [source.read_bytes(), " ".join(flags).encode()]
+    parts += [header.read_bytes() for header in HEADERS]
     for part in parts:
         digest.update(part)
         digest.update(b"\0")

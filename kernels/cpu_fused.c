@@ -14,19 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_load(uint16_t value) {
-  uint32_t bits = (uint32_t)value << 16;
-  float out;
-  memcpy(&out, &bits, sizeof out);
-  return out;
-}
-
-static inline uint16_t bf16_store(float value) {
-  uint32_t bits;
-  memcpy(&bits, &value, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
+#include "cpu_bf16.h"
 
 static inline float f32_load(float value) { return value; }
 static inline float f32_store(float value) { return value; }

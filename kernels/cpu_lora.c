@@ -18,24 +18,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_bf16.h"
+
 #define LANES 16
 typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
 typedef uint16_t vh __attribute__((vector_size(LANES * 2)));
-
-static inline float widen(uint16_t value) {
-  uint32_t bits = (uint32_t)value << 16;
-  float out;
-  memcpy(&out, &bits, sizeof out);
-  return out;
-}
-
-static inline uint16_t narrow(float value) {
-  uint32_t bits;
-  memcpy(&bits, &value, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
 
 static inline vf load_f(const float *p) {
   vf v;
@@ -114,7 +102,7 @@ static inline __attribute__((always_inline)) void dot_block(const uint16_t *x, c
   for (int i = 0; i < rows_here; i++)
     for (int j = 0; j < count; j++) {
       float sum = lane_sum(acc[i][j]);
-      for (int64_t e = c; e < k; e++) sum += widen(x[i * k + e]) * w[j * k + e];
+      for (int64_t e = c; e < k; e++) sum += bf16_load(x[i * k + e]) * w[j * k + e];
       out[i * out_stride + j] = sum * scale;
     }
 }
@@ -140,7 +128,7 @@ void lora_rows_dot_bf16(const uint16_t *x, const float *w, float *out, int64_t r
 
 static inline float finish(float acc, float scale, const uint16_t *base, int64_t at) {
   float scaled = acc * scale;
-  return base ? widen(base[at]) + scaled : scaled;
+  return base ? bf16_load(base[at]) + scaled : scaled;
 }
 
 /* Rows [t, t + count) (count 1..4), columns [c, c + 2 * LANES). */
@@ -192,7 +180,7 @@ void lora_expand_bf16(const float *h, const float *w, const uint16_t *base, uint
       for (int64_t c = vector_end; c < n; c++) {
         float acc = 0.0f;
         for (int64_t j = 0; j < r; j++) acc += h[(t + i) * r + j] * w[j * n + c];
-        out[(t + i) * n + c] = narrow(finish(acc, scale, base, (t + i) * n + c));
+        out[(t + i) * n + c] = bf16_store(finish(acc, scale, base, (t + i) * n + c));
       }
   }
 }
@@ -231,7 +219,7 @@ static __attribute__((noinline)) void outer_one(const uint16_t *x, const float *
 static float outer_scalar(const uint16_t *x, const float *h, int64_t rows, int64_t n, int64_t r, int64_t j, int64_t c,
                           float scale) {
   float acc = 0.0f;
-  for (int64_t t = 0; t < rows; t++) acc += h[t * r + j] * widen(x[t * n + c]);
+  for (int64_t t = 0; t < rows; t++) acc += h[t * r + j] * bf16_load(x[t * n + c]);
   return acc * scale;
 }
 

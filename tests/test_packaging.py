@@ -25,9 +25,9 @@ def test_every_source_package_is_installed() -> None:
 
 
 def test_c_sources_are_installed_with_their_package() -> None:
-    """Kernel sources built at run time (`kernels/cpu_fused.c`) are package data."""
+    """Kernel sources and headers built at run time (`kernels/cpu_fused.c`, `cpu_bf16.h`) are package data."""
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    sources = [path for top in TOP_LEVEL for path in (REPO / top).rglob("*.c")]
+    sources = [path for top in TOP_LEVEL for path in (REPO / top).rglob("*.[ch]")]
     assert sources
     for source in sources:
         package = "muxtune." + ".".join(source.parent.relative_to(REPO).parts)
