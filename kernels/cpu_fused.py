@@ -47,27 +47,29 @@ def _kernel(name: str, dtype: torch.dtype) -> Callable[..., None]:
 
 
 @functools.lru_cache(maxsize=1)
-def worker_pool() -> ThreadPoolExecutor:
-    """The threads that run a kernel call's other row ranges (the kernels release the GIL)."""
+def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="muxtune-fused")
 
 
-def split_rows(rows: int, row_elements: int, call: Callable[[int, int], None]) -> None:
+def split_rows(rows: int, row_elements: int, call: Callable[[int, int], None], align: int = 1) -> None:
     """`call(begin, end)` over row ranges covering [0, rows): on this thread alone, or split among
-    this thread's intra-op thread count when the work is large (the kernels release the GIL)."""
-    threads = min(torch.get_num_threads(), rows, max(1, rows * row_elements // GRAIN))
+    this thread's intra-op thread count when the work is large (the kernels release the GIL).
+    Ranges start at multiples of ``align``."""
+    blocks = -(-rows // align)
+    threads = min(torch.get_num_threads(), blocks, max(1, rows * row_elements // GRAIN))
     if threads <= 1:
         call(0, rows)
         return
-    bounds = [rows * i // threads for i in range(threads + 1)]
-    pool = worker_pool()
+    bounds = [min(rows, align * (blocks * i // threads)) for i in range(threads + 1)]
+    pool = _pool()
     futures = [pool.submit(call, begin, end) for begin, end in zip(bounds[1:-1], bounds[2:])]
     call(bounds[0], bounds[1])
     for future in futures:
         future.result()
 
 
-def _at(tensor: Tensor, row: int, row_elements: int) -> int:
+def row_at(tensor: Tensor, row: int, row_elements: int) -> int:
+    """The address of row ``row`` of a contiguous tensor of ``row_elements`` per row."""
     return tensor.data_ptr() + row * row_elements * tensor.element_size()
 
 
@@ -79,7 +81,7 @@ def _rowwise(name: str, operands: tuple[Tensor, ...], *extra: float) -> None:
     kernel = _kernel(name, operands[0].dtype)
 
     def call(begin: int, end: int) -> None:
-        pointers = [_at(t, begin, cols) if t.dim() == 2 else t.data_ptr() for t in operands]
+        pointers = [row_at(t, begin, cols) if t.dim() == 2 else t.data_ptr() for t in operands]
         kernel(*pointers, end - begin, cols, *extra)
 
     split_rows(rows, cols, call)
@@ -168,7 +170,7 @@ def _rotary_call(name: str, x: Tensor, cos: Tensor, sin: Tensor, out: Tensor) ->
     row = heads * dim
 
     def call(b: int, e: int) -> None:
-        kernel(_at(x, b, row), _at(cos, b, dim), _at(sin, b, dim), _at(out, b, row), e - b, heads, dim)
+        kernel(row_at(x, b, row), row_at(cos, b, dim), row_at(sin, b, dim), row_at(out, b, row), e - b, heads, dim)
 
     split_rows(tokens, row, call)
 
@@ -199,8 +201,8 @@ def cross_entropy_rows(
     kernel = _kernel("cross_entropy", logits.dtype)
 
     def call(b: int, e: int) -> None:
-        grad_at = _at(grad, b, vocab) if grad is not None else None
-        kernel(_at(logits, b, vocab), _at(targets, b, 1), _at(picked, b, 1), grad_at, scale, e - b, vocab)
+        grad_at = row_at(grad, b, vocab) if grad is not None else None
+        kernel(row_at(logits, b, vocab), row_at(targets, b, 1), row_at(picked, b, 1), grad_at, scale, e - b, vocab)
 
     split_rows(rows, vocab, call)
     return picked, grad

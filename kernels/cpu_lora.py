@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .cpu_build import library
-from .cpu_fused import split_rows, worker_pool
+from .cpu_fused import row_at, split_rows
 
 VECTOR_COLUMNS = 32
 """Column grain of `outer`'s thread split: each column's sum is then the same whichever thread runs it."""
@@ -42,7 +42,7 @@ def rows_dot(x_TK: Tensor, w_RK: Tensor, scale: float = 1.0) -> Tensor:
     kernel = library().lora_rows_dot_bf16
 
     def call(begin: int, end: int) -> None:
-        kernel(_row(x, begin), w.data_ptr(), _row(out, begin), end - begin, inner, rank, scale)
+        kernel(row_at(x, begin, inner), w.data_ptr(), row_at(out, begin, rank), end - begin, inner, rank, scale)
 
     split_rows(rows, inner * rank // 8 + 1, call)
     return out
@@ -59,8 +59,9 @@ def expand(h_TR: Tensor, w_RN: Tensor, base_TN: Tensor | None, scale: float = 1.
     kernel = library().lora_expand_bf16
 
     def call(begin: int, end: int) -> None:
-        base_at = _row(base, begin) if base is not None else None
-        kernel(_row(h, begin), w.data_ptr(), base_at, _row(out, begin), end - begin, width, rank, scale)
+        base_at = row_at(base, begin, width) if base is not None else None
+        out_at = row_at(out, begin, width)
+        kernel(row_at(h, begin, rank), w.data_ptr(), base_at, out_at, end - begin, width, rank, scale)
 
     split_rows(rows, width * rank // 8 + 1, call)
     return out
@@ -78,15 +79,5 @@ def outer(x_TN: Tensor, h_TR: Tensor, scale: float = 1.0) -> Tensor:
     def call(begin: int, end: int) -> None:
         kernel(x.data_ptr(), h.data_ptr(), out.data_ptr(), rows, width, rank, scale, begin, end)
 
-    chunks = -(-width // VECTOR_COLUMNS)
-    threads = min(torch.get_num_threads(), chunks, max(1, rows * width * rank // (1 << 20)))
-    bounds = [min(width, VECTOR_COLUMNS * (chunks * i // threads)) for i in range(threads + 1)]
-    futures = [worker_pool().submit(call, b, e) for b, e in zip(bounds[1:-1], bounds[2:])]
-    call(bounds[0], bounds[1])
-    for future in futures:
-        future.result()
+    split_rows(width, rows * rank // 8 + 1, call, align=VECTOR_COLUMNS)
     return out
-
-
-def _row(tensor: Tensor, row: int) -> int:
-    return tensor.data_ptr() + row * tensor.stride(0) * tensor.element_size()
