@@ -1,5 +1,5 @@
-"""Build and load `cpu_fused.c` and `cpu_lora.c`, the CPU kernels, as one shared library called
-through ctypes.
+"""Build and load `cpu_fused.c`, `cpu_lora.c` and `cpu_attention.c`, the CPU kernels, as one
+shared library called through ctypes.
 
 The library is compiled once per machine with the system's C compiler (``$CC``, else ``cc``)
 and kept in a cache folder (``$MUXTUNE_CACHE_DIR``, else ``$XDG_CACHE_HOME/muxtune``, else
@@ -39,10 +39,11 @@ FLAGS = (
 SOURCES: dict[Path, tuple[str, ...]] = {
     Path(__file__).with_name("cpu_fused.c"): ("-ffp-contract=off",),
     Path(__file__).with_name("cpu_lora.c"): ("-ffp-contract=fast",),
+    Path(__file__).with_name("cpu_attention.c"): ("-ffp-contract=fast",),
 }
 """Each source with its own flags: the element-wise kernels round where eager torch rounds (no
-fused multiply-adds), LoRA's products accumulate with them as BLAS does."""
-HEADERS = (Path(__file__).with_name("cpu_bf16.h"),)
+fused multiply-adds), the products accumulate with them as BLAS does."""
+HEADERS = (Path(__file__).with_name("cpu_bf16.h"), Path(__file__).with_name("cpu_math.h"))
 SWITCH = "MUXTUNE_CPU_KERNELS"
 """Environment switch: ``auto`` (default: build and use the kernels where a compiler exists), ``0``
 (never), ``1`` (always: a failed build is an error)."""
@@ -60,11 +61,15 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
     "cross_entropy": (_ptr, _ptr, _ptr, _ptr, _f32, _i64, _i64),
 }
 DTYPE_SUFFIXES = ("bf16", "f32")
-LORA_SIGNATURES: dict[str, tuple[type, ...]] = {
-    "lora_rows_dot_bf16": (_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32),
-    "lora_expand_bf16": (_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f32),
-    "lora_outer_bf16": (_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _i64, _i64),
+SINGLE_SIGNATURES: dict[str, tuple[type | None, tuple[type, ...]]] = {
+    "lora_rows_dot_bf16": (None, (_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32)),
+    "lora_expand_bf16": (None, (_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f32)),
+    "lora_outer_bf16": (None, (_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _i64, _i64)),
+    "attention_scratch_bytes": (_i64, (_i64, _i64)),
+    "attention_forward_bf16": (None, (_ptr,) * 6 + (_i64,) * 5 + (_f32, _ptr, _i64)),
+    "attention_backward_bf16": (None, (_ptr,) * 9 + (_i64,) * 5 + (_f32, _ptr, _i64)),
 }
+"""Kernels of one dtype: each name with its result type and argument types."""
 
 
 class KernelBuildError(UserError):
@@ -134,10 +139,10 @@ def _load(path: Path) -> ctypes.CDLL:
             function = getattr(library, f"{name}_{suffix}")
             function.argtypes = argtypes
             function.restype = None
-    for name, argtypes in LORA_SIGNATURES.items():
+    for name, (restype, argtypes) in SINGLE_SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes = argtypes
-        function.restype = None
+        function.restype = restype
     return library
 
 

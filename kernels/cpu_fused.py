@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -60,7 +60,28 @@ def split_rows(rows: int, row_elements: int, call: Callable[[int, int], None], a
     if threads <= 1:
         call(0, rows)
         return
-    bounds = [min(rows, align * (blocks * i // threads)) for i in range(threads + 1)]
+    _run_ranges([min(rows, align * (blocks * i // threads)) for i in range(threads + 1)], call)
+
+
+def split_costs(costs: Sequence[int], grain: int, call: Callable[[int, int], None]) -> None:
+    """`call(begin, end)` over ranges of items covering [0, len(costs)), split among this
+    thread's intra-op threads into ranges of about equal summed cost (at least `grain` each)."""
+    total = sum(costs)
+    threads = min(torch.get_num_threads(), len(costs), max(1, total // grain))
+    if threads <= 1:
+        call(0, len(costs))
+        return
+    bounds, running = [0], 0
+    for index, cost in enumerate(costs):
+        running += cost
+        if running * threads >= total * len(bounds) and len(bounds) < threads:
+            bounds.append(index + 1)
+    bounds.append(len(costs))
+    _run_ranges(bounds, call)
+
+
+def _run_ranges(bounds: list[int], call: Callable[[int, int], None]) -> None:
+    """`call` over consecutive ranges of `bounds`: the first on this thread, the rest on the pool."""
     pool = _pool()
     futures = [pool.submit(call, begin, end) for begin, end in zip(bounds[1:-1], bounds[2:])]
     call(bounds[0], bounds[1])
