@@ -119,7 +119,7 @@ static void copy_rows(const uint16_t *src, int64_t stride, int64_t rows, int64_t
 /* Scratch of one call, carved from the caller's buffer for sequences of at most max_len tokens. */
 typedef struct {
   uint32_t *keys_nk, *values_nk, *keys_kn, *values_kn, *queries_kn, *grads_kn;
-  uint16_t *queries, *grads, *weights, *ds_t, *p_t;
+  uint16_t *queries, *grads, *weights, *probs, *ds_t, *p_t;
   float *scores, *dweights, *cols, *dk_acc, *dv_acc;
 } scratch_t;
 
@@ -139,8 +139,9 @@ static int64_t carve(scratch_t *s, char *base, int64_t max_len, int64_t dim) {
   TAKE(queries, uint16_t, rows * dim);
   TAKE(grads, uint16_t, rows * dim);
   TAKE(weights, uint16_t, ROWS * even);
-  TAKE(ds_t, uint16_t, rows * even);
-  TAKE(p_t, uint16_t, rows * even);
+  TAKE(probs, uint16_t, ROWS * even);
+  TAKE(ds_t, uint16_t, rows * rows);
+  TAKE(p_t, uint16_t, rows * rows);
   TAKE(scores, float, ROWS * keys);
   TAKE(dweights, float, ROWS * keys);
   TAKE(cols, float, ROWS * dims);
@@ -173,7 +174,7 @@ static float softmax_row(float *scores, int64_t count, float scale) {
 }
 
 typedef struct {
-  int64_t start, len, heads, kv_heads, dim, group, even, pairs, key_panels, dim_panels, keys, dims;
+  int64_t start, len, heads, kv_heads, dim, group, even, rows, pairs, key_panels, dim_panels, keys, dims;
 } unit_t;
 
 static unit_t unit_at(const int64_t *cu, int64_t u, int64_t heads, int64_t kv_heads, int64_t dim) {
@@ -185,6 +186,7 @@ static unit_t unit_at(const int64_t *cu, int64_t u, int64_t heads, int64_t kv_he
   t.dim = dim;
   t.group = heads / kv_heads;
   t.even = round_up(t.len, 2);
+  t.rows = round_up(t.len, ROWS);
   t.pairs = t.even / 2;
   t.key_panels = round_up(t.len, PANEL) / PANEL;
   t.dim_panels = round_up(dim, PANEL) / PANEL;
@@ -209,6 +211,7 @@ static void forward_unit(const uint16_t *q, const uint16_t *k, const uint16_t *v
         uint16_t *w = s->weights + r * t->even;
         float *row = s->scores + r * t->keys;
         if (seen) lse[(t->start + i) * H + h] = softmax_row(row, seen, scale);
+#pragma omp simd
         for (int64_t j = 0; j < seen; j++) w[j] = bf16_store(row[j]);
         for (int64_t j = seen; j < 2 * p_hi; j++) w[j] = 0;
       }
@@ -216,9 +219,21 @@ static void forward_unit(const uint16_t *q, const uint16_t *k, const uint16_t *v
       for (int64_t i = i0; i <= last; i++) {
         uint16_t *o = out + ((t->start + i) * H + h) * D;
         const float *c = s->cols + (i - i0) * t->dims;
+#pragma omp simd
         for (int64_t d = 0; d < D; d++) o[d] = bf16_store(c[d]);
       }
     }
+  }
+}
+
+/* dst[j][i0:i0 + ROWS] = rows[0:ROWS][j] for j < count: a block of rows (`width` apart) stored
+ * transposed into rows `dst_width` apart. */
+static void store_transposed(const uint16_t *rows, int64_t width, int64_t dst_width, int64_t count, int64_t i0,
+                             uint16_t *dst) {
+  for (int64_t j = 0; j < count; j++) {
+    uint64_t four = (uint64_t)rows[j] | (uint64_t)rows[width + j] << 16 | (uint64_t)rows[2 * width + j] << 32 |
+                    (uint64_t)rows[3 * width + j] << 48;
+    memcpy(dst + j * dst_width + i0, &four, sizeof four);
   }
 }
 
@@ -233,25 +248,27 @@ static void backward_rows(const float *lse, uint16_t *dq, const unit_t *t, int64
   for (int64_t r = 0; r < ROWS; r++) {
     int64_t i = i0 + r, seen = i < L ? i + 1 : 0;
     float *p = s->scores + r * t->keys, *dw = s->dweights + r * t->keys, mean = 0.0f;
-    uint16_t *ds = s->weights + r * t->even;
+    uint16_t *ds = s->weights + r * t->even, *p_bf16 = s->probs + r * t->even;
     float shift = seen ? lse[(t->start + i) * H + h] : 0.0f;
 #pragma omp simd reduction(+ : mean)
     for (int64_t j = 0; j < seen; j++) {
       p[j] = exp_f32(p[j] * scale - shift);
       mean += p[j] * dw[j];
     }
+#pragma omp simd
     for (int64_t j = 0; j < seen; j++) {
-      uint16_t grad = bf16_store(p[j] * (dw[j] - mean));
-      ds[j] = grad;
-      s->ds_t[j * t->even + i] = grad;
-      s->p_t[j * t->even + i] = bf16_store(p[j]);
+      ds[j] = bf16_store(p[j] * (dw[j] - mean));
+      p_bf16[j] = bf16_store(p[j]);
     }
-    for (int64_t j = seen; j < 2 * p_hi; j++) ds[j] = 0;
+    for (int64_t j = seen; j < 2 * p_hi; j++) ds[j] = p_bf16[j] = 0;
   }
+  store_transposed(s->weights, t->even, t->rows, last + 1, i0, s->ds_t);
+  store_transposed(s->probs, t->even, t->rows, last + 1, i0, s->p_t);
   product(s->weights, t->even, s->keys_kn, t->pairs, t->dim_panels, 0, p_hi, s->cols, t->dims);
   for (int64_t i = i0; i <= last; i++) {
     uint16_t *out = dq + ((t->start + i) * H + h) * D;
     const float *c = s->cols + (i - i0) * t->dims;
+#pragma omp simd
     for (int64_t d = 0; d < D; d++) out[d] = bf16_store(c[d] * scale);
   }
 }
@@ -260,7 +277,7 @@ static void backward_rows(const float *lse, uint16_t *dq, const unit_t *t, int64
 static void accumulate_rows(const uint16_t *a_t, const uint32_t *b, const unit_t *t, int64_t j0, float *acc,
                             float *cols) {
   int64_t D = t->dim, last = (j0 + ROWS < t->len ? j0 + ROWS : t->len) - 1;
-  product(a_t + j0 * t->even, t->even, b, t->pairs, t->dim_panels, j0 / 2, t->pairs, cols, t->dims);
+  product(a_t + j0 * t->rows, t->rows, b, t->pairs, t->dim_panels, j0 / 2, t->pairs, cols, t->dims);
   for (int64_t j = j0; j <= last; j++)
     for (int64_t d = 0; d < D; d++) acc[j * D + d] += cols[(j - j0) * t->dims + d];
 }
@@ -281,8 +298,8 @@ static void backward_unit(const uint16_t *q, const uint16_t *k, const uint16_t *
     copy_rows(dout_h, H * D, L, rows, D, s->grads);
     pack_panels(q_h, 1, H * D, D, L, s->queries_kn);
     pack_panels(dout_h, 1, H * D, D, L, s->grads_kn);
-    memset(s->ds_t, 0, rows * t->even * sizeof(uint16_t));
-    memset(s->p_t, 0, rows * t->even * sizeof(uint16_t));
+    memset(s->ds_t, 0, rows * rows * sizeof(uint16_t));
+    memset(s->p_t, 0, rows * rows * sizeof(uint16_t));
     for (int64_t i0 = 0; i0 < L; i0 += ROWS) backward_rows(lse, dq, t, h, i0, scale, s);
     for (int64_t j0 = 0; j0 < L; j0 += ROWS) {
       accumulate_rows(s->ds_t, s->queries_kn, t, j0, s->dk_acc, s->cols);

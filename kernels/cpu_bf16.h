@@ -13,11 +13,12 @@ static inline float bf16_load(uint16_t value) {
   return out;
 }
 
+/* Branch-free, so that loops calling it vectorize. */
 static inline uint16_t bf16_store(float value) {
   uint32_t bits;
   memcpy(&bits, &value, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  uint16_t rounded = (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  return (bits & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : rounded;
 }
 
 #endif

@@ -7,8 +7,10 @@ H query heads, Hkv key/value heads, D head dim.
 families call with the micro-batch layout: each sequence of a task with a prefix module here
 (prefix tuning) also attends to that task's P learned keys and values.
 
-On CUDA in fp16/bf16, sequences without prefix keys run as one flash call over the whole buffer
-(`muxtune.kernels.varlen_attention`); the per-sequence products below run everywhere else.
+Sequences without prefix keys run as one call over the whole buffer where a kernel covers them:
+on CUDA in fp16/bf16 one flash call (`muxtune.kernels.varlen_attention`), on the CPU in bf16 the
+causal C kernel (`muxtune.kernels.cpu_attention`, no sliding window). The per-sequence products
+below run everywhere else.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from muxtune.kernels.cpu_attention import attention_kernel_applies, packed_attention_bf16
 from muxtune.kernels.varlen_attention import varlen_applies, varlen_causal_attention
 
 from ..layout import MicroBatchLayout
@@ -115,8 +118,11 @@ def _packed_attention(
 ) -> Tensor:
     """`packed_causal_attention` over sequences of `lengths`, sequence i after `prefixes[i]`."""
     scale = q_THD.shape[2] ** -0.5 if scale is None else scale
-    if q_THD.shape[0] > 0 and (prefixes is None or not any(prefixes)) and varlen_applies(q_THD, scale, sliding_window):
-        return varlen_causal_attention(q_THD, k_THkvD, v_THkvD, lengths, scale, sliding_window)
+    if q_THD.shape[0] > 0 and (prefixes is None or not any(prefixes)):
+        if varlen_applies(q_THD, scale, sliding_window):
+            return varlen_causal_attention(q_THD, k_THkvD, v_THkvD, lengths, scale, sliding_window)
+        if attention_kernel_applies(q_THD, k_THkvD, v_THkvD, sliding_window):
+            return packed_attention_bf16(q_THD, k_THkvD, v_THkvD, lengths, scale)
     prefixes = [None] * len(lengths) if prefixes is None else prefixes
     # torch.split (not slicing) so that backward assembles the gradient once, instead of one
     # full-size zero tensor per sequence.
