@@ -125,6 +125,7 @@ typedef struct {
 
 static int64_t carve(scratch_t *s, char *base, int64_t max_len, int64_t dim) {
   int64_t rows = round_up(max_len, ROWS), even = round_up(max_len, 2), keys = round_up(max_len, PANEL);
+  int64_t wide = round_up(max_len + 2, PANEL);
   int64_t dims = round_up(dim, PANEL), nk = keys * dim / 2, kn = dims * even / 2;
   int64_t offset = 0;
 #define TAKE(field, type, count)                                     \
@@ -136,14 +137,14 @@ static int64_t carve(scratch_t *s, char *base, int64_t max_len, int64_t dim) {
   TAKE(values_kn, uint32_t, kn);
   TAKE(queries_kn, uint32_t, kn);
   TAKE(grads_kn, uint32_t, kn);
-  TAKE(queries, uint16_t, rows * dim);
+  TAKE(queries, uint16_t, rows * dim);  /* rows of pairs: dim even */
   TAKE(grads, uint16_t, rows * dim);
-  TAKE(weights, uint16_t, ROWS * even);
-  TAKE(probs, uint16_t, ROWS * even);
+  TAKE(weights, uint16_t, ROWS * wide);
+  TAKE(probs, uint16_t, ROWS * wide);
   TAKE(ds_t, uint16_t, rows * rows);
   TAKE(p_t, uint16_t, rows * rows);
-  TAKE(scores, float, ROWS * keys);
-  TAKE(dweights, float, ROWS * keys);
+  TAKE(scores, float, ROWS * wide);
+  TAKE(dweights, float, ROWS * wide);
   TAKE(cols, float, ROWS * dims);
   TAKE(dk_acc, float, max_len * dim);
   TAKE(dv_acc, float, max_len * dim);
@@ -157,24 +158,26 @@ int64_t attention_scratch_bytes(int64_t max_len, int64_t dim) {
   return carve(&unused, NULL, max_len, dim);
 }
 
-/* Softmax of row scores[0:count] * scale in place (as fp32 weights); returns the log-sum-exp. */
-static float softmax_row(float *scores, int64_t count, float scale) {
+/* Softmax of row scores[0:count] * scale in place (as fp32 weights, zero in [count, span));
+ * returns the log-sum-exp. Loops run over whole vectors (span a multiple of LANES) with the
+ * keys past count selected out, so no lane of a vector falls to a scalar tail. */
+static float softmax_row(float *scores, int64_t count, int64_t span, float scale) {
   float top = -INFINITY, total = 0.0f;
 #pragma omp simd reduction(max : top)
-  for (int64_t j = 0; j < count; j++) top = scores[j] * scale > top ? scores[j] * scale : top;
+  for (int64_t j = 0; j < span; j++) top = j < count && scores[j] * scale > top ? scores[j] * scale : top;
 #pragma omp simd reduction(+ : total)
-  for (int64_t j = 0; j < count; j++) {
-    scores[j] = exp_f32(scores[j] * scale - top);
+  for (int64_t j = 0; j < span; j++) {
+    scores[j] = j < count ? exp_f32(scores[j] * scale - top) : 0.0f;
     total += scores[j];
   }
   float inverse = 1.0f / total;
 #pragma omp simd
-  for (int64_t j = 0; j < count; j++) scores[j] *= inverse;
+  for (int64_t j = 0; j < span; j++) scores[j] *= inverse;
   return top + logf(total);
 }
 
 typedef struct {
-  int64_t start, len, heads, kv_heads, dim, group, even, rows, pairs, key_panels, dim_panels, keys, dims;
+  int64_t start, len, heads, kv_heads, dim, group, even, rows, pairs, key_panels, dim_panels, keys, dims, wide;
 } unit_t;
 
 static unit_t unit_at(const int64_t *cu, int64_t u, int64_t heads, int64_t kv_heads, int64_t dim) {
@@ -191,6 +194,7 @@ static unit_t unit_at(const int64_t *cu, int64_t u, int64_t heads, int64_t kv_he
   t.key_panels = round_up(t.len, PANEL) / PANEL;
   t.dim_panels = round_up(dim, PANEL) / PANEL;
   t.keys = t.key_panels * PANEL;
+  t.wide = round_up(t.len + 2, PANEL);
   t.dims = t.dim_panels * PANEL;
   return t;
 }
@@ -204,18 +208,21 @@ static void forward_unit(const uint16_t *q, const uint16_t *k, const uint16_t *v
   for (int64_t h = g * t->group; h < (g + 1) * t->group; h++) {
     copy_rows(q + (t->start * H + h) * D, H * D, L, rows, D, s->queries);
     for (int64_t i0 = 0; i0 < L; i0 += ROWS) {
-      int64_t last = (i0 + ROWS < L ? i0 + ROWS : L) - 1, p_hi = last / 2 + 1;
-      product(s->queries + i0 * D, D, s->keys_nk, D / 2, last / PANEL + 1, 0, D / 2, s->scores, t->keys);
+      int64_t last = (i0 + ROWS < L ? i0 + ROWS : L) - 1, p_hi = last / 2 + 1, span = round_up(last + 2, LANES);
+      product(s->queries + i0 * D, D, s->keys_nk, D / 2, last / PANEL + 1, 0, D / 2, s->scores, t->wide);
       for (int64_t r = 0; r < ROWS; r++) {
-        int64_t i = i0 + r, seen = i < L ? i + 1 : 0;
-        uint16_t *w = s->weights + r * t->even;
-        float *row = s->scores + r * t->keys;
-        if (seen) lse[(t->start + i) * H + h] = softmax_row(row, seen, scale);
+        int64_t i = i0 + r;
+        uint16_t *w = s->weights + r * t->wide;
+        float *row = s->scores + r * t->wide;
+        if (i >= L) {
+          memset(w, 0, span * sizeof *w);
+          continue;
+        }
+        lse[(t->start + i) * H + h] = softmax_row(row, i + 1, span, scale);
 #pragma omp simd
-        for (int64_t j = 0; j < seen; j++) w[j] = bf16_store(row[j]);
-        for (int64_t j = seen; j < 2 * p_hi; j++) w[j] = 0;
+        for (int64_t j = 0; j < span; j++) w[j] = bf16_store(row[j]);
       }
-      product(s->weights, t->even, s->values_kn, t->pairs, t->dim_panels, 0, p_hi, s->cols, t->dims);
+      product(s->weights, t->wide, s->values_kn, t->pairs, t->dim_panels, 0, p_hi, s->cols, t->dims);
       for (int64_t i = i0; i <= last; i++) {
         uint16_t *o = out + ((t->start + i) * H + h) * D;
         const float *c = s->cols + (i - i0) * t->dims;
@@ -243,28 +250,34 @@ static void backward_rows(const float *lse, uint16_t *dq, const unit_t *t, int64
                           scratch_t *s) {
   int64_t H = t->heads, D = t->dim, L = t->len;
   int64_t last = (i0 + ROWS < L ? i0 + ROWS : L) - 1, p_hi = last / 2 + 1, panels = last / PANEL + 1;
-  product(s->queries + i0 * D, D, s->keys_nk, D / 2, panels, 0, D / 2, s->scores, t->keys);
-  product(s->grads + i0 * D, D, s->values_nk, D / 2, panels, 0, D / 2, s->dweights, t->keys);
+  int64_t span = round_up(last + 2, LANES);
+  product(s->queries + i0 * D, D, s->keys_nk, D / 2, panels, 0, D / 2, s->scores, t->wide);
+  product(s->grads + i0 * D, D, s->values_nk, D / 2, panels, 0, D / 2, s->dweights, t->wide);
   for (int64_t r = 0; r < ROWS; r++) {
-    int64_t i = i0 + r, seen = i < L ? i + 1 : 0;
-    float *p = s->scores + r * t->keys, *dw = s->dweights + r * t->keys, mean = 0.0f;
-    uint16_t *ds = s->weights + r * t->even, *p_bf16 = s->probs + r * t->even;
-    float shift = seen ? lse[(t->start + i) * H + h] : 0.0f;
+    int64_t i = i0 + r;
+    float *p = s->scores + r * t->wide, *dw = s->dweights + r * t->wide, mean = 0.0f;
+    uint16_t *ds = s->weights + r * t->wide, *p_bf16 = s->probs + r * t->wide;
+    if (i >= L) {
+      memset(ds, 0, span * sizeof *ds);
+      memset(p_bf16, 0, span * sizeof *p_bf16);
+      continue;
+    }
+    float shift = lse[(t->start + i) * H + h];
+    /* Whole vectors, keys past i selected out (their columns may hold stale values). */
 #pragma omp simd reduction(+ : mean)
-    for (int64_t j = 0; j < seen; j++) {
-      p[j] = exp_f32(p[j] * scale - shift);
-      mean += p[j] * dw[j];
+    for (int64_t j = 0; j < span; j++) {
+      p[j] = j <= i ? exp_f32(p[j] * scale - shift) : 0.0f;
+      mean += j <= i ? p[j] * dw[j] : 0.0f;
     }
 #pragma omp simd
-    for (int64_t j = 0; j < seen; j++) {
-      ds[j] = bf16_store(p[j] * (dw[j] - mean));
+    for (int64_t j = 0; j < span; j++) {
+      ds[j] = j <= i ? bf16_store(p[j] * (dw[j] - mean)) : 0;
       p_bf16[j] = bf16_store(p[j]);
     }
-    for (int64_t j = seen; j < 2 * p_hi; j++) ds[j] = p_bf16[j] = 0;
   }
-  store_transposed(s->weights, t->even, t->rows, last + 1, i0, s->ds_t);
-  store_transposed(s->probs, t->even, t->rows, last + 1, i0, s->p_t);
-  product(s->weights, t->even, s->keys_kn, t->pairs, t->dim_panels, 0, p_hi, s->cols, t->dims);
+  store_transposed(s->weights, t->wide, t->rows, last + 1, i0, s->ds_t);
+  store_transposed(s->probs, t->wide, t->rows, last + 1, i0, s->p_t);
+  product(s->weights, t->wide, s->keys_kn, t->pairs, t->dim_panels, 0, p_hi, s->cols, t->dims);
   for (int64_t i = i0; i <= last; i++) {
     uint16_t *out = dq + ((t->start + i) * H + h) * D;
     const float *c = s->cols + (i - i0) * t->dims;
