@@ -51,6 +51,7 @@ SWITCH = "MUXTUNE_CPU_KERNELS"
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
 _f32 = ctypes.c_float
+_u64 = ctypes.c_uint64
 SIGNATURES: dict[str, tuple[type, ...]] = {
     "rms_norm_forward": (_ptr, _ptr, _ptr, _i64, _i64, _f32),
     "rms_norm_backward": (_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32),
@@ -59,6 +60,8 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
     "rotary_forward": (_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64),
     "rotary_backward": (_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64),
     "cross_entropy": (_ptr, _ptr, _ptr, _ptr, _f32, _i64, _i64),
+    "dropout_forward": (_ptr, _ptr, _i64, _i64, _u64, _i64, _f32),
+    "dropout_backward": (_ptr, _ptr, _i64, _i64, _u64, _i64, _f32),
 }
 DTYPE_SUFFIXES = ("bf16", "f32")
 SINGLE_SIGNATURES: dict[str, tuple[type | None, tuple[type, ...]]] = {

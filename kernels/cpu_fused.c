@@ -152,3 +152,31 @@ static inline float f32_store(float value) { return value; }
 
 DEFINE_KERNELS(bf16, uint16_t, bf16_load, bf16_store)
 DEFINE_KERNELS(f32, float, f32_load, f32_store)
+
+/* Dropout's keep factor (1 or 0) of element `index` under `seed`: the top 24 bits of splitmix64's
+ * output for state seed + (index + 1) * golden, kept where they reach `threshold` (the drop
+ * probability times 2^24, rounded up). muxtune/kernels/dropout.py computes the same in torch. */
+static inline float keep_factor(uint64_t seed, int64_t index, int64_t threshold) {
+  uint64_t z = seed + (uint64_t)(index + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return (int64_t)(z >> 40) >= threshold ? 1.0f : 0.0f;
+}
+
+/* Inverted dropout to fp32 as eager computes it, elements [offset, offset + count) of a flat
+ * tensor: out = x * keep / q; backward grad_x = T(grad / q * keep). */
+#define DEFINE_DROPOUT(SUFFIX, T, LOAD, STORE)                                                         \
+  void dropout_forward_##SUFFIX(const T *x, float *out, int64_t count, int64_t offset, uint64_t seed, \
+                                int64_t threshold, float q) {                                          \
+    _Pragma("omp simd") for (int64_t i = 0; i < count; i++) out[i] =                                   \
+        LOAD(x[i]) * keep_factor(seed, offset + i, threshold) / q;                                     \
+  }                                                                                                    \
+  void dropout_backward_##SUFFIX(const float *grad, T *grad_x, int64_t count, int64_t offset,          \
+                                 uint64_t seed, int64_t threshold, float q) {                          \
+    _Pragma("omp simd") for (int64_t i = 0; i < count; i++) grad_x[i] =                                \
+        STORE(grad[i] / q * keep_factor(seed, offset + i, threshold));                                 \
+  }
+
+DEFINE_DROPOUT(bf16, uint16_t, bf16_load, bf16_store)
+DEFINE_DROPOUT(f32, float, f32_load, f32_store)

@@ -23,12 +23,13 @@ VECTOR_COLUMNS = 32
 
 
 def lora_kernels_apply(x: Tensor, y: Tensor, weight_A: Tensor, weight_B: Tensor) -> bool:
-    """Whether `ParallelLora` runs on these kernels: CPU bf16 activations, fp32 adapters, the
-    library available."""
+    """Whether `ParallelLora` runs on these kernels: CPU bf16 host output `y`, fp32 adapters, the
+    library available. The input `x` is bf16, or fp32 where dropout made an fp32 copy of it (its
+    two products then run on BLAS; the four that read or write bf16 run here)."""
     tensors = (x, y, weight_A, weight_B)
     if any(t.device.type != "cpu" for t in tensors) or x.dim() != 2 or y.dim() != 2:
         return False
-    if x.dtype != torch.bfloat16 or y.dtype != torch.bfloat16:
+    if x.dtype not in (torch.bfloat16, torch.float32) or y.dtype != torch.bfloat16:
         return False
     return weight_A.dtype == torch.float32 and weight_B.dtype == torch.float32 and library() is not None
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from muxtune.kernels import LoraSlots, SegmentLayout, cpu_lora, current_stream_id, segmented_lora, segmented_path
+from muxtune.kernels.dropout import draw_seed, seeded_dropout
 from muxtune.specs import LoraSpec
 
 from ..sharding import full_features
@@ -77,15 +78,16 @@ class LoraModule(OperatorPeftModule):
             uniform_init_(self.lora_A.weight, bound, generator)
             self.lora_B.weight.zero_()
 
-    def dropout(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverted dropout drawing its mask from the task's own generator, so a task's masks
-        never depend on other tasks (and are restored with the task's checkpoint)."""
+    def dropout(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Inverted dropout of ``x.to(dtype)`` (default: x's dtype) with a mask seeded from the
+        task's own generator, so a task's masks never depend on other tasks (and are restored
+        with the task's checkpoint); `muxtune.kernels.dropout` says how the mask is made."""
+        dtype = x.dtype if dtype is None else dtype
         p = self.config.dropout
         if p == 0.0 or not self.training:
-            return x
+            return x.to(dtype)
         assert self.dropout_generator is not None, "attach_task sets the task's dropout generator"
-        keep = torch.rand(x.shape, generator=self.dropout_generator, device=self.dropout_generator.device) >= p
-        return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - p)
+        return seeded_dropout(x, p, draw_seed(self.dropout_generator), dtype)
 
     def shard_dims(self, style: str) -> dict[str, int | None] | None:
         """Column-parallel host: B's rows split, A whole; row-parallel: A's columns split, B whole
@@ -99,7 +101,7 @@ class LoraModule(OperatorPeftModule):
         `ParallelLora`)."""
         weight_A = self.lora_A.weight
         if self.config.dropout != 0.0 and self.training:
-            x = self.dropout(x.to(weight_A.dtype))
+            x = self.dropout(x, weight_A.dtype)
         return ParallelLora.apply(x, y, weight_A, self.lora_B.weight, self.scaling)
 
     @classmethod
@@ -127,7 +129,7 @@ class LoraModule(OperatorPeftModule):
             return None
         if any(m.config.dropout != 0.0 and m.training for m in slotted):
             pieces = x_TI.split(sizes)
-            x_TI = torch.cat([x.to(dtype) if m is None else m.dropout(x.to(dtype)) for m, x in zip(modules, pieces)])
+            x_TI = torch.cat([x.to(dtype) if m is None else m.dropout(x, dtype) for m, x in zip(modules, pieces)])
         device, stream = x_TI.device, current_stream_id(x_TI.device)
         layout = _segment_layout(tuple(segments), x_TI.shape[0], len(slotted), device, stream)
         slots = _lora_slots(tuple(m.config.r for m in slotted), tuple(m.scaling for m in slotted), device, stream)
@@ -167,7 +169,9 @@ class ParallelLora(torch.autograd.Function):
 
     For bf16 activations and fp32 adapters on the CPU the six products run on
     `muxtune.kernels.cpu_lora` instead: the same fp32 arithmetic on the bf16 values, read and
-    written without fp32 copies, the sums in their own order."""
+    written without fp32 copies, the sums in their own order. With dropout the input arrives as
+    dropout's fp32 copy: its two products (x @ A^T and grad_h^T @ x) then run on BLAS and the
+    other four on the kernels."""
 
     @staticmethod
     def forward(
@@ -176,7 +180,7 @@ class ParallelLora(torch.autograd.Function):
         ctx.scaling = scaling
         ctx.on_kernels = cpu_lora.lora_kernels_apply(x, y, weight_A, weight_B)
         if ctx.on_kernels:
-            h = cpu_lora.rows_dot(x, weight_A)
+            h = cpu_lora.rows_dot(x, weight_A) if x.dtype == torch.bfloat16 else narrow_mm(x, weight_A.t())
             weight_B_t = weight_B.t().contiguous()
             ctx.save_for_backward(x, h, weight_A, weight_B_t)
             return cpu_lora.expand(h, weight_B_t, y, scaling)
@@ -218,10 +222,11 @@ def _kernel_backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | N
         grad_B = cpu_lora.outer(grad, h, scaling).t().contiguous()
     if need_x or need_A:
         grad_h = cpu_lora.rows_dot(grad, weight_B_t, scaling)
+        on_bf16 = x.dtype == torch.bfloat16
         if need_x:
-            grad_x = cpu_lora.expand(grad_h, weight_A, None)
+            grad_x = cpu_lora.expand(grad_h, weight_A, None) if on_bf16 else grad_h.mm(weight_A)
         if need_A:
-            grad_A = cpu_lora.outer(x, grad_h)
+            grad_A = cpu_lora.outer(x, grad_h) if on_bf16 else grad_h.t().mm(x)
     return grad_x, grad_out if need_y else None, grad_A, grad_B, None
 
 

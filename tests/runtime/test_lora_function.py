@@ -1,13 +1,15 @@
 """`ParallelLora` against autograd of the expression it stands for: outputs and every gradient
 bitwise equal where its rank-wide products run as autograd's (fp32 activations, ranks 1 and
 multiples of 16), and equal up to the order of the sums where they run transposed (`narrow_mm`)
-or on the CPU LoRA kernels (bf16 activations), with and without dropout, at scaling 1 and not."""
+or on the CPU LoRA kernels (bf16 activations; with dropout, its fp32 copy of the input), with and
+without dropout, at scaling 1 and not."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from muxtune.kernels import cpu_lora
 from muxtune.kernels.cpu_build import library
 from muxtune.runtime.peft.lora import VECTOR_FLOATS, LoraConfig, LoraModule, narrow_mm
 
@@ -46,7 +48,7 @@ def test_equal_to_autograd_of_the_expression(
     module.train()
     ours = _run(lambda m, x, y: m.adapt(x, y, None), module, dtype, rows, dropout_seed=3)
     theirs = _run(_expression, module, dtype, rows, dropout_seed=3)
-    on_kernels = dtype == torch.bfloat16 and dropout == 0.0 and library() is not None
+    on_kernels = dtype == torch.bfloat16 and library() is not None
     bitwise = not on_kernels and (rank == 1 or rank % VECTOR_FLOATS == 0)
     for name, a, b in zip(("output", "x grad", "y grad", "A grad", "B grad"), ours, theirs):
         assert a.dtype == b.dtype, name
@@ -76,3 +78,21 @@ def test_frozen_inputs_get_no_gradient() -> None:
     module.adapt(x, y, None).sum().backward()
     assert x.grad is None and y.grad is None
     assert module.lora_A.weight.grad is not None and module.lora_B.weight.grad is not None
+
+
+@pytest.mark.skipif(library() is None, reason="no C compiler for the CPU kernels")
+def test_dropout_on_a_bf16_backbone_runs_on_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropout's fp32 copy of the input still has the output's expansion on the kernels."""
+    calls: list[torch.Size] = []
+    expand = cpu_lora.expand
+
+    def counting_expand(h: torch.Tensor, *rest: object) -> torch.Tensor:
+        calls.append(h.shape)
+        return expand(h, *rest)
+
+    monkeypatch.setattr(cpu_lora, "expand", counting_expand)
+    module = LoraModule(48, 40, LoraConfig(r=8, alpha=16, dropout=0.25))
+    module.reset_parameters(torch.Generator().manual_seed(1))
+    module.train()
+    _run(lambda m, x, y: m.adapt(x, y, None), module, torch.bfloat16, 20, dropout_seed=3)
+    assert calls == [torch.Size([20, 8])]
