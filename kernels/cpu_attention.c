@@ -27,20 +27,10 @@
 
 #include "cpu_bf16.h"
 #include "cpu_math.h"
+#include "cpu_vector.h"
 
-#define LANES 16
 #define PANEL 32
 #define ROWS 4
-typedef float vf __attribute__((vector_size(LANES * 4)));
-typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
-
-static inline vu load_u(const uint32_t *p) {
-  vu v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-
-static inline void store_f(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -55,7 +45,7 @@ static inline vf dot_pairs(vf acc, uint32_t a, vu b) {
   vf lo, hi;
   memcpy(&lo, &lo_bits, sizeof lo);
   memcpy(&hi, &hi_bits, sizeof hi);
-  vf a_lo = (vf){0} + bf16_load((uint16_t)a), a_hi = (vf){0} + bf16_load((uint16_t)(a >> 16));
+  vf a_lo = splat(bf16_load((uint16_t)a)), a_hi = splat(bf16_load((uint16_t)(a >> 16)));
   return acc + lo * a_lo + hi * a_hi;
 }
 #endif

@@ -43,7 +43,7 @@ SOURCES: dict[Path, tuple[str, ...]] = {
 }
 """Each source with its own flags: the element-wise kernels round where eager torch rounds (no
 fused multiply-adds), the products accumulate with them as BLAS does."""
-HEADERS = (Path(__file__).with_name("cpu_bf16.h"), Path(__file__).with_name("cpu_math.h"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_bf16.h", "cpu_math.h", "cpu_vector.h"))
 SWITCH = "MUXTUNE_CPU_KERNELS"
 """Environment switch: ``auto`` (default: build and use the kernels where a compiler exists), ``0``
 (never), ``1`` (always: a failed build is an error)."""

@@ -19,21 +19,7 @@
 #include <string.h>
 
 #include "cpu_bf16.h"
-
-#define LANES 16
-typedef float vf __attribute__((vector_size(LANES * 4)));
-typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
-typedef uint16_t vh __attribute__((vector_size(LANES * 2)));
-
-static inline vf load_f(const float *p) {
-  vf v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-
-static inline void store_f(float *p, vf v) { memcpy(p, &v, sizeof v); }
-
-static inline vf splat(float s) { return (vf){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+#include "cpu_vector.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
