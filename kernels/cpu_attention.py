@@ -11,7 +11,7 @@ log-sum-exp of every query row is kept for the backward, which recomputes the we
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,8 +39,10 @@ def attention_kernel_applies(q_THD: Tensor, k_THkvD: Tensor, v_THkvD: Tensor, sl
     )
 
 
-def _run_units(lengths: Sequence[int], kv_heads: int, head_dim: int, group: int, call: Any) -> None:
-    """``call(begin, end, scratch)`` over unit ranges (unit = sequence x key/value head), split
+def _run_units(
+    lengths: Sequence[int], kv_heads: int, head_dim: int, group: int, call: Callable[[int, int, int, int], None]
+) -> None:
+    """``call(begin, end, scratch, max_len)`` over unit ranges (unit = sequence x key/value head), split
     among the intra-op threads by the units' causal product sizes; each range gets its own scratch."""
     costs = [length * (length + 1) // 2 * head_dim * group for length in lengths for _ in range(kv_heads)]
     max_len = max(lengths, default=0)
