@@ -148,16 +148,17 @@ int64_t attention_scratch_bytes(int64_t max_len, int64_t dim) {
   return carve(&unused, NULL, max_len, dim);
 }
 
-/* Softmax of row scores[0:count] * scale in place (as fp32 weights, zero in [count, span));
- * returns the log-sum-exp. Loops run over whole vectors (span a multiple of LANES) with the
- * keys past count selected out, so no lane of a vector falls to a scalar tail. */
-static float softmax_row(float *scores, int64_t count, int64_t span, float scale) {
+/* Softmax of row scores[first:count] * scale in place (as fp32 weights, zero elsewhere in
+ * [0, span)); returns the log-sum-exp. Loops run over whole vectors (span a multiple of LANES)
+ * with the hidden keys selected out, so no lane of a vector falls to a scalar tail. */
+static float softmax_row(float *scores, int64_t first, int64_t count, int64_t span, float scale) {
   float top = -INFINITY, total = 0.0f;
 #pragma omp simd reduction(max : top)
-  for (int64_t j = 0; j < span; j++) top = j < count && scores[j] * scale > top ? scores[j] * scale : top;
+  for (int64_t j = 0; j < span; j++)
+    top = j >= first && j < count && scores[j] * scale > top ? scores[j] * scale : top;
 #pragma omp simd reduction(+ : total)
   for (int64_t j = 0; j < span; j++) {
-    scores[j] = j < count ? exp_f32(scores[j] * scale - top) : 0.0f;
+    scores[j] = j >= first && j < count ? exp_f32(scores[j] * scale - top) : 0.0f;
     total += scores[j];
   }
   float inverse = 1.0f / total;
@@ -167,10 +168,10 @@ static float softmax_row(float *scores, int64_t count, int64_t span, float scale
 }
 
 typedef struct {
-  int64_t start, len, heads, kv_heads, dim, group, even, rows, pairs, key_panels, dim_panels, keys, dims, wide;
+  int64_t start, len, heads, kv_heads, dim, group, window, even, rows, pairs, key_panels, dim_panels, keys, dims, wide;
 } unit_t;
 
-static unit_t unit_at(const int64_t *cu, int64_t u, int64_t heads, int64_t kv_heads, int64_t dim) {
+static unit_t unit_at(const int64_t *cu, int64_t u, int64_t heads, int64_t kv_heads, int64_t dim, int64_t window) {
   unit_t t;
   t.start = cu[u / kv_heads];
   t.len = cu[u / kv_heads + 1] - t.start;
@@ -178,6 +179,7 @@ static unit_t unit_at(const int64_t *cu, int64_t u, int64_t heads, int64_t kv_he
   t.kv_heads = kv_heads;
   t.dim = dim;
   t.group = heads / kv_heads;
+  t.window = window;
   t.even = round_up(t.len, 2);
   t.rows = round_up(t.len, ROWS);
   t.pairs = t.even / 2;
@@ -188,6 +190,9 @@ static unit_t unit_at(const int64_t *cu, int64_t u, int64_t heads, int64_t kv_he
   t.dims = t.dim_panels * PANEL;
   return t;
 }
+
+/* The first key query i sees: 0, or with a sliding window W the W - 1 keys before i. */
+static inline int64_t first_key(const unit_t *t, int64_t i) { return t->window > 0 && i >= t->window ? i - t->window + 1 : 0; }
 
 static void forward_unit(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, float *lse,
                          const unit_t *t, int64_t g, float scale, scratch_t *s) {
@@ -208,7 +213,7 @@ static void forward_unit(const uint16_t *q, const uint16_t *k, const uint16_t *v
           memset(w, 0, span * sizeof *w);
           continue;
         }
-        lse[(t->start + i) * H + h] = softmax_row(row, i + 1, span, scale);
+        lse[(t->start + i) * H + h] = softmax_row(row, first_key(t, i), i + 1, span, scale);
 #pragma omp simd
         for (int64_t j = 0; j < span; j++) w[j] = bf16_store(row[j]);
       }
@@ -253,15 +258,16 @@ static void backward_rows(const float *lse, uint16_t *dq, const unit_t *t, int64
       continue;
     }
     float shift = lse[(t->start + i) * H + h];
-    /* Whole vectors, keys past i selected out (their columns may hold stale values). */
+    int64_t first = first_key(t, i);
+    /* Whole vectors, hidden keys selected out (columns past i may hold stale values). */
 #pragma omp simd reduction(+ : mean)
     for (int64_t j = 0; j < span; j++) {
-      p[j] = j <= i ? exp_f32(p[j] * scale - shift) : 0.0f;
-      mean += j <= i ? p[j] * dw[j] : 0.0f;
+      p[j] = j >= first && j <= i ? exp_f32(p[j] * scale - shift) : 0.0f;
+      mean += j >= first && j <= i ? p[j] * dw[j] : 0.0f;
     }
 #pragma omp simd
     for (int64_t j = 0; j < span; j++) {
-      ds[j] = j <= i ? bf16_store(p[j] * (dw[j] - mean)) : 0;
+      ds[j] = j >= first && j <= i ? bf16_store(p[j] * (dw[j] - mean)) : 0;
       p_bf16[j] = bf16_store(p[j]);
     }
   }
@@ -316,14 +322,15 @@ static void backward_unit(const uint16_t *q, const uint16_t *k, const uint16_t *
     }
 }
 
-/* out and lse of units [unit_begin, unit_end); scratch of attention_scratch_bytes(max_len, dim). */
+/* out and lse of units [unit_begin, unit_end); window W > 0 lets a query see itself and the W - 1
+ * keys before it (0: every key before it); scratch of attention_scratch_bytes(max_len, dim). */
 void attention_forward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, float *lse,
                             const int64_t *cu, int64_t unit_begin, int64_t unit_end, int64_t heads, int64_t kv_heads,
-                            int64_t dim, float scale, char *scratch, int64_t max_len) {
+                            int64_t dim, int64_t window, float scale, char *scratch, int64_t max_len) {
   scratch_t s;
   carve(&s, scratch, max_len, dim);
   for (int64_t u = unit_begin; u < unit_end; u++) {
-    unit_t t = unit_at(cu, u, heads, kv_heads, dim);
+    unit_t t = unit_at(cu, u, heads, kv_heads, dim, window);
     if (t.len > 0) forward_unit(q, k, v, out, lse, &t, u % kv_heads, scale, &s);
   }
 }
@@ -332,11 +339,11 @@ void attention_forward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t
 void attention_backward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *dout,
                              const float *lse, uint16_t *dq, uint16_t *dk, uint16_t *dv, const int64_t *cu,
                              int64_t unit_begin, int64_t unit_end, int64_t heads, int64_t kv_heads, int64_t dim,
-                             float scale, char *scratch, int64_t max_len) {
+                             int64_t window, float scale, char *scratch, int64_t max_len) {
   scratch_t s;
   carve(&s, scratch, max_len, dim);
   for (int64_t u = unit_begin; u < unit_end; u++) {
-    unit_t t = unit_at(cu, u, heads, kv_heads, dim);
+    unit_t t = unit_at(cu, u, heads, kv_heads, dim, window);
     if (t.len > 0) backward_unit(q, k, v, dout, lse, dq, dk, dv, &t, u % kv_heads, scale, &s);
   }
 }

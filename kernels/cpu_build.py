@@ -69,8 +69,8 @@ SINGLE_SIGNATURES: dict[str, tuple[type | None, tuple[type, ...]]] = {
     "lora_expand_bf16": (None, (_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f32)),
     "lora_outer_bf16": (None, (_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _i64, _i64)),
     "attention_scratch_bytes": (_i64, (_i64, _i64)),
-    "attention_forward_bf16": (None, (_ptr,) * 6 + (_i64,) * 5 + (_f32, _ptr, _i64)),
-    "attention_backward_bf16": (None, (_ptr,) * 9 + (_i64,) * 5 + (_f32, _ptr, _i64)),
+    "attention_forward_bf16": (None, (_ptr,) * 6 + (_i64,) * 6 + (_f32, _ptr, _i64)),
+    "attention_backward_bf16": (None, (_ptr,) * 9 + (_i64,) * 6 + (_f32, _ptr, _i64)),
 }
 """Kernels of one dtype: each name with its result type and argument types."""
 

@@ -9,8 +9,8 @@ families call with the micro-batch layout: each sequence of a task with a prefix
 
 Sequences without prefix keys run as one call over the whole buffer where a kernel covers them:
 on CUDA in fp16/bf16 one flash call (`muxtune.kernels.varlen_attention`), on the CPU in bf16 the
-causal C kernel (`muxtune.kernels.cpu_attention`, no sliding window). The per-sequence products
-below run everywhere else.
+causal C kernel (`muxtune.kernels.cpu_attention`). The per-sequence products below run
+everywhere else.
 """
 
 from __future__ import annotations
@@ -121,8 +121,8 @@ def _packed_attention(
     if q_THD.shape[0] > 0 and (prefixes is None or not any(prefixes)):
         if varlen_applies(q_THD, scale, sliding_window):
             return varlen_causal_attention(q_THD, k_THkvD, v_THkvD, lengths, scale, sliding_window)
-        if attention_kernel_applies(q_THD, k_THkvD, v_THkvD, sliding_window):
-            return packed_attention_bf16(q_THD, k_THkvD, v_THkvD, lengths, scale)
+        if attention_kernel_applies(q_THD, k_THkvD, v_THkvD):
+            return packed_attention_bf16(q_THD, k_THkvD, v_THkvD, lengths, scale, sliding_window)
     prefixes = [None] * len(lengths) if prefixes is None else prefixes
     # torch.split (not slicing) so that backward assembles the gradient once, instead of one
     # full-size zero tensor per sequence.

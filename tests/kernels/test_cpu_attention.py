@@ -1,7 +1,7 @@
 """The CPU causal attention kernel (`muxtune.kernels.cpu_attention`) against fp64 attention of the
 same bf16 values, forward and backward: every result within one bf16 rounding of its terms'
 magnitudes (the kernel rounds the weights and ds to bf16, as flash attention does); lengths off
-every block size, empty sequences, grouped query heads; the same bits whatever the thread count
+every block size, empty sequences, grouped query heads, sliding windows; the same bits whatever the thread count
 and whatever else is packed beside a sequence. Packed attention against SDPA (through this
 kernel where it applies) is in tests/runtime/test_attention.py."""
 
@@ -31,7 +31,7 @@ def _inputs(lengths: list[int], heads: int, kv_heads: int, dim: int, seed: int) 
     return bf16(tokens, heads, dim), bf16(tokens, kv_heads, dim), bf16(tokens, kv_heads, dim), bf16(tokens, heads, dim)
 
 
-def _exact(q, k, v, dout, lengths: list[int], scale: float) -> dict[str, torch.Tensor]:
+def _exact(q, k, v, dout, lengths: list[int], scale: float, window: int | None) -> dict[str, torch.Tensor]:
     """fp64 results and, for each, the magnitude of its terms (sums of absolute values)."""
     group = q.shape[1] // k.shape[1]
     parts: dict[str, list[torch.Tensor]] = {}
@@ -40,7 +40,8 @@ def _exact(q, k, v, dout, lengths: list[int], scale: float) -> dict[str, torch.T
         length = q_s.shape[0]
         k_h, v_h = k_s.repeat_interleave(group, 1), v_s.repeat_interleave(group, 1)
         scores = torch.einsum("ihd,jhd->hij", q_s, k_h) * scale
-        hidden = ~torch.ones(length, length, dtype=torch.bool).tril()
+        i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+        hidden = (j > i) | (j <= i - window) if window is not None else j > i
         p = scores.masked_fill(hidden, float("-inf")).softmax(-1)
         dw = torch.einsum("ihd,jhd->hij", g_s, v_h)
         mean = (p * dw).sum(-1, keepdim=True)
@@ -65,9 +66,9 @@ def _exact(q, k, v, dout, lengths: list[int], scale: float) -> dict[str, torch.T
     return {name: torch.cat(value) for name, value in parts.items()}
 
 
-def _kernel(q, k, v, dout, lengths: list[int], scale: float) -> dict[str, torch.Tensor]:
+def _kernel(q, k, v, dout, lengths: list[int], scale: float, window: int | None = None) -> dict[str, torch.Tensor]:
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = cpu_attention.packed_attention_bf16(*leaves, lengths, scale)
+    out = cpu_attention.packed_attention_bf16(*leaves, lengths, scale, window)
     dq, dk, dv = torch.autograd.grad(out, leaves, dout)
     return {"out": out, "dq": dq, "dk": dk, "dv": dv}
 
@@ -77,16 +78,19 @@ def _kernel(q, k, v, dout, lengths: list[int], scale: float) -> dict[str, torch.
     lengths=st.lists(st.integers(0, 70), min_size=1, max_size=4),
     heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (6, 3), (3, 3)]),
     dim=st.sampled_from([2, 8, 24, 64]),
+    window=st.one_of(st.none(), st.integers(1, 40)),
     seed=st.integers(0, 1000),
 )
-def test_kernel_matches_fp64_attention(lengths: list[int], heads: tuple[int, int], dim: int, seed: int) -> None:
+def test_kernel_matches_fp64_attention(
+    lengths: list[int], heads: tuple[int, int], dim: int, window: int | None, seed: int
+) -> None:
     q, k, v, dout = _inputs(lengths, *heads, dim, seed)
     scale = dim**-0.5
-    got = _kernel(q, k, v, dout, lengths, scale)
+    got = _kernel(q, k, v, dout, lengths, scale, window)
     if sum(lengths) == 0:
         assert all(t.shape[0] == 0 for t in got.values())
         return
-    exact = _exact(q, k, v, dout, lengths, scale)
+    exact = _exact(q, k, v, dout, lengths, scale, window)
     for name in ("out", "dq", "dk", "dv"):
         assert got[name].dtype == torch.bfloat16
         bound = BF16_STEP * (exact[name].abs() + exact[f"{name}_mag"]) + 1e-6
@@ -117,9 +121,9 @@ def test_packed_attention_runs_the_kernel_only_where_it_applies() -> None:
     q, k, v, _ = _inputs([5, 9], 4, 2, 16, seed=0)
     out = _packed_attention(q.requires_grad_(), k, v, [5, 9], None, None, None)
     assert type(out.grad_fn).__name__ == "_PackedCausalAttentionBackward"
-    assert cpu_attention.attention_kernel_applies(q, k, v, None)
-    assert not cpu_attention.attention_kernel_applies(q, k, v, 4)
-    assert not cpu_attention.attention_kernel_applies(q.float(), k.float(), v.float(), None)
-    assert not cpu_attention.attention_kernel_applies(q[..., :15], k[..., :15], v[..., :15], None)
-    windowed = _packed_attention(q, k, v, [5, 9], None, 4, None)
-    assert type(windowed.grad_fn).__name__ != "_PackedCausalAttentionBackward"
+    assert cpu_attention.attention_kernel_applies(q, k, v)
+    assert not cpu_attention.attention_kernel_applies(q.float(), k.float(), v.float())
+    assert not cpu_attention.attention_kernel_applies(q[..., :15], k[..., :15], v[..., :15])
+    prefix = (k[:3].clone(), v[:3].clone())
+    with_prefix = _packed_attention(q, k, v, [5, 9], None, None, [prefix, None])
+    assert type(with_prefix.grad_fn).__name__ != "_PackedCausalAttentionBackward"
