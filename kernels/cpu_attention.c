@@ -168,7 +168,7 @@ static float softmax_row(float *scores, int64_t first, int64_t count, int64_t sp
 }
 
 typedef struct {
-  int64_t start, len, heads, kv_heads, dim, group, window, even, rows, pairs, key_panels, dim_panels, keys, dims, wide;
+  int64_t start, len, heads, kv_heads, dim, group, window, rows, pairs, dim_panels, dims, wide;
 } unit_t;
 
 static unit_t unit_at(const int64_t *cu, int64_t u, int64_t heads, int64_t kv_heads, int64_t dim, int64_t window) {
@@ -180,12 +180,9 @@ static unit_t unit_at(const int64_t *cu, int64_t u, int64_t heads, int64_t kv_he
   t.dim = dim;
   t.group = heads / kv_heads;
   t.window = window;
-  t.even = round_up(t.len, 2);
   t.rows = round_up(t.len, ROWS);
-  t.pairs = t.even / 2;
-  t.key_panels = round_up(t.len, PANEL) / PANEL;
+  t.pairs = (t.len + 1) / 2;
   t.dim_panels = round_up(dim, PANEL) / PANEL;
-  t.keys = t.key_panels * PANEL;
   t.wide = round_up(t.len + 2, PANEL);
   t.dims = t.dim_panels * PANEL;
   return t;
@@ -196,7 +193,7 @@ static inline int64_t first_key(const unit_t *t, int64_t i) { return t->window >
 
 static void forward_unit(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, float *lse,
                          const unit_t *t, int64_t g, float scale, scratch_t *s) {
-  int64_t H = t->heads, D = t->dim, L = t->len, rows = round_up(L, ROWS);
+  int64_t H = t->heads, D = t->dim, L = t->len, rows = t->rows;
   const uint16_t *k_g = k + (t->start * t->kv_heads + g) * D, *v_g = v + (t->start * t->kv_heads + g) * D;
   pack_panels(k_g, t->kv_heads * D, 1, L, D, s->keys_nk);
   pack_panels(v_g, 1, t->kv_heads * D, D, L, s->values_kn);
@@ -294,7 +291,7 @@ static void accumulate_rows(const uint16_t *a_t, const uint32_t *b, const unit_t
 static void backward_unit(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *dout,
                           const float *lse, uint16_t *dq, uint16_t *dk, uint16_t *dv, const unit_t *t, int64_t g,
                           float scale, scratch_t *s) {
-  int64_t H = t->heads, Hkv = t->kv_heads, D = t->dim, L = t->len, rows = round_up(L, ROWS);
+  int64_t H = t->heads, Hkv = t->kv_heads, D = t->dim, L = t->len, rows = t->rows;
   const uint16_t *k_g = k + (t->start * Hkv + g) * D, *v_g = v + (t->start * Hkv + g) * D;
   pack_panels(k_g, Hkv * D, 1, L, D, s->keys_nk);
   pack_panels(v_g, Hkv * D, 1, L, D, s->values_nk);

@@ -11,6 +11,7 @@ log-sum-exp of every query row is kept for the backward, which recomputes the we
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -89,10 +90,8 @@ class _PackedCausalAttention(torch.autograd.Function):
 
 
 def _offsets(lengths: Sequence[int]) -> Tensor:
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    if lengths:
-        offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
-    return offsets
+    """The sequences' cumulative offsets [S + 1], int64."""
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64)
 
 
 def packed_attention_bf16(
